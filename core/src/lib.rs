@@ -1,0 +1,27 @@
+//! Pure logic of hint-router, free of any proxy-wasm call.
+//!
+//! Everything the filter decides is computed here, so that it is unit-tested natively and,
+//! compiled for `wasm32-unknown-unknown`, inside a wasm runtime (`wasm-bindgen-test`):
+//!
+//! * [`config`]: the plugin's JSON configuration, validated with errors that name the field.
+//! * [`hint`]: classification of the client's hint header value and parsing of a runner's
+//!   `x-fal-runner-hints` header.
+//! * [`wire`]: the `/hints` JSON document served by runners (shared with `runner-example`).
+//! * [`table`]: the runner table the poller publishes, and the indexed [`table::View`] each
+//!   worker routes with.
+//! * [`rank`]: the routing decision: an ordered candidate list.
+//! * [`poller`]: the per-runner poll state machine run by the singleton service.
+//! * [`inflight`]: the cross-worker in-flight counters' byte encoding.
+//!
+//! No function here panics on any input; clippy denies `unwrap`, `expect`, `panic` and
+//! slice indexing outside tests.
+#![deny(clippy::indexing_slicing)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+
+pub mod config;
+pub mod hint;
+pub mod inflight;
+pub mod poller;
+pub mod rank;
+pub mod table;
+pub mod wire;

@@ -1,0 +1,237 @@
+//! The routing decision: an ordered list of candidate runners for one request.
+//!
+//! The rules (fal's, plus tie-breaks):
+//! 1. With a hint, runners holding it that are not busy, fewest in flight first.
+//! 2. Otherwise (no holder, or every holder busy) any available runner that is not busy,
+//!    preferring a free cache slot, then the fewest in flight.
+//! 3. Without a hint, any available runner that is not busy, fewest in flight.
+//!
+//! Nothing ever waits: when every runner is busy the request still gets a list (holders
+//! first, then the least loaded), and when no runner is available the list is empty and
+//! Envoy's fallback policy picks. Ties rotate by a per-request `spin` so repeated misses do
+//! not all land on the same runner.
+
+use crate::table::View;
+
+/// How the first candidate was chosen (counted in Envoy stats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A runner holding the hint, not busy.
+    Hit,
+    /// No available runner holds the hint.
+    Miss,
+    /// Holders exist but all are busy; sent to another runner.
+    BusyFallback,
+    /// Every available runner is busy; sent to the least loaded (a holder when possible).
+    Saturated,
+    /// The request had no (valid) hint.
+    NoHint,
+    /// No runner is available; the list is empty and Envoy's fallback policy decides.
+    NoCandidates,
+}
+
+impl Outcome {
+    /// Stable lower-case name (for stats and debug headers).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::BusyFallback => "busy_fallback",
+            Outcome::Saturated => "saturated",
+            Outcome::NoHint => "no_hint",
+            Outcome::NoCandidates => "no_candidates",
+        }
+    }
+}
+
+/// In-flight count of runner `idx` (0 when unknown).
+#[inline]
+fn load(inflight: &[u32], idx: u32) -> u32 {
+    inflight.get(idx as usize).copied().unwrap_or(0)
+}
+
+/// Keeps the `k` smallest `(key, idx)` pairs, sorted.
+struct TopK {
+    k: usize,
+    items: Vec<((u8, u32, u32), u32)>,
+}
+
+impl TopK {
+    fn new(k: usize) -> TopK {
+        TopK { k, items: Vec::with_capacity(k + 1) }
+    }
+
+    #[inline]
+    fn offer(&mut self, key: (u8, u32, u32), idx: u32) {
+        if self.items.len() == self.k {
+            match self.items.last() {
+                Some((worst, _)) if key >= *worst => return,
+                _ => {}
+            }
+        }
+        let pos = self.items.partition_point(|(k, _)| *k <= key);
+        self.items.insert(pos, (key, idx));
+        self.items.truncate(self.k);
+    }
+
+    fn first_tier(&self) -> Option<u8> {
+        self.items.first().map(|((t, _, _), _)| *t)
+    }
+
+    fn drain_into(self, out: &mut Vec<u32>) {
+        out.extend(self.items.into_iter().map(|(_, i)| i));
+    }
+}
+
+/// Ranks candidates for a request with `hint`, writing at most `max` runner indexes to `out`
+/// (cleared first), best first. `inflight[i]` is the number of requests in flight to runner
+/// `i` across all workers.
+pub fn rank(
+    view: &View,
+    hint: Option<&str>,
+    inflight: &[u32],
+    spin: u32,
+    max: usize,
+    out: &mut Vec<u32>,
+) -> Outcome {
+    out.clear();
+    let runners = view.runners();
+    let n = runners.len() as u32;
+    if n == 0 || max == 0 {
+        return Outcome::NoCandidates;
+    }
+    let start = spin % n;
+    // Rotation rank: 0 for the runner at `start`, then onwards, wrapping.
+    let rot = |i: u32| if i >= start { i - start } else { i + (n - start) };
+    let busy = |i: u32| view.runner(i).map(|r| load(inflight, i) >= r.max_concurrency).unwrap_or(true);
+
+    if let Some(h) = hint {
+        // Fast path: free holders only (a holder list is short; no scan of the fleet).
+        let mut free = TopK::new(max);
+        let mut any_holder = false;
+        for &i in view.holders(h) {
+            if !view.runner(i).is_some_and(|r| r.available) {
+                continue;
+            }
+            any_holder = true;
+            if !busy(i) {
+                free.offer((0, load(inflight, i), rot(i)), i);
+            }
+        }
+        if free.first_tier().is_some() {
+            // Further retries go to Envoy's fallback policy, which respects health.
+            free.drain_into(out);
+            return Outcome::Hit;
+        }
+        // Scan the fleet: tiers 1 free slot, 2 would evict, 3 busy holder, 4 busy other.
+        let holders = view.holders(h);
+        let mut top = TopK::new(max);
+        for (i, r) in (0u32..).zip(runners.iter()) {
+            if !r.available {
+                continue;
+            }
+            let holder = any_holder && holders.contains(&i);
+            let tier = match (busy(i), holder, r.has_free_slot()) {
+                (false, _, true) => 1,
+                (false, _, false) => 2,
+                (true, true, _) => 3,
+                (true, false, _) => 4,
+            };
+            top.offer((tier, load(inflight, i), rot(i)), i);
+        }
+        let outcome = match top.first_tier() {
+            None => Outcome::NoCandidates,
+            Some(1 | 2) if any_holder => Outcome::BusyFallback,
+            Some(1 | 2) => Outcome::Miss,
+            Some(_) => Outcome::Saturated,
+        };
+        top.drain_into(out);
+        return outcome;
+    }
+
+    let mut top = TopK::new(max);
+    for (i, r) in (0u32..).zip(runners.iter()) {
+        if r.available {
+            top.offer((u8::from(busy(i)), load(inflight, i), rot(i)), i);
+        }
+    }
+    let outcome = if top.first_tier().is_some() { Outcome::NoHint } else { Outcome::NoCandidates };
+    top.drain_into(out);
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::tests::table;
+    use crate::table::View;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn run(v: &View, hint: Option<&str>, inflight: &[u32], spin: u32, max: usize) -> (Outcome, Vec<u32>) {
+        let mut out = Vec::new();
+        let o = rank(v, hint, inflight, spin, max, &mut out);
+        (o, out)
+    }
+
+    #[test]
+    fn hit_prefers_least_loaded_free_holder() {
+        let v = View::from_table(&table(&[&["a"], &["a"], &["b"]]));
+        assert_eq!(run(&v, Some("a"), &[1, 0, 0], 0, 3), (Outcome::Hit, vec![1, 0]));
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 0, 3), (Outcome::Hit, vec![0, 1]));
+        // Equal load: the spin rotates which holder comes first.
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 1, 3), (Outcome::Hit, vec![1, 0]));
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 0, 1), (Outcome::Hit, vec![0]));
+    }
+
+    #[test]
+    fn busy_holders_fall_back_without_waiting_preferring_free_slots() {
+        // Runner 0 holds a and is busy (2 >= max_concurrency 2); runner 1 is full; 2 has room.
+        let v = View::from_table(&table(&[&["a"], &["x", "y", "z"], &["q"]]));
+        assert_eq!(run(&v, Some("a"), &[2, 0, 1], 0, 3), (Outcome::BusyFallback, vec![2, 1, 0]));
+    }
+
+    #[test]
+    fn miss_goes_to_free_slot_then_fewest_in_flight_and_rotates() {
+        let v = View::from_table(&table(&[&["x", "y", "z"], &[], &[]]));
+        assert_eq!(run(&v, Some("new"), &[0, 1, 1], 0, 1), (Outcome::Miss, vec![1]));
+        assert_eq!(run(&v, Some("new"), &[0, 0, 0], 0, 3), (Outcome::Miss, vec![1, 2, 0]));
+        assert_eq!(run(&v, Some("new"), &[0, 0, 0], 2, 3), (Outcome::Miss, vec![2, 1, 0]));
+    }
+
+    #[test]
+    fn saturated_prefers_holder_then_least_loaded() {
+        let v = View::from_table(&table(&[&["b"], &["a"], &[]]));
+        assert_eq!(run(&v, Some("a"), &[2, 3, 2], 0, 3), (Outcome::Saturated, vec![1, 0, 2]));
+        assert_eq!(run(&v, Some("zz"), &[5, 3, 2], 0, 2), (Outcome::Saturated, vec![2, 1]));
+    }
+
+    #[test]
+    fn no_hint_uses_fewest_in_flight() {
+        let v = View::from_table(&table(&[&["a"], &[], &[]]));
+        assert_eq!(run(&v, None, &[1, 1, 0], 0, 2), (Outcome::NoHint, vec![2, 0]));
+        assert_eq!(run(&v, None, &[], 1, 3), (Outcome::NoHint, vec![1, 2, 0]));
+    }
+
+    #[test]
+    fn unavailable_runners_are_never_candidates() {
+        let mut t = table(&[&["a"], &["a"], &[]]);
+        t.runners[0].available = false;
+        let v = View::from_table(&t);
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 0, 3), (Outcome::Hit, vec![1]));
+        for r in &mut t.runners {
+            r.available = false;
+        }
+        let v = View::from_table(&t);
+        assert_eq!(run(&v, Some("a"), &[], 0, 3), (Outcome::NoCandidates, vec![]));
+        assert_eq!(run(&v, None, &[], 0, 3), (Outcome::NoCandidates, vec![]));
+        assert_eq!(run(&View::default(), None, &[], 7, 3), (Outcome::NoCandidates, vec![]));
+    }
+
+    #[test]
+    fn short_inflight_slice_and_huge_spin_are_safe() {
+        let v = View::from_table(&table(&[&["a"], &["a"]]));
+        assert_eq!(run(&v, Some("a"), &[9], u32::MAX, 2).0, Outcome::Hit);
+        assert_eq!(run(&v, Some("a"), &[9], u32::MAX, 0), (Outcome::NoCandidates, vec![]));
+    }
+}
