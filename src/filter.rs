@@ -1,0 +1,279 @@
+//! The filter role: per-request routing on every worker.
+
+use crate::host::{self, Map, MetricKind};
+use crate::{GENERATION_KEY, INFLIGHT_KEY, QUEUE_NAME, TABLE_KEY};
+use hint_router_core::config::Config;
+use hint_router_core::hint::{classify, parse_hint_list, HintClass};
+use hint_router_core::inflight;
+use hint_router_core::rank::{rank, Outcome};
+use hint_router_core::table::{encode_header_update, Table, View};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// Response header naming the decision (with `debug_headers`).
+const DECISION_HEADER: &str = "x-hint-router-decision";
+/// Response header naming the runner that answered (with `debug_headers`).
+const UPSTREAM_HEADER: &str = "x-hint-router-upstream";
+/// Compare-and-swap attempts for one in-flight counter update.
+const CAS_ATTEMPTS: usize = 8;
+
+struct Metrics {
+    requests: u32,
+    outcome: [u32; 6],
+    invalid_hint: u32,
+    table_errors: u32,
+    inflight_errors: u32,
+    response_hints: u32,
+}
+
+fn outcome_slot(o: Outcome) -> usize {
+    match o {
+        Outcome::Hit => 0,
+        Outcome::Miss => 1,
+        Outcome::BusyFallback => 2,
+        Outcome::Saturated => 3,
+        Outcome::NoHint => 4,
+        Outcome::NoCandidates => 5,
+    }
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        let c = |n: &str| host::define_metric(MetricKind::Counter, n).unwrap_or(u32::MAX);
+        let o = |x: Outcome| c(&format!("hint_router.{}", x.as_str()));
+        Metrics {
+            requests: c("hint_router.requests"),
+            outcome: [
+                o(Outcome::Hit),
+                o(Outcome::Miss),
+                o(Outcome::BusyFallback),
+                o(Outcome::Saturated),
+                o(Outcome::NoHint),
+                o(Outcome::NoCandidates),
+            ],
+            invalid_hint: c("hint_router.invalid_hint"),
+            table_errors: c("hint_router.table_errors"),
+            inflight_errors: c("hint_router.inflight_errors"),
+            response_hints: c("hint_router.response_hints_learned"),
+        }
+    }
+
+    fn outcome(&self, o: Outcome) -> u32 {
+        self.outcome.get(outcome_slot(o)).copied().unwrap_or(u32::MAX)
+    }
+}
+
+/// Worker-local state shared by the root and its streams.
+struct State {
+    cfg: Config,
+    vm_id: String,
+    view: View,
+    /// Generation bytes last read, to skip re-reading an unchanged table.
+    seen_generation: Option<Vec<u8>>,
+    queue: Option<u32>,
+    spin: u32,
+    loads: Vec<u32>,
+    candidates: Vec<u32>,
+    metrics: Metrics,
+}
+
+impl State {
+    /// Reloads the view if the poller published a new table.
+    fn refresh(&mut self) {
+        let generation = match host::get_shared(GENERATION_KEY) {
+            Ok((Some(g), _)) => g,
+            Ok((None, _)) => return, // no table yet: route by the fallback policy
+            Err(e) => {
+                log::debug!("hint-router: cannot read table generation: {e}");
+                host::increment_metric(self.metrics.table_errors, 1);
+                return;
+            }
+        };
+        if self.seen_generation.as_deref() == Some(generation.as_slice()) {
+            return;
+        }
+        match host::get_shared(TABLE_KEY) {
+            Ok((Some(bytes), _)) => match Table::decode(&bytes) {
+                Some(t) => {
+                    self.view = View::from_table(&t);
+                    self.seen_generation = Some(generation);
+                }
+                None => {
+                    log::warn!(
+                        "hint-router: published table does not parse ({} bytes); keeping the last one",
+                        bytes.len()
+                    );
+                    host::increment_metric(self.metrics.table_errors, 1);
+                }
+            },
+            Ok((None, _)) => {}
+            Err(e) => {
+                log::debug!("hint-router: cannot read table: {e}");
+                host::increment_metric(self.metrics.table_errors, 1);
+            }
+        }
+    }
+
+    fn read_loads(&mut self) {
+        let n = self.view.runners().len();
+        match host::get_shared(INFLIGHT_KEY) {
+            Ok((bytes, _)) => inflight::decode(bytes.as_deref().unwrap_or(&[]), n, &mut self.loads),
+            Err(_) => inflight::decode(&[], n, &mut self.loads),
+        }
+    }
+
+    /// Moves runner `idx`'s shared in-flight counter by `delta` (compare-and-swap).
+    fn adjust_inflight(&self, idx: u32, delta: i32) {
+        let n = self.view.runners().len();
+        for _ in 0..CAS_ATTEMPTS {
+            let (bytes, cas) = match host::get_shared(INFLIGHT_KEY) {
+                Ok(v) => v,
+                Err(_) => break,
+            };
+            let next = inflight::adjust(bytes.as_deref().unwrap_or(&[]), n, idx, delta);
+            match host::set_shared(INFLIGHT_KEY, &next, cas) {
+                Ok(()) => return,
+                Err(host::HostError::CasMismatch) => continue,
+                Err(_) => break,
+            }
+        }
+        host::increment_metric(self.metrics.inflight_errors, 1);
+    }
+
+    fn queue(&mut self) -> Option<u32> {
+        if self.queue.is_none() {
+            self.queue = host::resolve_queue(&self.vm_id, QUEUE_NAME).ok();
+        }
+        self.queue
+    }
+}
+
+/// The filter's root state on one worker.
+pub struct FilterRoot {
+    state: Rc<RefCell<State>>,
+}
+
+impl FilterRoot {
+    /// Creates the worker state for a validated config.
+    pub fn new(cfg: Config, vm_id: String) -> FilterRoot {
+        let max = cfg.max_candidates;
+        let state = State {
+            cfg,
+            vm_id,
+            view: View::default(),
+            seen_generation: None,
+            queue: None,
+            spin: 0,
+            loads: Vec::new(),
+            candidates: Vec::with_capacity(max),
+            metrics: Metrics::define(),
+        };
+        FilterRoot { state: Rc::new(RefCell::new(state)) }
+    }
+
+    /// A stream context for one request.
+    pub fn new_stream(&self) -> Stream {
+        Stream { state: Rc::clone(&self.state), picked: None, outcome: None }
+    }
+}
+
+/// Per-request context.
+pub struct Stream {
+    state: Rc<RefCell<State>>,
+    /// Runner whose in-flight counter this request incremented.
+    picked: Option<u32>,
+    outcome: Option<Outcome>,
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        let Ok(mut st) = self.state.try_borrow_mut() else { return Action::Continue };
+        let st = &mut *st;
+        host::increment_metric(st.metrics.requests, 1);
+        st.refresh();
+        let raw = host::get_header(Map::Request, &st.cfg.hint_header).ok().flatten();
+        let hint = match classify(raw.as_deref(), st.cfg.max_hint_bytes) {
+            HintClass::Valid(h) => Some(h),
+            HintClass::Absent => None,
+            HintClass::Invalid(why) => {
+                log::debug!("hint-router: ignoring invalid hint ({why:?})");
+                host::increment_metric(st.metrics.invalid_hint, 1);
+                None
+            }
+        };
+        st.read_loads();
+        st.spin = st.spin.wrapping_add(1);
+        let mut candidates = std::mem::take(&mut st.candidates);
+        let outcome = rank(&st.view, hint, &st.loads, st.spin, st.cfg.max_candidates, &mut candidates);
+        host::increment_metric(st.metrics.outcome(outcome), 1);
+        self.outcome = Some(outcome);
+        if let Some(&first) = candidates.first() {
+            let list = st.view.format_candidates(&candidates);
+            match host::set_header(Map::Request, &st.cfg.pick_header, list.as_bytes()) {
+                Ok(()) => {
+                    st.adjust_inflight(first, 1);
+                    self.picked = Some(first);
+                }
+                Err(e) => log::warn!("hint-router: cannot set {}: {e}", st.cfg.pick_header),
+            }
+        } else {
+            // Defence in depth: Envoy strips the header natively before this filter.
+            let _ = host::remove_header(Map::Request, &st.cfg.pick_header);
+        }
+        log::trace!("hint-router: hint={hint:?} outcome={} candidates={candidates:?}", outcome.as_str());
+        st.candidates = candidates;
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        let Ok(mut st) = self.state.try_borrow_mut() else { return Action::Continue };
+        let st = &mut *st;
+        let learn = st.cfg.learn_from_responses;
+        let debug = st.cfg.debug_headers;
+        if !learn && !debug {
+            return Action::Continue;
+        }
+        let upstream = host::get_property(&["upstream", "address"]).ok().flatten();
+        let upstream = upstream.as_deref().and_then(|u| std::str::from_utf8(u).ok()).unwrap_or("");
+        if learn && !upstream.is_empty() {
+            if let Ok(Some(raw)) = host::get_header(Map::Response, &st.cfg.runner_hints_header) {
+                if let Some(idx) = st.view.index_of(upstream) {
+                    let list = parse_hint_list(&raw, st.cfg.max_hint_bytes, st.cfg.max_hints_per_runner);
+                    if st.view.set_runner_hints(idx, &list) {
+                        host::increment_metric(st.metrics.response_hints, 1);
+                        let msg = encode_header_update(upstream, &list.hints);
+                        if let Some(q) = st.queue() {
+                            if let Err(e) = host::enqueue(q, &msg) {
+                                log::debug!("hint-router: cannot enqueue response hints: {e}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if debug {
+            let outcome = self.outcome.map(Outcome::as_str).unwrap_or("none");
+            let _ = host::set_header(Map::Response, DECISION_HEADER, outcome.as_bytes());
+            let _ = host::set_header(Map::Response, UPSTREAM_HEADER, upstream.as_bytes());
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if let Some(idx) = self.picked.take() {
+            if let Ok(st) = self.state.try_borrow() {
+                st.adjust_inflight(idx, -1);
+            }
+        }
+    }
+}
+
+/// The stream context used when the root is not a configured filter: does nothing.
+pub struct PassThrough;
+
+impl Context for PassThrough {}
+impl HttpContext for PassThrough {}

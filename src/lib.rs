@@ -1,0 +1,116 @@
+//! hint-router: a proxy-wasm filter for Envoy that routes each request to a model-server
+//! runner already holding the model its routing hint names.
+//!
+//! The same module runs in two roles, chosen by the plugin's `root_id`:
+//!
+//! * **filter** (any root id but [`POLLER_ROOT_ID`]): an HTTP filter on every worker. It reads
+//!   the hint header, ranks runners with [`hint_router_core::rank`], and writes an ordered
+//!   `ip:port,...` list that Envoy's `override_host` LB policy follows. It learns hints from
+//!   runner responses and keeps the cross-worker in-flight counters.
+//! * **poller** ([`POLLER_ROOT_ID`], run as a singleton `envoy.bootstrap.wasm` service): polls
+//!   every runner's `/hints`, merges hints the workers saw in response headers (sent over a
+//!   shared queue) and publishes the runner table to shared data.
+//!
+//! All decisions live in `hint-router-core`; this crate only talks to the host, through
+//! [`host`], whose wrappers never panic.
+#![deny(clippy::indexing_slicing)]
+#![allow(clashing_extern_declarations)]
+
+mod filter;
+mod host;
+mod poller;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+
+/// Root id that selects the poller role.
+pub const POLLER_ROOT_ID: &str = "hint_router_poller";
+/// Shared-data key of the published runner table (JSON).
+pub(crate) const TABLE_KEY: &str = "hint_router.table";
+/// Shared-data key of the table's generation (8 bytes, little-endian); read on every request.
+pub(crate) const GENERATION_KEY: &str = "hint_router.generation";
+/// Shared-data key of the in-flight counters (`u32` little-endian per runner).
+pub(crate) const INFLIGHT_KEY: &str = "hint_router.inflight";
+/// Shared queue over which workers send hints seen in response headers to the poller.
+pub(crate) const QUEUE_NAME: &str = "hint_router.response_hints";
+
+proxy_wasm::main! {{
+    host::init_logging();
+    proxy_wasm::set_root_context(|_| Box::new(Root::default()));
+}}
+
+/// The root context: unconfigured until `on_configure` picks the role.
+#[derive(Default)]
+enum Root {
+    #[default]
+    Unconfigured,
+    Filter(filter::FilterRoot),
+    Poller(Box<poller::PollerRoot>),
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if let Root::Poller(p) = self {
+            p.on_http_call_response(token, body_size);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, size: usize) -> bool {
+        host::refresh_log_level();
+        let bytes = match host::get_buffer(host::Buffer::PluginConfiguration, size) {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("hint-router: cannot read plugin configuration: {e}");
+                return false;
+            }
+        };
+        let cfg = match hint_router_core::config::Config::parse(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("{e}");
+                return false;
+            }
+        };
+        let root_id = host::get_property(&["plugin_root_id"]).ok().flatten().unwrap_or_default();
+        let vm_id = host::get_property(&["plugin_vm_id"]).ok().flatten().unwrap_or_default();
+        let vm_id = String::from_utf8_lossy(&vm_id).into_owned();
+        if root_id == POLLER_ROOT_ID.as_bytes() {
+            match poller::PollerRoot::new(cfg) {
+                Ok(p) => *self = Root::Poller(Box::new(p)),
+                Err(e) => {
+                    log::error!("hint-router poller: {e}");
+                    return false;
+                }
+            }
+        } else {
+            *self = Root::Filter(filter::FilterRoot::new(cfg, vm_id));
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Root::Poller(p) = self {
+            p.on_tick();
+        }
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if let Root::Poller(p) = self {
+            p.on_queue_ready(queue_id);
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        match self {
+            Root::Filter(f) => Some(Box::new(f.new_stream())),
+            // A filter chain with an unconfigured or poller root: pass requests through.
+            _ => Some(Box::new(filter::PassThrough)),
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

@@ -1,0 +1,210 @@
+//! The poller role: a singleton on Envoy's main thread that polls every runner's `/hints`,
+//! merges hints workers saw in response headers, and publishes the runner table.
+
+use crate::host::{self, Buffer, Map, MetricKind};
+use crate::{GENERATION_KEY, QUEUE_NAME, TABLE_KEY};
+use hint_router_core::config::Config;
+use hint_router_core::poller::{PollEvent, PollFailure, Poller};
+use hint_router_core::table::decode_header_update;
+use std::time::Duration;
+
+/// Most queue messages handled per `on_queue_ready` (the rest wait for the next one).
+const MAX_DEQUEUE: usize = 4096;
+
+struct Metrics {
+    poll_ok: u32,
+    poll_error: u32,
+    runner_lost: u32,
+    runner_recovered: u32,
+    hints_truncated: u32,
+    hints_invalid: u32,
+    header_updates: u32,
+    table_publishes: u32,
+    runners_available: u32,
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        let c = |n: &str| host::define_metric(MetricKind::Counter, n).unwrap_or(u32::MAX);
+        Metrics {
+            poll_ok: c("hint_router.poll_ok"),
+            poll_error: c("hint_router.poll_error"),
+            runner_lost: c("hint_router.runner_lost"),
+            runner_recovered: c("hint_router.runner_recovered"),
+            hints_truncated: c("hint_router.hints_truncated"),
+            hints_invalid: c("hint_router.hints_invalid"),
+            header_updates: c("hint_router.response_hint_updates"),
+            table_publishes: c("hint_router.table_publishes"),
+            runners_available: host::define_metric(MetricKind::Gauge, "hint_router.runners_available")
+                .unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// State of the poller root.
+pub struct PollerRoot {
+    cfg: Config,
+    poller: Poller,
+    queue: Option<u32>,
+    metrics: Metrics,
+}
+
+impl PollerRoot {
+    /// Registers the queue, starts the tick and publishes the initial (empty) table.
+    pub fn new(cfg: Config) -> Result<PollerRoot, String> {
+        let queue = match host::register_queue(QUEUE_NAME) {
+            Ok(q) => Some(q),
+            Err(e) => {
+                log::warn!("hint-router poller: cannot register queue {QUEUE_NAME} ({e}); response-header hints reach the table only through polls");
+                None
+            }
+        };
+        // Tick several times per interval so polls keep their cadence and timeouts are noticed.
+        let tick = (cfg.poll_interval_ms / 5).clamp(10, 1000) as u32;
+        host::set_tick_period_ms(tick).map_err(|e| format!("cannot set tick period: {e}"))?;
+        let mut poller = Poller::new(&cfg);
+        if let Ok((Some(g), _)) = host::get_shared(GENERATION_KEY) {
+            if let Ok(g) = <[u8; 8]>::try_from(g.as_slice()) {
+                poller.continue_from(u64::from_le_bytes(g));
+            }
+        }
+        let mut root = PollerRoot { poller, cfg, queue, metrics: Metrics::define() };
+        log::info!(
+            "hint-router poller: polling {} runners every {} ms",
+            root.poller.len(),
+            root.cfg.poll_interval_ms
+        );
+        root.publish();
+        Ok(root)
+    }
+
+    /// Sends due polls, fails overdue ones, publishes changes.
+    pub fn on_tick(&mut self) {
+        let now = host::now_ms();
+        for (idx, ev) in self.poller.expire(now) {
+            self.record(idx, &ev);
+        }
+        for idx in self.poller.due(now) {
+            let Some(addr) = self.poller.addr(idx).map(str::to_owned) else { continue };
+            let headers = vec![
+                (":method", "GET"),
+                (":path", self.cfg.poll_path.as_str()),
+                (":authority", addr.as_str()),
+                (self.cfg.poll_target_header.as_str(), addr.as_str()),
+            ];
+            let timeout = Duration::from_millis(self.cfg.poll_timeout_ms);
+            // The SDK's wrapper registers the call so its response reaches this root.
+            match proxy_wasm::hostcalls::dispatch_http_call(
+                &self.cfg.poll_cluster,
+                headers,
+                None,
+                vec![],
+                timeout,
+            ) {
+                Ok(token) => self.poller.on_sent(idx, token, now),
+                Err(status) => {
+                    let ev = self.poller.on_failure(idx, now, PollFailure::Dispatch);
+                    if matches!(ev, PollEvent::Failed { lost: true, .. }) || self.poller.available() == 0 {
+                        log::debug!(
+                            "hint-router poller: dispatch to cluster {} failed: {status:?}",
+                            self.cfg.poll_cluster
+                        );
+                    }
+                    self.record(idx, &ev);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Handles a `/hints` response (or Envoy's synthesised error response).
+    pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
+        let Some(idx) = self.poller.find_token(token) else {
+            log::debug!("hint-router poller: response for unknown call {token}");
+            return;
+        };
+        let now = host::now_ms();
+        let status = host::get_header(Map::CallResponse, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.trim().parse::<u16>().ok()));
+        let body = if body_size > self.poller.max_body() {
+            Err(PollFailure::BodyTooLarge(body_size))
+        } else {
+            host::get_buffer(Buffer::CallResponseBody, body_size).map_err(|_| PollFailure::BodyUnreadable)
+        };
+        let body_ref = body.as_deref().map_err(Clone::clone);
+        let ev = self.poller.on_response(idx, now, status, body_ref);
+        self.record(idx, &ev);
+        self.publish();
+    }
+
+    /// Applies hints workers saw in response headers.
+    pub fn on_queue_ready(&mut self, queue_id: u32) {
+        if Some(queue_id) != self.queue {
+            return;
+        }
+        for _ in 0..MAX_DEQUEUE {
+            match host::dequeue(queue_id) {
+                Ok(Some(msg)) => {
+                    if let Some((addr, raw)) = decode_header_update(&msg) {
+                        if let Some(list) = self.poller.on_header_hints(addr, raw) {
+                            host::increment_metric(self.metrics.header_updates, 1);
+                            if list.truncated > 0 {
+                                host::increment_metric(self.metrics.hints_truncated, list.truncated as i64);
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::debug!("hint-router poller: dequeue failed: {e}");
+                    break;
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn record(&self, idx: usize, ev: &PollEvent) {
+        let addr = self.poller.addr(idx).unwrap_or("?");
+        match ev {
+            PollEvent::Ok { recovered, truncated, invalid } => {
+                host::increment_metric(self.metrics.poll_ok, 1);
+                if *recovered {
+                    host::increment_metric(self.metrics.runner_recovered, 1);
+                    log::info!("hint-router poller: runner {addr} is available");
+                }
+                if *truncated > 0 {
+                    host::increment_metric(self.metrics.hints_truncated, *truncated as i64);
+                }
+                if *invalid > 0 {
+                    host::increment_metric(self.metrics.hints_invalid, *invalid as i64);
+                }
+            }
+            PollEvent::Failed { failure, lost } => {
+                host::increment_metric(self.metrics.poll_error, 1);
+                if *lost {
+                    host::increment_metric(self.metrics.runner_lost, 1);
+                    log::warn!("hint-router poller: runner {addr} left out: poll failed: {failure}");
+                } else {
+                    log::debug!("hint-router poller: poll of {addr} failed: {failure}");
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let Some(table) = self.poller.take_table() else { return };
+        let bytes = table.encode();
+        if let Err(e) = host::set_shared(TABLE_KEY, &bytes, 0) {
+            log::error!("hint-router poller: cannot publish table ({} bytes): {e}", bytes.len());
+            return;
+        }
+        if let Err(e) = host::set_shared(GENERATION_KEY, &table.generation.to_le_bytes(), 0) {
+            log::error!("hint-router poller: cannot publish generation: {e}");
+        }
+        host::increment_metric(self.metrics.table_publishes, 1);
+        host::record_metric(self.metrics.runners_available, self.poller.available() as u64);
+    }
+}
