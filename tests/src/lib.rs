@@ -1,0 +1,432 @@
+//! Test harness: starts real runner processes and a real Envoy (with the shipped
+//! `envoy/envoy.yaml`, ports rewritten) on 127.0.0.1, waits for readiness with deadlines,
+//! dumps Envoy's log when a test fails, and kills every process it started on drop.
+//!
+//! Used by the end-to-end tests in `tests/tests/` and by the benchmarks.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// The Envoy binary: `$ENVOY_BIN`, else `.venv/bin/envoy` (installed by `scripts/setup.sh`).
+pub fn envoy_bin() -> PathBuf {
+    std::env::var_os("ENVOY_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/envoy"))
+}
+
+/// The filter module built by `make build`.
+pub fn wasm_path() -> PathBuf {
+    repo_root().join("target/wasm32-wasip1/release/hint_router.wasm")
+}
+
+/// The runner binary built by `make build`: `$RUNNER_BIN`, else `target/release/runner-example`.
+pub fn runner_bin() -> PathBuf {
+    std::env::var_os("RUNNER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/release/runner-example"))
+}
+
+/// A free loopback port (bound then released; the race with other processes is harmless here).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A scratch directory under `target/e2e/`, unique per call.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = repo_root().join("target/e2e").join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// Sends `sig` to a process we started.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a pid we own; no memory is shared.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// A runner process on 127.0.0.1 with a kernel-chosen port.
+pub struct Runner {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl Runner {
+    /// Starts `runner-example --listen 127.0.0.1:0 <args>` and waits for its `listening on`.
+    pub fn start(args: &[&str]) -> Runner {
+        Self::start_at("127.0.0.1:0", args)
+    }
+
+    /// Starts a runner on a given address (used to restart one on its old port).
+    pub fn start_at(listen: &str, args: &[&str]) -> Runner {
+        let bin = runner_bin();
+        assert!(bin.exists(), "{} missing: run `make build` first", bin.display());
+        let mut child = Command::new(&bin)
+            .arg("--listen")
+            .arg(listen)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn runner");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.trim().to_string());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => Runner { child, addr },
+            Err(_) => {
+                let _ = child.kill();
+                panic!("runner did not report its address within 20 s");
+            }
+        }
+    }
+
+    /// The runner's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs the runner and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal (SIGSTOP, SIGCONT, SIGTERM...).
+    pub fn signal(&self, sig: i32) {
+        signal(self.child.id(), sig);
+    }
+
+    /// Waits for the process to exit, up to `limit`; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// `GET /hints` straight from the runner.
+    pub fn hints(&self) -> Option<hint_router_core::wire::HintsReport> {
+        let r = client().get(format!("http://{}/hints", self.addr)).send().ok()?;
+        serde_json::from_slice(&r.bytes().ok()?).ok()
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        signal(self.child.id(), libc::SIGCONT);
+        self.kill();
+    }
+}
+
+/// Options for the generated Envoy config.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    /// Worker threads (`--concurrency`).
+    pub concurrency: u32,
+    /// Extra plugin config members, e.g. `("debug_headers", "false")` (JSON values);
+    /// they replace members of the same name in the shipped config.
+    pub plugin: Vec<(String, String)>,
+    /// Replace the shipped config file (relative to the repo root).
+    pub config_file: String,
+    /// Text replacements applied after the standard rewrites.
+    pub replace: Vec<(String, String)>,
+    /// Use the shipped ports (listener 10000, admin 9901) instead of free ones.
+    pub shipped_ports: bool,
+}
+
+impl Default for EnvoyOptions {
+    fn default() -> Self {
+        EnvoyOptions {
+            concurrency: 2,
+            plugin: Vec::new(),
+            config_file: "envoy/envoy.yaml".into(),
+            replace: Vec::new(),
+            shipped_ports: false,
+        }
+    }
+}
+
+/// Shipped demo addresses that the harness rewrites.
+const SHIPPED_RUNNERS: [&str; 3] = ["127.0.0.1:18081", "127.0.0.1:18082", "127.0.0.1:18083"];
+
+/// Renders the shipped config for these runners and ports.
+pub fn render_config(runners: &[String], listen: u16, admin: u16, opts: &EnvoyOptions) -> String {
+    let mut text = fs::read_to_string(repo_root().join(&opts.config_file)).expect("read envoy config");
+    // Endpoints: the shipped config lists three; generate as many as there are runners.
+    let endpoint_line = |addr: &str| {
+        let sa: SocketAddr = addr.parse().expect("runner addr");
+        format!(
+            "        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}\n",
+            sa.ip(),
+            sa.port()
+        )
+    };
+    let shipped: String = SHIPPED_RUNNERS.iter().map(|a| endpoint_line(a)).collect();
+    let ours: String = runners.iter().map(|a| endpoint_line(a)).collect();
+    assert!(text.contains(&shipped), "shipped endpoint block not found in {}", opts.config_file);
+    text = text.replace(&shipped, &ours);
+    let shipped_list = SHIPPED_RUNNERS.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+    let our_list = runners.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+    assert!(text.contains(&shipped_list), "shipped runners list not found");
+    text = text.replace(&shipped_list, &our_list);
+    text = text.replace("port_value: 10000", &format!("port_value: {listen}"));
+    text = text.replace("port_value: 9901", &format!("port_value: {admin}"));
+    text = text.replace(
+        "filename: target/wasm32-wasip1/release/hint_router.wasm",
+        &format!("filename: {}", wasm_path().display()),
+    );
+    for (k, v) in &opts.plugin {
+        let key = format!("\"{k}\":");
+        // Drop an existing member line, then add ours right after the opening brace.
+        text = text.lines().filter(|l| !l.trim_start().starts_with(&key)).map(|l| format!("{l}\n")).collect();
+        text = text.replacen(
+            "value: |\n          {\n",
+            &format!("value: |\n          {{\n            {key} {v},\n"),
+            1,
+        );
+    }
+    for (from, to) in &opts.replace {
+        assert!(text.contains(from.as_str()), "replacement target {from:?} not in config");
+        text = text.replace(from.as_str(), to);
+    }
+    text
+}
+
+/// A running Envoy.
+pub struct Envoy {
+    child: Child,
+    /// Public listener port.
+    pub port: u16,
+    /// Admin port.
+    pub admin: u16,
+    log: PathBuf,
+    /// Directory holding the config and log.
+    pub dir: PathBuf,
+}
+
+impl Envoy {
+    /// Starts Envoy for `runners` and waits until it is ready and its poller has seen
+    /// `expect_available` runners (pass 0 to skip that wait).
+    pub fn start(runners: &[String], opts: &EnvoyOptions, expect_available: u64) -> Envoy {
+        let bin = envoy_bin();
+        assert!(bin.exists(), "{} missing: run `scripts/setup.sh` (or `make test`) first", bin.display());
+        assert!(wasm_path().exists(), "{} missing: run `make build` first", wasm_path().display());
+        let (port, admin) = if opts.shipped_ports { (10000, 9901) } else { (free_port(), free_port()) };
+        let dir = scratch_dir("envoy");
+        let cfg = dir.join("envoy.yaml");
+        fs::write(&cfg, render_config(runners, port, admin, opts)).expect("write config");
+        let log = dir.join("envoy.log");
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", &opts.concurrency.to_string()])
+            .args(["--base-id", &admin.to_string()])
+            .args(["-l", "info", "--log-path"])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn envoy");
+        let mut e = Envoy { child, port, admin, log, dir };
+        e.wait_ready(Duration::from_secs(60));
+        if expect_available > 0 {
+            e.wait_stat("wasmcustom.hint_router.runners_available", Duration::from_secs(30), |v| {
+                v == expect_available
+            });
+        }
+        e
+    }
+
+    fn wait_ready(&mut self, limit: Duration) {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("envoy exited early ({st}); log:\n{}", self.log_text());
+            }
+            if let Ok(r) = client().get(format!("http://127.0.0.1:{}/ready", self.admin)).send() {
+                if r.status().as_u16() == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("envoy not ready within {limit:?}; log:\n{}", self.log_text());
+    }
+
+    /// Base URL of the public listener.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+
+    /// Envoy's log so far.
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// One stat's value (counters and gauges), `None` if absent.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let body = client()
+            .get(format!("http://127.0.0.1:{}/stats?filter=^{}$", self.admin, name.replace('.', "\\.")))
+            .send()
+            .ok()?
+            .text()
+            .ok()?;
+        body.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse().ok()))
+    }
+
+    /// Waits until `pred(stat)` holds.
+    pub fn wait_stat(&self, name: &str, limit: Duration, pred: impl Fn(u64) -> bool) -> u64 {
+        let end = Instant::now() + limit;
+        let mut last = None;
+        while Instant::now() < end {
+            last = self.stat(name);
+            if let Some(v) = last {
+                if pred(v) {
+                    return v;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("stat {name} stuck at {last:?} after {limit:?}; log:\n{}", self.log_text());
+    }
+
+    /// Sum of `wasm.*.vm_reload*` and `wasm.*.vm_fail*` style counters (any VM restart).
+    pub fn vm_reloads(&self) -> u64 {
+        ["wasm.hint_router.vm_reload", "wasm.hint_router_poller.vm_reload"]
+            .iter()
+            .filter_map(|s| self.stat(s))
+            .sum()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- envoy log ({}) ----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// A blocking HTTP client that opens a new connection per request, so requests spread over
+/// Envoy's workers as independent clients' would.
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// One inference answer as seen by a test.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// `x-hint-router-upstream` (debug header): the runner that answered.
+    pub upstream: String,
+    /// `x-hint-router-decision` (debug header).
+    pub decision: String,
+    /// `x-cache` from the runner.
+    pub cache: String,
+    /// Response body.
+    pub body: String,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Sends `POST /` for `model`, with the hint header set to `hint` (raw bytes) when given.
+pub fn infer(url: &str, model: &str, hint: Option<&[u8]>, extra: &[(&str, &str)]) -> Answer {
+    let mut req = client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"model": model, "prompt": "hello"}).to_string());
+    if let Some(h) = hint {
+        req = req
+            .header("x-fal-runner-hint", reqwest::header::HeaderValue::from_bytes(h).expect("header value"));
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let t = Instant::now();
+    match req.send() {
+        Ok(r) => {
+            let h = |n: &str| {
+                r.headers()
+                    .get(n)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .unwrap_or_default()
+            };
+            let (upstream, decision, cache) =
+                (h("x-hint-router-upstream"), h("x-hint-router-decision"), h("x-cache"));
+            let status = r.status().as_u16();
+            let body = r.text().unwrap_or_default();
+            Answer { status, upstream, decision, cache, body, elapsed: t.elapsed() }
+        }
+        Err(e) => Answer {
+            status: 0,
+            upstream: String::new(),
+            decision: String::new(),
+            cache: String::new(),
+            body: e.to_string(),
+            elapsed: t.elapsed(),
+        },
+    }
+}
+
+/// Three (or `n`) runners and an Envoy in front of them.
+pub struct Stack {
+    /// The runners, in config order.
+    pub runners: Vec<Runner>,
+    /// Envoy.
+    pub envoy: Envoy,
+}
+
+impl Stack {
+    /// Starts `n` runners with `runner_args` and Envoy with `opts`; waits until all are
+    /// available to the filter.
+    pub fn start(n: usize, runner_args: &[&str], opts: &EnvoyOptions) -> Stack {
+        let runners: Vec<Runner> = (0..n).map(|_| Runner::start(runner_args)).collect();
+        let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
+        let envoy = Envoy::start(&addrs, opts, n as u64);
+        Stack { runners, envoy }
+    }
+
+    /// Index of the runner at `addr`.
+    pub fn index_of(&self, addr: &str) -> Option<usize> {
+        self.runners.iter().position(|r| r.addr == addr)
+    }
+}
