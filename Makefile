@@ -1,0 +1,38 @@
+# hint-router: `make demo` runs the demo stack, `make test` runs every test.
+.PHONY: setup build demo up test test-e2e bench-routing bench-overhead clean
+
+CARGO ?= cargo
+
+setup:
+	scripts/setup.sh
+
+## build: the filter (.wasm, release) and the runner, plus the demo/bench tools
+build: setup
+	$(CARGO) build --locked --release --target wasm32-wasip1 -p hint-router -p noop-filter
+	$(CARGO) build --locked --release -p runner-example -p hint-router-e2e --bins
+
+## demo: start 3 runners + Envoy, send a hinted workload, print where each request went, stop
+demo: build
+	RUST_LOG=warn ./target/release/demo
+
+## up: start the stack and keep it running for manual curl (Ctrl-C stops it)
+up: build
+	scripts/up.sh
+
+## test: fmt + clippy gates, unit tests, core tests inside wasm, end-to-end tests on a real Envoy
+test:
+	scripts/test.sh
+
+## test-e2e: only the end-to-end tests
+test-e2e: build
+	$(CARGO) test --locked -p hint-router-e2e
+
+bench-routing: build
+	$(CARGO) run --locked --release -p hint-router-bench-routing --bin bench-routing
+
+bench-overhead: build
+	$(CARGO) run --locked --release -p hint-router-bench-overhead --bin bench-overhead
+
+clean:
+	$(CARGO) clean
+	rm -rf .run
