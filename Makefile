@@ -1,5 +1,5 @@
 # hint-router: `make demo` runs the demo stack, `make test` runs every test.
-.PHONY: setup build demo up test test-e2e bench-routing bench-overhead clean
+.PHONY: setup build demo up test test-e2e test-faults bench-routing bench-overhead clean
 
 CARGO ?= cargo
 
@@ -23,9 +23,13 @@ up: build
 test:
 	scripts/test.sh
 
-## test-e2e: only the end-to-end tests
+## test-e2e: only the end-to-end tests (routing, then faults/abuse/security)
 test-e2e: build
 	$(CARGO) test --locked -p hint-router-e2e
+
+## test-faults: the fault, abuse and security suite, printing what each scenario measured
+test-faults: build
+	$(CARGO) test --locked -p hint-router-e2e --test faults -- --nocapture
 
 bench-routing: build
 	$(CARGO) run --locked --release -p hint-router-bench-routing --bin bench-routing

@@ -205,6 +205,10 @@ impl HttpContext for Stream {
                 None
             }
         };
+        if hint.is_some() && hint == st.cfg.failure_test_hint.as_deref() {
+            log::error!("hint-router: failure_test_hint received: aborting this VM as configured");
+            std::process::abort();
+        }
         st.read_loads();
         st.spin = st.spin.wrapping_add(1);
         let mut candidates = std::mem::take(&mut st.candidates);

@@ -50,6 +50,9 @@ pub struct Config {
     /// Add `x-hint-router-decision` and `x-hint-router-upstream` to responses (debugging;
     /// reveals runner addresses to clients).
     pub debug_headers: bool,
+    /// Testing only: a request whose hint is exactly this value makes the filter abort its
+    /// VM, so operators can check what their `failure_policy` does. Unset by default.
+    pub failure_test_hint: Option<String>,
 }
 
 impl Default for Config {
@@ -66,10 +69,11 @@ impl Default for Config {
             poll_timeout_ms: 400,
             max_hint_bytes: 256,
             max_hints_per_runner: 64,
-            max_hints_body_bytes: 1 << 20,
+            max_hints_body_bytes: 4 << 20,
             max_candidates: 3,
             learn_from_responses: true,
             debug_headers: false,
+            failure_test_hint: None,
         }
     }
 }
@@ -153,6 +157,14 @@ impl Config {
         range("max_hints_per_runner", self.max_hints_per_runner as u64, 1, 100_000)?;
         range("max_hints_body_bytes", self.max_hints_body_bytes as u64, 256, 32 << 20)?;
         range("max_candidates", self.max_candidates as u64, 1, 64)?;
+        if let Some(h) = &self.failure_test_hint {
+            if !matches!(
+                crate::hint::classify(Some(h.as_bytes()), self.max_hint_bytes),
+                crate::hint::HintClass::Valid(_)
+            ) {
+                return Err(err("failure_test_hint", "must be a valid hint"));
+            }
+        }
         Ok(())
     }
 }

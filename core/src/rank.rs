@@ -6,6 +6,10 @@
 //!    preferring a free cache slot, then the fewest in flight.
 //! 3. Without a hint, any available runner that is not busy, fewest in flight.
 //!
+//! Among holders, a runner that claims more hints than its capacity (see
+//! [`crate::table::ViewRunner::overclaims`]) comes after every honest one, so a runner that
+//! advertises everything cannot take traffic away from runners that really hold the model.
+//!
 //! Nothing ever waits: when every runner is busy the request still gets a list (holders
 //! first, then the least loaded), and when no runner is available the list is empty and
 //! Envoy's fallback policy picks. Ties rotate by a per-request `spin` so repeated misses do
@@ -110,12 +114,12 @@ pub fn rank(
         let mut free = TopK::new(max);
         let mut any_holder = false;
         for &i in view.holders(h) {
-            if !view.runner(i).is_some_and(|r| r.available) {
+            let Some(r) = view.runner(i).filter(|r| r.available) else {
                 continue;
-            }
+            };
             any_holder = true;
             if !busy(i) {
-                free.offer((0, load(inflight, i), rot(i)), i);
+                free.offer((u8::from(r.overclaims()), load(inflight, i), rot(i)), i);
             }
         }
         if free.first_tier().is_some() {
@@ -182,6 +186,16 @@ mod tests {
         // Equal load: the spin rotates which holder comes first.
         assert_eq!(run(&v, Some("a"), &[0, 0, 0], 1, 3), (Outcome::Hit, vec![1, 0]));
         assert_eq!(run(&v, Some("a"), &[0, 0, 0], 0, 1), (Outcome::Hit, vec![0]));
+    }
+
+    #[test]
+    fn honest_holders_come_before_overclaiming_ones() {
+        // Runner 1 lists 5 hints with capacity 3: it cannot hold them all.
+        let v = View::from_table(&table(&[&["a"], &["a", "b", "c", "d", "e"]]));
+        assert!(v.runner(1).unwrap().overclaims() && !v.runner(0).unwrap().overclaims());
+        assert_eq!(run(&v, Some("a"), &[1, 0], 0, 2), (Outcome::Hit, vec![0, 1]));
+        // The overclaiming holder still serves when the honest one is busy.
+        assert_eq!(run(&v, Some("a"), &[2, 0], 0, 2), (Outcome::Hit, vec![1]));
     }
 
     #[test]

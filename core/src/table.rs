@@ -63,6 +63,12 @@ impl ViewRunner {
     pub fn has_free_slot(&self) -> bool {
         self.capacity == 0 || (self.hints.len() as u64) < u64::from(self.capacity)
     }
+
+    /// Claims more hints than its cache can hold: it lists things it cannot all have loaded
+    /// (a misconfigured or lying runner). Ranked after honest holders.
+    pub fn overclaims(&self) -> bool {
+        self.capacity > 0 && (self.hints.len() as u64) > u64::from(self.capacity)
+    }
 }
 
 /// A worker-local, indexed copy of the [`Table`]: hint -> holders is a hash lookup.

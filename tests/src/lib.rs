@@ -5,6 +5,8 @@
 //! Used by the end-to-end tests in `tests/tests/` and by the benchmarks.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+pub mod fake;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
@@ -66,6 +68,8 @@ pub struct Runner {
     child: Child,
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// The runner's log (stderr).
+    pub log: PathBuf,
 }
 
 impl Runner {
@@ -78,12 +82,13 @@ impl Runner {
     pub fn start_at(listen: &str, args: &[&str]) -> Runner {
         let bin = runner_bin();
         assert!(bin.exists(), "{} missing: run `make build` first", bin.display());
+        let log = scratch_dir("runner").join("runner.log");
         let mut child = Command::new(&bin)
             .arg("--listen")
             .arg(listen)
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(fs::File::create(&log).expect("runner log"))
             .spawn()
             .expect("spawn runner");
         let stdout = child.stdout.take().expect("stdout");
@@ -96,12 +101,17 @@ impl Runner {
             }
         });
         match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => Runner { child, addr },
+            Ok(addr) => Runner { child, addr, log },
             Err(_) => {
                 let _ = child.kill();
                 panic!("runner did not report its address within 20 s");
             }
         }
+    }
+
+    /// The runner's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The runner's process id.
@@ -143,6 +153,14 @@ impl Drop for Runner {
     fn drop(&mut self) {
         signal(self.child.id(), libc::SIGCONT);
         self.kill();
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("---- runner {} log (last lines) ----", self.addr);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
@@ -203,21 +221,35 @@ pub fn render_config(runners: &[String], listen: u16, admin: u16, opts: &EnvoyOp
         "filename: target/wasm32-wasip1/release/hint_router.wasm",
         &format!("filename: {}", wasm_path().display()),
     );
-    for (k, v) in &opts.plugin {
-        let key = format!("\"{k}\":");
-        // Drop an existing member line, then add ours right after the opening brace.
-        text = text.lines().filter(|l| !l.trim_start().starts_with(&key)).map(|l| format!("{l}\n")).collect();
-        text = text.replacen(
-            "value: |\n          {\n",
-            &format!("value: |\n          {{\n            {key} {v},\n"),
-            1,
-        );
+    if !opts.plugin.is_empty() {
+        text = override_plugin_config(&text, &opts.plugin);
     }
     for (from, to) in &opts.replace {
         assert!(text.contains(from.as_str()), "replacement target {from:?} not in config");
         text = text.replace(from.as_str(), to);
     }
     text
+}
+
+/// Replaces members of the plugin configuration JSON (the `value: |` block) in `text`.
+fn override_plugin_config(text: &str, members: &[(String, String)]) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start =
+        lines.iter().position(|l| l.trim_end().ends_with("value: |")).expect("plugin config block") + 1;
+    let indent = lines[start].len() - lines[start].trim_start().len();
+    let end = (start..lines.len())
+        .find(|&i| lines[i].trim() == "}" && lines[i].len() - lines[i].trim_start().len() == indent)
+        .expect("end of plugin config");
+    let json: String = lines[start..=end].join("\n");
+    let mut cfg: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&json).expect("plugin config json");
+    for (k, v) in members {
+        cfg.insert(k.clone(), serde_json::from_str(v).expect("override value json"));
+    }
+    let mut out: Vec<String> = lines[..start].iter().map(|l| l.to_string()).collect();
+    out.push(format!("{}{}", " ".repeat(indent), serde_json::Value::Object(cfg)));
+    out.extend(lines[end + 1..].iter().map(|l| l.to_string()));
+    out.join("\n") + "\n"
 }
 
 /// A running Envoy.
@@ -322,12 +354,16 @@ impl Envoy {
         panic!("stat {name} stuck at {last:?} after {limit:?}; log:\n{}", self.log_text());
     }
 
-    /// Sum of `wasm.*.vm_reload*` and `wasm.*.vm_fail*` style counters (any VM restart).
+    /// VM reload activity of both plugins (`vm_reload`, `_success`, `_failure`, `_backoff`):
+    /// non-zero once any hint-router VM has failed.
     pub fn vm_reloads(&self) -> u64 {
-        ["wasm.hint_router.vm_reload", "wasm.hint_router_poller.vm_reload"]
-            .iter()
-            .filter_map(|s| self.stat(s))
-            .sum()
+        let mut n = 0;
+        for plugin in ["hint_router", "hint_router_poller"] {
+            for suffix in ["", "_success", "_failure", "_backoff"] {
+                n += self.stat(&format!("wasm.{plugin}.vm_reload{suffix}")).unwrap_or(0);
+            }
+        }
+        n
     }
 }
 

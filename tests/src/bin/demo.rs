@@ -12,8 +12,10 @@ const LOAD_MS: &str = "800";
 fn main() {
     let args = ["--capacity", "2", "--max-concurrency", "2", "--load-ms", LOAD_MS, "--infer-ms", "30"];
     println!("starting 3 runners (cache of 2 models each, loading a model takes {LOAD_MS} ms) and Envoy...");
-    let runners: Vec<Runner> =
-        ["127.0.0.1:18081", "127.0.0.1:18082", "127.0.0.1:18083"].iter().map(|a| Runner::start_at(a, &args)).collect();
+    let runners: Vec<Runner> = ["127.0.0.1:18081", "127.0.0.1:18082", "127.0.0.1:18083"]
+        .iter()
+        .map(|a| Runner::start_at(a, &args))
+        .collect();
     let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
     let opts = EnvoyOptions { shipped_ports: true, ..EnvoyOptions::default() };
     let envoy = Envoy::start(&addrs, &opts, 3);
@@ -49,7 +51,13 @@ fn main() {
         .collect();
     for h in handles {
         let a = h.join().unwrap();
-        println!("     llama      {:<17} {:<15} {:<6} {:>8}", a.upstream, a.decision, a.cache, a.elapsed.as_millis());
+        println!(
+            "     llama      {:<17} {:<15} {:<6} {:>8}",
+            a.upstream,
+            a.decision,
+            a.cache,
+            a.elapsed.as_millis()
+        );
         log.push(("llama".into(), a));
     }
 
@@ -67,10 +75,20 @@ fn main() {
             v.iter().sum::<u128>() / v.len() as u128
         }
     };
-    println!("\nsummary: {} requests, {ok} answered 200, cache hits {hits} ({:.0}%)", log.len(), 100.0 * hits as f64 / log.len() as f64);
-    println!("mean latency: hit {} ms, miss {} ms", mean(&|a| a.cache == "hit"), mean(&|a| a.cache == "miss"));
+    println!(
+        "\nsummary: {} requests, {ok} answered 200, cache hits {hits} ({:.0}%)",
+        log.len(),
+        100.0 * hits as f64 / log.len() as f64
+    );
+    println!(
+        "mean latency: hit {} ms, miss {} ms",
+        mean(&|a| a.cache == "hit"),
+        mean(&|a| a.cache == "miss")
+    );
     println!("requests per runner: {per_runner:?}");
-    for stat in ["hit", "miss", "busy_fallback", "saturated", "no_hint", "invalid_hint", "poll_ok", "poll_error"] {
+    for stat in
+        ["hit", "miss", "busy_fallback", "saturated", "no_hint", "invalid_hint", "poll_ok", "poll_error"]
+    {
         if let Some(v) = envoy.stat(&format!("wasmcustom.hint_router.{stat}")) {
             print!("{stat}={v} ");
         }
