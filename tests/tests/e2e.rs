@@ -198,6 +198,14 @@ fn killing_a_runner_fails_at_most_its_in_flight_requests() {
     let results: Vec<(Instant, hint_router_e2e::Answer)> =
         handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
     let failed: Vec<_> = results.iter().filter(|(_, a)| a.status != 200).collect();
+    let on_victim_after = results.iter().filter(|(t, a)| *t > killed_at && a.upstream == victim_addr).count();
+    eprintln!(
+        "kill: {} requests ({} after the kill), {} failed {:?}; answered by the dead runner after the kill: {on_victim_after}",
+        results.len(),
+        results.iter().filter(|(t, _)| *t > killed_at).count(),
+        failed.len(),
+        failed.iter().map(|(_, a)| (a.status, a.elapsed)).collect::<Vec<_>>()
+    );
     // At most one request per client can have been in flight on the victim when it died.
     assert!(failed.len() <= clients, "{} failures: {:?}", failed.len(), failed);
     for (_, a) in &failed {
