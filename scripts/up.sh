@@ -11,7 +11,8 @@ cleanup() {
   wait 2>/dev/null || true
   echo "stopped."
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap "exit 130" INT TERM
 
 read -r -a extra <<<"${RUNNER_ARGS:---load-ms 1000 --infer-ms 50}"
 for port in 18081 18082 18083; do
