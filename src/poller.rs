@@ -2,8 +2,9 @@
 //! merges hints workers saw in response headers, and publishes the runner table.
 
 use crate::host::{self, Buffer, Map, MetricKind};
-use crate::{GENERATION_KEY, QUEUE_NAME, TABLE_KEY};
+use crate::{GENERATION_KEY, INFLIGHT_KEY, QUEUE_NAME, TABLE_KEY};
 use hint_router_core::config::Config;
+use hint_router_core::inflight;
 use hint_router_core::poller::{PollEvent, PollFailure, Poller};
 use hint_router_core::table::decode_header_update;
 use std::time::Duration;
@@ -20,6 +21,7 @@ struct Metrics {
     hints_invalid: u32,
     header_updates: u32,
     table_publishes: u32,
+    inflight_repaired: u32,
     runners_available: u32,
 }
 
@@ -35,6 +37,7 @@ impl Metrics {
             hints_invalid: c("hint_router.hints_invalid"),
             header_updates: c("hint_router.response_hint_updates"),
             table_publishes: c("hint_router.table_publishes"),
+            inflight_repaired: c("hint_router.inflight_repaired"),
             runners_available: host::define_metric(MetricKind::Gauge, "hint_router.runners_available")
                 .unwrap_or(u32::MAX),
         }
@@ -136,6 +139,9 @@ impl PollerRoot {
         let body_ref = body.as_deref().map_err(Clone::clone);
         let ev = self.poller.on_response(idx, now, status, body_ref);
         self.record(idx, &ev);
+        if matches!(ev, PollEvent::Ok { .. }) {
+            self.repair_in_flight(idx);
+        }
         self.publish();
     }
 
@@ -164,6 +170,28 @@ impl PollerRoot {
             }
         }
         self.publish();
+    }
+
+    /// Undoes in-flight increments that were never decremented (see
+    /// [`Poller::leaked_in_flight`]). A lost compare-and-swap race just waits for the next poll.
+    fn repair_in_flight(&mut self, idx: usize) {
+        let n = self.poller.len();
+        let Ok((bytes, cas)) = host::get_shared(INFLIGHT_KEY) else { return };
+        let bytes = bytes.unwrap_or_default();
+        let mut counts = Vec::with_capacity(n);
+        inflight::decode(&bytes, n, &mut counts);
+        let local = counts.get(idx).copied().unwrap_or(0);
+        let Some(leaked) = self.poller.leaked_in_flight(idx, local) else { return };
+        let delta = i32::try_from(leaked).unwrap_or(i32::MAX);
+        let next = inflight::adjust(&bytes, n, idx as u32, -delta);
+        if host::set_shared(INFLIGHT_KEY, &next, cas).is_ok() {
+            host::increment_metric(self.metrics.inflight_repaired, i64::from(leaked));
+            log::warn!(
+                "hint-router poller: {} in-flight request(s) to {} were never finished (a worker VM died?); count repaired",
+                leaked,
+                self.poller.addr(idx).unwrap_or("?")
+            );
+        }
     }
 
     fn record(&self, idx: usize, ev: &PollEvent) {

@@ -76,7 +76,16 @@ struct Slot {
     runner: TableRunner,
     phase: Phase,
     next_due_ms: u64,
+    /// `in_flight` from the runner's last report.
+    reported_in_flight: u32,
+    /// Consecutive polls on which this Envoy counted more in flight than the runner did,
+    /// and the smallest such excess.
+    excess_polls: u8,
+    min_excess: u32,
 }
+
+/// Consecutive polls a counting excess must persist before it is treated as leaked.
+pub const LEAK_POLLS: u8 = 3;
 
 /// All runners' poll state.
 #[derive(Debug, Clone)]
@@ -108,6 +117,9 @@ impl Poller {
                     },
                     phase: Phase::Idle,
                     next_due_ms: 0,
+                    reported_in_flight: 0,
+                    excess_polls: 0,
+                    min_excess: u32::MAX,
                 })
                 .collect(),
             interval_ms: cfg.poll_interval_ms,
@@ -229,6 +241,7 @@ impl Poller {
                 let Some(s) = self.slots.get_mut(idx) else {
                     return PollEvent::Failed { failure: PollFailure::Dispatch, lost: false };
                 };
+                s.reported_in_flight = report.in_flight;
                 let recovered = !s.runner.available && !report.draining;
                 let next = TableRunner {
                     addr: s.runner.addr.clone(),
@@ -269,6 +282,32 @@ impl Poller {
         }
         let list = sanitize_hints(&report.hints, self.max_hint_bytes, self.max_hints);
         Ok((report, list))
+    }
+
+    /// Leak repair for the shared in-flight counters. A worker VM that dies (or a lost
+    /// `on_log`) leaves increments that are never undone, making a runner look busy for good.
+    /// The runner's own `in_flight` counts every request it has (from all proxies), so this
+    /// Envoy's count should never stay above it. Call after each successful poll of `idx`
+    /// with this Envoy's current count; returns how much to subtract once the excess has
+    /// persisted for [`LEAK_POLLS`] polls (the smallest excess seen, so requests merely in
+    /// transit at poll time are not mistaken for leaks).
+    pub fn leaked_in_flight(&mut self, idx: usize, local: u32) -> Option<u32> {
+        let s = self.slots.get_mut(idx)?;
+        let excess = local.saturating_sub(s.reported_in_flight);
+        if excess == 0 {
+            s.excess_polls = 0;
+            s.min_excess = u32::MAX;
+            return None;
+        }
+        s.excess_polls = s.excess_polls.saturating_add(1);
+        s.min_excess = s.min_excess.min(excess);
+        if s.excess_polls < LEAK_POLLS {
+            return None;
+        }
+        let leaked = s.min_excess;
+        s.excess_polls = 0;
+        s.min_excess = u32::MAX;
+        Some(leaked)
     }
 
     /// Applies hints a worker saw in runner `addr`'s response header (newer than its last
@@ -419,6 +458,25 @@ mod tests {
         let ev = p.expire(101);
         assert_eq!(ev.len(), 1);
         assert_eq!(p.find_token(1), None);
+    }
+
+    #[test]
+    fn persistent_counting_excess_is_reported_as_leaked() {
+        let mut p = poller();
+        p.on_sent(0, 1, 0);
+        let mut r: HintsReport = serde_json::from_slice(&body("127.0.0.1:1", &[])).unwrap();
+        r.in_flight = 2;
+        p.on_response(0, 1, Some(200), Ok(&serde_json::to_vec(&r).unwrap()));
+        // In transit at one poll only: not a leak.
+        assert_eq!(p.leaked_in_flight(0, 3), None);
+        assert_eq!(p.leaked_in_flight(0, 2), None);
+        // Five counted, two real, three polls in a row (excess 3, 4, 3): three leaked.
+        assert_eq!(p.leaked_in_flight(0, 5), None);
+        assert_eq!(p.leaked_in_flight(0, 6), None);
+        assert_eq!(p.leaked_in_flight(0, 5), Some(3));
+        // The streak restarts after a correction.
+        assert_eq!(p.leaked_in_flight(0, 5), None);
+        assert_eq!(p.leaked_in_flight(9, 5), None);
     }
 
     #[test]

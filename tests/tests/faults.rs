@@ -612,3 +612,40 @@ fn sigterm_drains_a_runner_with_zero_errors() {
     assert_eq!(code, Some(0));
     assert!(errors.is_empty(), "{errors:?}");
 }
+
+// 9b. In-flight counts a dead VM leaves behind are repaired from the runners' own counts.
+#[test]
+fn leaked_in_flight_counts_are_repaired_after_a_vm_failure() {
+    let s = Stack::start(
+        3,
+        &["--load-ms", "10", "--infer-ms", "2500", "--max-concurrency", "8"],
+        &opts(&[("failure_test_hint", "\"crash-now\"")]),
+    );
+    let url = s.envoy.url();
+    let long: Vec<_> = (0..6)
+        .map(|i| {
+            let u = url.clone();
+            std::thread::spawn(move || {
+                infer(&u, &format!("model-{i}"), Some(format!("model-{i}").as_bytes()), &[])
+            })
+        })
+        .collect();
+    let total = || s.runners.iter().filter_map(|r| r.hints()).map(|h| h.in_flight).sum::<u32>();
+    assert!(wait_until(Duration::from_secs(5), || total() == 6).is_some());
+    // Kill the VM on both workers while they have requests in flight.
+    for _ in 0..6 {
+        let _ = infer(&url, "m", h("crash-now"), &[]);
+    }
+    let statuses: Vec<u16> = long.into_iter().map(|t| t.join().unwrap().status).collect();
+    let repaired = wait_until(Duration::from_secs(6), || {
+        s.envoy.stat("wasmcustom.hint_router.inflight_repaired").unwrap_or(0) > 0
+    });
+    eprintln!(
+        "leak repair: long requests ended {statuses:?}; reloads {}; repaired {:?} after they ended, inflight_repaired={:?}",
+        s.envoy.vm_reloads(),
+        repaired,
+        s.envoy.stat("wasmcustom.hint_router.inflight_repaired")
+    );
+    assert!(s.envoy.vm_reloads() > 0, "the VMs did not fail");
+    assert!(repaired.is_some(), "leaked in-flight counts were never repaired");
+}
