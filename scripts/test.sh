@@ -17,6 +17,9 @@ scripts/setup.sh --test
 step "format" cargo fmt --all --check
 step "clippy native" cargo clippy --locked --workspace --all-targets -- -D warnings
 step "clippy wasm32-wasip1" cargo clippy --locked --target wasm32-wasip1 -p hint-router -p hint-router-core -p noop-filter -- -D warnings
+step "build the runner's CUDA backend (no GPU or toolkit needed to compile)" \
+  cargo build --locked -p runner-example --features cuda --bins
+step "clippy runner --features cuda" cargo clippy --locked -p runner-example --all-targets --features cuda -- -D warnings
 step "build (release: filter .wasm, runner, demo)" make --no-print-directory build
 step "unit + end-to-end tests" cargo test --locked --workspace
 step "core unit tests inside wasm (wasm-bindgen-test on Node)" \

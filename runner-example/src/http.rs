@@ -1,0 +1,230 @@
+//! The HTTP API, as an [`axum::Router`] over a [`Runner`].
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `POST /` `{"model": M, "prompt": P}` | 200 `{"model", "output", "cache", "queue_ms", "load_ms", "infer_ms"}` and `x-cache: hit\|miss` |
+//! | `GET /hints` | 200 [`HintsReport`](hint_router_core::wire::HintsReport); hints most recently used first |
+//! | `GET /healthz` | 200 `ok`, or 503 `draining` |
+//!
+//! Errors are JSON `{"error": "..."}`: 400 for a body that is not the JSON above or a bad
+//! model name, 404 for an unknown path or a model the backend does not know, 405 for a wrong
+//! method, 413 for a body over [`MAX_BODY_BYTES`], 503 for a model that failed to load
+//! (with `retry-after`; a missing weights file is a 404, a corrupt one a 503), 507 for a
+//! model bigger than the whole memory budget, 500 for a failed inference.
+//!
+//! Every response, errors included, carries `x-runner-id` (the advertised address) and
+//! `x-fal-runner-hints` (the advertised hints, as in `/hints`), computed after the request's
+//! own work: a miss's response already lists its model.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hint_router_core::hint::is_hint_byte;
+use hint_router_core::wire::{format_hints_header, CACHE_HEADER, RUNNER_HINTS_HEADER, RUNNER_ID_HEADER};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::BackendError;
+use crate::runner::{InferError, Runner};
+
+/// Largest request body accepted, in bytes (1 MiB); larger ones get 413.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Longest model name accepted, in bytes.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
+const RUNNER_ID: HeaderName = HeaderName::from_static(RUNNER_ID_HEADER);
+const RUNNER_HINTS: HeaderName = HeaderName::from_static(RUNNER_HINTS_HEADER);
+const CACHE: HeaderName = HeaderName::from_static(CACHE_HEADER);
+
+/// Body of `POST /`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct InferRequest {
+    /// The model to run.
+    pub model: String,
+    /// The input; empty when absent.
+    #[serde(default)]
+    pub prompt: String,
+}
+
+/// Body of a successful `POST /`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct InferResponse {
+    /// The model that ran.
+    pub model: String,
+    /// What it answered.
+    pub output: String,
+    /// `hit` when the model was resident on arrival, else `miss`.
+    pub cache: String,
+    /// Milliseconds spent waiting for a cache slot and an inference slot.
+    pub queue_ms: u64,
+    /// Milliseconds spent waiting for the model to load.
+    pub load_ms: u64,
+    /// Milliseconds the inference took.
+    pub infer_ms: u64,
+}
+
+/// Body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ErrorBody {
+    /// What went wrong, for people.
+    pub error: String,
+}
+
+/// Checks a model name: 1 to [`MAX_MODEL_NAME_BYTES`] bytes of visible ASCII
+/// (0x21..=0x7E) other than `,` — exactly what a hint header can carry.
+pub fn validate_model_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("model name is empty".to_string());
+    }
+    if name.len() > MAX_MODEL_NAME_BYTES {
+        return Err(format!(
+            "model name is {} bytes long, over the limit of {MAX_MODEL_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name.bytes().find(|&b| !is_hint_byte(b)) {
+        return Err(format!("model name has byte 0x{bad:02x}; only visible ASCII other than ',' is allowed"));
+    }
+    Ok(())
+}
+
+/// The runner's HTTP API.
+pub fn router(runner: Runner) -> Router {
+    Router::new()
+        .route("/", post(infer))
+        .route("/hints", get(hints))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(runner.clone(), runner_headers))
+        .with_state(runner)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = ErrorBody { error: message.into() };
+    (status, Json(body)).into_response()
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn infer(State(runner): State<Runner>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    let request: InferRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+    };
+    if let Err(e) = validate_model_name(&request.model) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    match runner.infer(&request.model, request.prompt).await {
+        Ok(done) => {
+            let cache = done.cache.as_str();
+            let body = InferResponse {
+                model: request.model,
+                output: done.output,
+                cache: cache.to_string(),
+                queue_ms: millis(done.queue),
+                load_ms: millis(done.load),
+                infer_ms: millis(done.infer),
+            };
+            let cache = HeaderValue::from_static(cache);
+            ([(CACHE, cache)], Json(body)).into_response()
+        }
+        Err(e) => infer_error(&e),
+    }
+}
+
+fn infer_error(e: &InferError) -> Response {
+    let message = e.to_string();
+    match e {
+        InferError::Load(failed) => {
+            let status = match failed.error {
+                BackendError::NotFound(_) => StatusCode::NOT_FOUND,
+                BackendError::InvalidInput(_) => StatusCode::BAD_REQUEST,
+                BackendError::Failed(_) => StatusCode::SERVICE_UNAVAILABLE,
+                BackendError::TooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
+            };
+            let mut response = error(status, message);
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                let secs = failed.retry_after.as_secs() + u64::from(failed.retry_after.subsec_nanos() > 0);
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            response
+        }
+        InferError::Infer(BackendError::NotFound(_)) => error(StatusCode::NOT_FOUND, message),
+        InferError::Infer(BackendError::InvalidInput(_)) => error(StatusCode::BAD_REQUEST, message),
+        InferError::Infer(BackendError::Failed(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+        InferError::Infer(BackendError::TooLarge(_)) => error(StatusCode::INSUFFICIENT_STORAGE, message),
+        InferError::Closed => error(StatusCode::SERVICE_UNAVAILABLE, message),
+    }
+}
+
+async fn hints(State(runner): State<Runner>) -> Response {
+    Json(runner.report()).into_response()
+}
+
+async fn healthz(State(runner): State<Runner>) -> Response {
+    if runner.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        (StatusCode::OK, "ok").into_response()
+    }
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not found")
+}
+
+async fn method_not_allowed() -> Response {
+    error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
+
+/// Adds `x-runner-id` and `x-fal-runner-hints` to every response, after the handler ran.
+async fn runner_headers(State(runner): State<Runner>, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    if let Ok(id) = HeaderValue::from_str(runner.advertise()) {
+        headers.insert(RUNNER_ID, id);
+    }
+    if let Ok(hints) = HeaderValue::from_str(&format_hints_header(&runner.hints())) {
+        headers.insert(RUNNER_HINTS, hints);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names() {
+        assert!(validate_model_name("a").is_ok());
+        assert!(validate_model_name("org/model:v1.2_x-y~!").is_ok());
+        assert!(validate_model_name(&"m".repeat(256)).is_ok());
+        assert!(validate_model_name("").is_err());
+        assert!(validate_model_name(&"m".repeat(257)).is_err());
+        assert!(validate_model_name("a,b").is_err());
+        assert!(validate_model_name("a b").is_err());
+        assert!(validate_model_name("a\tb").is_err());
+        assert!(validate_model_name("é").is_err());
+        assert!(validate_model_name("a\u{7f}").is_err());
+    }
+
+    #[test]
+    fn request_prompt_defaults_to_empty() {
+        let r: InferRequest = serde_json::from_str(r#"{"model":"m"}"#).unwrap();
+        assert_eq!(r.prompt, "");
+        assert!(serde_json::from_str::<InferRequest>(r#"{"prompt":"p"}"#).is_err());
+    }
+}

@@ -1,0 +1,416 @@
+//! The runner proper, free of HTTP: model cache, inference concurrency limit, in-flight
+//! count, draining flag, and the `/hints` report.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hint_router_core::wire::HintsReport;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::backend::{Backend, BackendError};
+use crate::cache::{CacheOutcome, LoadFailed, ModelCache};
+
+/// How a runner is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerConfig {
+    /// The runner's identity (`x-runner-id`, `/hints` `runner`): the address it is reached at.
+    pub advertise: String,
+    /// How many models the cache holds at most (at least 1).
+    pub capacity: u32,
+    /// How many inferences run at once (at least 1); more requests wait, first come first
+    /// served.
+    pub max_concurrency: u32,
+    /// After a failed load, how long requests for that model fail at once before the next
+    /// one retries the load.
+    pub load_fail_backoff: Duration,
+    /// The most bytes the cached models may take together (see [`ModelCache`]); `None`: no
+    /// limit but `capacity`.
+    pub memory_budget_bytes: Option<u64>,
+}
+
+impl RunnerConfig {
+    /// A configuration with the CLI's defaults and the given identity.
+    pub fn new(advertise: impl Into<String>) -> Self {
+        Self {
+            advertise: advertise.into(),
+            capacity: 3,
+            max_concurrency: 4,
+            load_fail_backoff: Duration::from_millis(1000),
+            memory_budget_bytes: None,
+        }
+    }
+}
+
+/// A finished inference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inference {
+    /// What the model answered.
+    pub output: String,
+    /// Whether the model was resident when the request came.
+    pub cache: CacheOutcome,
+    /// Time spent waiting for a cache slot and for an inference slot.
+    pub queue: Duration,
+    /// Time spent waiting for the model to load.
+    pub load: Duration,
+    /// Time the inference itself took.
+    pub infer: Duration,
+}
+
+/// Why an inference request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InferError {
+    /// The model could not be loaded (now, or recently: see [`LoadFailed::retry_after`]).
+    Load(LoadFailed),
+    /// The model is loaded but the inference failed.
+    Infer(BackendError),
+    /// The runner is shutting down and takes no more work.
+    Closed,
+}
+
+impl std::fmt::Display for InferError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InferError::Load(e) => e.fmt(f),
+            InferError::Infer(e) => write!(f, "inference failed: {e}"),
+            InferError::Closed => f.write_str("the runner is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for InferError {}
+
+/// The runner. Cheap to clone: clones share one runner.
+#[derive(Clone, Debug)]
+pub struct Runner {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: RunnerConfig,
+    cache: ModelCache,
+    permits: Semaphore,
+    in_flight: AtomicU32,
+    draining: AtomicBool,
+}
+
+/// Counts a request in `in_flight` while alive.
+struct InFlight<'a>(&'a AtomicU32);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicU32) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn to_usize(n: u32) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+impl Runner {
+    /// A runner serving models of `backend`.
+    pub fn new(config: RunnerConfig, backend: Arc<dyn Backend>) -> Self {
+        let capacity = config.capacity.max(1);
+        let max_concurrency = config.max_concurrency.max(1);
+        let config = RunnerConfig { capacity, max_concurrency, ..config };
+        let cache = ModelCache::with_memory_budget(
+            backend,
+            to_usize(capacity),
+            config.memory_budget_bytes,
+            config.load_fail_backoff,
+        );
+        let permits = Semaphore::new(to_usize(max_concurrency).min(Semaphore::MAX_PERMITS));
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                cache,
+                permits,
+                in_flight: AtomicU32::new(0),
+                draining: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The configuration in force (capacity and concurrency at least 1).
+    pub fn config(&self) -> &RunnerConfig {
+        &self.inner.config
+    }
+
+    /// The runner's identity.
+    pub fn advertise(&self) -> &str {
+        &self.inner.config.advertise
+    }
+
+    /// The model cache.
+    pub fn cache(&self) -> &ModelCache {
+        &self.inner.cache
+    }
+
+    /// Runs `prompt` on `model`: pins the model (loading it on a miss), waits for an
+    /// inference slot, runs the inference. The request counts in `in_flight` throughout.
+    ///
+    /// Loads do not hold an inference slot. Dropping the future cancels the request but not
+    /// a load it started.
+    pub async fn infer(&self, model: &str, prompt: String) -> Result<Inference, InferError> {
+        let inner = &*self.inner;
+        let _in_flight = InFlight::new(&inner.in_flight);
+        let lease = inner.cache.acquire(model).await.map_err(InferError::Load)?;
+        let waited_from = Instant::now();
+        let permit = inner.permits.acquire().await.map_err(|_| InferError::Closed)?;
+        let started = Instant::now();
+        let output = Arc::clone(lease.model()).infer(prompt).await.map_err(InferError::Infer)?;
+        let infer = started.elapsed();
+        drop(permit);
+        Ok(Inference {
+            output,
+            cache: lease.outcome(),
+            queue: lease.queued() + started.saturating_duration_since(waited_from),
+            load: lease.loading(),
+            infer,
+        })
+    }
+
+    /// Requests inside [`Runner::infer`] now, queued or running.
+    pub fn in_flight(&self) -> u32 {
+        self.inner.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Marks the runner as draining: it advertises no hints from now on and `/healthz`
+    /// fails, so routers send it nothing new. Requests still arriving are served.
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Runner::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// The advertised hints: resident and loading models, most recently used first; none
+    /// while draining.
+    pub fn hints(&self) -> Vec<String> {
+        if self.is_draining() {
+            Vec::new()
+        } else {
+            self.inner.cache.snapshot().hints
+        }
+    }
+
+    /// The `GET /hints` document.
+    pub fn report(&self) -> HintsReport {
+        let draining = self.is_draining();
+        let snap = if draining { Default::default() } else { self.inner.cache.snapshot() };
+        HintsReport {
+            runner: self.inner.config.advertise.clone(),
+            hints: snap.hints,
+            loading: snap.loading,
+            capacity: self.inner.config.capacity,
+            in_flight: self.in_flight(),
+            max_concurrency: self.inner.config.max_concurrency,
+            draining,
+            resident_bytes: snap.resident_bytes,
+            memory_budget_bytes: self.inner.cache.memory_budget(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestBackend;
+
+    const LOAD: Duration = Duration::from_millis(100);
+    const INFER: Duration = Duration::from_millis(10);
+
+    fn runner(backend: &Arc<TestBackend>, capacity: u32, max_concurrency: u32) -> Runner {
+        Runner::new(
+            RunnerConfig { capacity, max_concurrency, ..RunnerConfig::new("127.0.0.1:1") },
+            backend.clone(),
+        )
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_timings_and_outcome() {
+        let backend = TestBackend::new(LOAD, INFER);
+        let runner = runner(&backend, 2, 1);
+        let first = runner.infer("a", "p".into()).await.unwrap();
+        assert_eq!(
+            first,
+            Inference {
+                output: "a:p".into(),
+                cache: CacheOutcome::Miss,
+                queue: Duration::ZERO,
+                load: LOAD,
+                infer: INFER,
+            }
+        );
+        let second = runner.infer("a", "q".into()).await.unwrap();
+        assert_eq!(second.cache, CacheOutcome::Hit);
+        assert_eq!(second.load, Duration::ZERO);
+        assert_eq!(second.output, "a:q");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_max_concurrency_inferences_run_and_the_rest_queue() {
+        let backend = TestBackend::new(LOAD, INFER);
+        let runner = runner(&backend, 3, 2);
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let runner = runner.clone();
+                let model = ["a", "b", "c"][i % 3];
+                tokio::spawn(async move { runner.infer(model, String::new()).await })
+            })
+            .collect();
+        settle().await;
+        assert_eq!(runner.in_flight(), 12);
+        assert_eq!(runner.report().in_flight, 12);
+        let mut queues = Vec::new();
+        for task in tasks {
+            queues.push(task.await.unwrap().unwrap().queue);
+        }
+        assert_eq!(backend.max_infers(), 2);
+        assert_eq!(runner.in_flight(), 0);
+        // All models loaded together, then inferences ran two at a time: 6 rounds.
+        queues.sort();
+        assert_eq!(queues.first(), Some(&Duration::ZERO));
+        assert_eq!(queues.last(), Some(&(INFER * 5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn loads_do_not_hold_inference_slots() {
+        let backend = TestBackend::new(LOAD, LOAD * 10);
+        let runner = runner(&backend, 2, 1);
+        runner.infer("a", String::new()).await.unwrap();
+        let long = tokio::spawn({
+            let runner = runner.clone();
+            async move { runner.infer("a", String::new()).await }
+        });
+        settle().await;
+        // a's inference holds the only slot; b still loads meanwhile.
+        let start = Instant::now();
+        let b = tokio::spawn({
+            let runner = runner.clone();
+            async move { runner.infer("b", String::new()).await }
+        });
+        settle().await;
+        assert_eq!(runner.report().loading, ["b"]);
+        tokio::time::sleep(LOAD).await;
+        settle().await;
+        assert_eq!(backend.completed("b"), 1);
+        assert!(runner.report().loading.is_empty());
+        let b = b.await.unwrap().unwrap();
+        assert_eq!(b.load, LOAD);
+        assert_eq!(b.queue, LOAD * 9);
+        assert_eq!(start.elapsed(), LOAD * 20);
+        long.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_counts_requests_waiting_for_a_load() {
+        let backend = TestBackend::new(LOAD, INFER);
+        let runner = runner(&backend, 1, 1);
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let runner = runner.clone();
+                tokio::spawn(async move { runner.infer("a", String::new()).await })
+            })
+            .collect();
+        settle().await;
+        let report = runner.report();
+        assert_eq!(report.in_flight, 3);
+        assert_eq!(report.hints, ["a"]);
+        assert_eq!(report.loading, ["a"]);
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(runner.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_requests_leave_in_flight() {
+        let backend = TestBackend::new(LOAD, INFER);
+        let runner = runner(&backend, 1, 1);
+        let task = tokio::spawn({
+            let runner = runner.clone();
+            async move { runner.infer("a", String::new()).await }
+        });
+        settle().await;
+        assert_eq!(runner.in_flight(), 1);
+        task.abort();
+        settle().await;
+        assert_eq!(runner.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_are_told_apart() {
+        let backend = TestBackend::new(LOAD, INFER);
+        backend.set_failing("x", true);
+        let runner = runner(&backend, 1, 1);
+        let err = runner.infer("x", String::new()).await.unwrap_err();
+        assert!(matches!(&err, InferError::Load(f) if f.model == "x"), "{err:?}");
+        assert!(err.to_string().starts_with("loading model x failed:"));
+        let err = runner.infer("a", "bad".into()).await.unwrap_err();
+        assert!(matches!(err, InferError::Infer(BackendError::InvalidInput(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_hides_hints() {
+        let backend = TestBackend::new(LOAD, INFER);
+        let runner = runner(&backend, 2, 1);
+        runner.infer("a", String::new()).await.unwrap();
+        let report = runner.report();
+        assert_eq!(report.hints, ["a"]);
+        assert!(!report.draining);
+        assert_eq!(report.capacity, 2);
+        assert_eq!(report.max_concurrency, 1);
+        assert_eq!(report.runner, "127.0.0.1:1");
+        runner.start_draining();
+        let report = runner.report();
+        assert!(report.draining);
+        assert!(report.hints.is_empty());
+        assert!(runner.hints().is_empty());
+        // Still serves what reaches it.
+        runner.infer("a", String::new()).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_the_memory_budget_and_resident_bytes() {
+        let backend = TestBackend::new(LOAD, INFER);
+        backend.set_size("a", Some(40), Some(40));
+        backend.set_size("b", Some(40), Some(40));
+        let runner = Runner::new(
+            RunnerConfig { capacity: 5, memory_budget_bytes: Some(60), ..RunnerConfig::new("127.0.0.1:1") },
+            backend.clone(),
+        );
+        let report = runner.report();
+        assert_eq!((report.resident_bytes, report.memory_budget_bytes), (None, Some(60)));
+        runner.infer("a", String::new()).await.unwrap();
+        runner.infer("b", String::new()).await.unwrap();
+        let report = runner.report();
+        assert_eq!(report.hints, ["b"]);
+        assert_eq!((report.resident_bytes, report.memory_budget_bytes), (Some(40), Some(60)));
+    }
+
+    #[test]
+    fn zero_capacity_and_concurrency_become_one() {
+        let backend = TestBackend::new(LOAD, INFER);
+        let runner = runner(&backend, 0, 0);
+        assert_eq!(runner.config().capacity, 1);
+        assert_eq!(runner.config().max_concurrency, 1);
+    }
+}

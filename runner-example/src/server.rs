@@ -1,0 +1,143 @@
+//! Serving the API on a socket, and draining on shutdown.
+
+use std::future::{Future, IntoFuture};
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::cli::Args;
+use crate::http::router;
+use crate::runner::Runner;
+
+/// How a server stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every request in progress finished.
+    Complete,
+    /// The drain timeout ran out with requests still in progress.
+    TimedOut,
+}
+
+/// Serves `runner`'s API on `listener` until `shutdown` completes, then drains: marks the
+/// runner as draining, stops accepting connections, lets the requests in progress finish
+/// (closing idle connections), and returns once they have, or once `drain_timeout` has
+/// passed since `shutdown`.
+pub async fn serve<F>(
+    listener: TcpListener,
+    runner: Runner,
+    shutdown: F,
+    drain_timeout: Duration,
+) -> io::Result<Drained>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let drain_started = Arc::new(Notify::new());
+    let signal = {
+        let runner = runner.clone();
+        let drain_started = Arc::clone(&drain_started);
+        async move {
+            shutdown.await;
+            log::info!(
+                "draining: {} request(s) in progress, stopping within {} ms",
+                runner.in_flight(),
+                drain_timeout.as_millis()
+            );
+            runner.start_draining();
+            drain_started.notify_one();
+        }
+    };
+    let server = axum::serve(listener, router(runner)).with_graceful_shutdown(signal).into_future();
+    let deadline = async {
+        drain_started.notified().await;
+        tokio::time::sleep(drain_timeout).await;
+    };
+    tokio::select! {
+        result = server => result.map(|()| Drained::Complete),
+        () = deadline => Ok(Drained::TimedOut),
+    }
+}
+
+/// Waits for SIGTERM or SIGINT. Registers for both at once, when called, so that a signal
+/// arriving before the future is polled still counts.
+pub fn termination_signal() -> io::Result<impl Future<Output = ()> + Send + 'static> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => log::info!("got SIGTERM"),
+                _ = int.recv() => log::info!("got SIGINT"),
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                log::error!("cannot wait for ctrl-c: {e}");
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+}
+
+/// The whole program: binds `--listen`, prints `listening on ADDR` to stdout, serves until
+/// SIGTERM/SIGINT, drains. A second signal during the drain exits the process at once with
+/// status 130.
+pub async fn run(args: Args) -> io::Result<Drained> {
+    // The backend first: a missing models directory or GPU fails the start, before listening.
+    let backend = {
+        let opening = args.clone();
+        match tokio::task::spawn_blocking(move || opening.backend()).await {
+            Ok(Ok(backend)) => backend,
+            Ok(Err(e)) => {
+                return Err(io::Error::other(format!("cannot start the {} backend: {e}", args.backend)))
+            }
+            Err(e) => {
+                return Err(io::Error::other(format!("cannot start the {} backend: {e}", args.backend)))
+            }
+        }
+    };
+    let listener = TcpListener::bind(args.listen).await?;
+    let bound = listener.local_addr()?;
+    let runner = Runner::new(args.runner_config(bound), backend);
+    // Signal handlers go in before anyone can learn the port, so no SIGTERM is missed.
+    let first = termination_signal()?;
+    let shutdown = async move {
+        first.await;
+        match termination_signal() {
+            Ok(second) => {
+                tokio::spawn(async move {
+                    second.await;
+                    log::warn!("second signal: exiting without finishing the drain");
+                    std::process::exit(130);
+                });
+            }
+            Err(e) => log::warn!("cannot watch for a second signal: {e}"),
+        }
+    };
+    log::info!(
+        "runner {} serving with capacity {}, max concurrency {}, memory budget {}, backend {}",
+        runner.advertise(),
+        runner.config().capacity,
+        runner.config().max_concurrency,
+        runner.config().memory_budget_bytes.map_or("none".to_string(), |b| format!("{b} bytes")),
+        args.backend.name()
+    );
+    {
+        let mut stdout = io::stdout().lock();
+        writeln!(stdout, "listening on {bound}")?;
+        stdout.flush()?;
+    }
+    let drained = serve(listener, runner, shutdown, args.drain_timeout()).await?;
+    match drained {
+        Drained::Complete => log::info!("drained, exiting"),
+        Drained::TimedOut => log::warn!("drain timed out, exiting with requests in progress"),
+    }
+    Ok(drained)
+}
