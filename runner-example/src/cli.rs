@@ -91,6 +91,12 @@ pub struct Args {
     /// cutting off the requests still in progress, in milliseconds.
     #[arg(long, default_value_t = 30_000, value_name = "MS")]
     pub drain_timeout_ms: u64,
+
+    /// On SIGTERM/SIGINT, how long to keep serving while reporting `draining` (no hints,
+    /// `/healthz` 503) before closing the listener, so routers polling `/hints` stop sending
+    /// new requests first, in milliseconds. Keep it above the router's poll interval.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub drain_grace_ms: u64,
 }
 
 /// `mb` MiB in bytes.
@@ -202,6 +208,11 @@ impl Args {
     /// How long draining may take.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    /// How long to advertise draining before closing the listener.
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_millis(self.drain_grace_ms)
     }
 }
 

@@ -87,7 +87,7 @@ pub fn termination_signal() -> io::Result<impl Future<Output = ()> + Send + 'sta
 }
 
 /// The whole program: binds `--listen`, prints `listening on ADDR` to stdout, serves until
-/// SIGTERM/SIGINT, drains. A second signal during the drain exits the process at once with
+/// SIGTERM/SIGINT, advertises draining for `--drain-grace-ms` while still serving, drains. A second signal during the drain exits the process at once with
 /// status 130.
 pub async fn run(args: Args) -> io::Result<Drained> {
     // The backend first: a missing models directory or GPU fails the start, before listening.
@@ -108,6 +108,8 @@ pub async fn run(args: Args) -> io::Result<Drained> {
     let runner = Runner::new(args.runner_config(bound), backend);
     // Signal handlers go in before anyone can learn the port, so no SIGTERM is missed.
     let first = termination_signal()?;
+    let grace = args.drain_grace();
+    let draining = runner.clone();
     let shutdown = async move {
         first.await;
         match termination_signal() {
@@ -119,6 +121,13 @@ pub async fn run(args: Args) -> io::Result<Drained> {
                 });
             }
             Err(e) => log::warn!("cannot watch for a second signal: {e}"),
+        }
+        // Tell routers first (no hints, /healthz 503, `draining: true`), keep serving what
+        // they still send, then stop accepting connections.
+        draining.start_draining();
+        if !grace.is_zero() {
+            log::info!("draining: still serving for {} ms so routers can stop sending", grace.as_millis());
+            tokio::time::sleep(grace).await;
         }
     };
     log::info!(

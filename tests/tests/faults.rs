@@ -603,12 +603,25 @@ fn sigterm_drains_a_runner_with_zero_errors() {
         .collect();
     std::thread::sleep(Duration::from_millis(700));
     s.runners[0].signal(libc::SIGTERM);
+    // It reports `draining` while still serving (--drain-grace-ms 1000): out of the table
+    // before it closes its listener.
+    let out = wait_until(Duration::from_secs(3), || {
+        s.envoy.stat("wasmcustom.hint_router.runners_available") == Some(2)
+    });
     let code = s.runners[0].wait_exit(Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let all: Vec<Answer> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
     let errors: Vec<&Answer> = all.iter().filter(|a| a.status != 200).collect();
-    eprintln!("SIGTERM drain: runner exit code {code:?}; {} requests, {} errors", all.len(), errors.len());
+    eprintln!(
+        "SIGTERM drain: left the table {out:?} after the signal; exit code {code:?}; {} requests, {} errors",
+        all.len(),
+        errors.len()
+    );
+    assert!(
+        out.is_some_and(|t| t < Duration::from_millis(1000)),
+        "not out of the table within the grace: {out:?}"
+    );
     assert_eq!(code, Some(0));
     assert!(errors.is_empty(), "{errors:?}");
 }
