@@ -31,8 +31,10 @@ test-e2e: build
 test-faults: build
 	$(CARGO) test --locked -p hint-router-e2e --test faults -- --nocapture
 
+## bench-routing: hint-router vs Envoy's policies on a real Envoy, plus simulator and bounds
+## (about 8 minutes; BENCH_ARGS=--quick for a smoke run; docs/bench-routing.md)
 bench-routing: build
-	$(CARGO) run --locked --release -p hint-router-bench-routing --bin bench-routing
+	$(CARGO) run --locked --release -p hint-router-bench-routing --bin bench-routing -- $(BENCH_ARGS)
 
 bench-overhead: build
 	$(CARGO) run --locked --release -p hint-router-bench-overhead --bin bench-overhead

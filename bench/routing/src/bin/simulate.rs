@@ -1,0 +1,179 @@
+//! `simulate`: the deterministic simulator at any scale (virtual time, no processes).
+//!
+//! ```sh
+//! cargo run --release -p hint-router-bench-routing --bin simulate -- --runners 1000 --models 10000
+//! ```
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use hint_router_bench_routing::bench::{
+    bounds, heading, parse_points, parse_policies, sim_point, table, Cluster, PointResult,
+};
+use hint_router_bench_routing::sim::SimParams;
+use hint_router_bench_routing::workload::{Trace, TraceSpec};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Simulates hint-router and Envoy's policies on runner-example-like runners, in virtual time.
+#[derive(Debug, Parser)]
+#[command(name = "simulate")]
+struct Args {
+    /// Runners.
+    #[arg(long, default_value_t = 8)]
+    runners: usize,
+    /// Models each runner's cache holds.
+    #[arg(long, default_value_t = 3)]
+    capacity: usize,
+    /// Inferences a runner runs at once.
+    #[arg(long, default_value_t = 4)]
+    max_concurrency: u32,
+    /// Distinct models (hints).
+    #[arg(long, default_value_t = 100)]
+    models: usize,
+    /// Model load time, ms.
+    #[arg(long, default_value_t = 200.0)]
+    load_ms: f64,
+    /// Inference time, ms.
+    #[arg(long, default_value_t = 10.0)]
+    infer_ms: f64,
+    /// Fixed time added to every request (proxy and network), ms.
+    #[arg(long, default_value_t = 1.0)]
+    overhead_ms: f64,
+    /// The filter's poll interval, ms.
+    #[arg(long, default_value_t = 500.0)]
+    poll_ms: f64,
+    /// Do not learn hints from response headers (polls only).
+    #[arg(long)]
+    no_response_hints: bool,
+    /// What-if: the filter lists a hint on the chosen runner as soon as it routes a miss there.
+    #[arg(long)]
+    what_if_optimistic_hints: bool,
+    /// What-if (oracle): requests waiting for a model load do not make a runner busy.
+    #[arg(long)]
+    what_if_loading_not_busy: bool,
+    /// Points: `all`, `default`, or a list like `zipf1.0@60,uniform@30`.
+    #[arg(long, default_value = "all")]
+    points: String,
+    /// Policies: `all` or a list like `hint,ring_hash_bounded`.
+    #[arg(long, default_value = "all")]
+    policies: String,
+    /// Warm-up, seconds (not measured).
+    #[arg(long, default_value_t = 10.0)]
+    warmup_s: f64,
+    /// Measured window, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    measure_s: f64,
+    /// Request timeout, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout_s: f64,
+    /// Requests in flight through the proxy beyond which new ones fail at once (Envoy's
+    /// default circuit breakers allow 1024 connections + 1024 pending; raise it for large
+    /// fleets, where a real deployment would configure larger limits).
+    #[arg(long, default_value_t = 2048)]
+    max_inflight: u32,
+    /// Trace seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Offered loads are fractions of this many requests per second instead of each
+    /// workload's capacity (see `Cluster::capacity_rps`).
+    #[arg(long)]
+    capacity_rps: Option<f64>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn us(ms: f64) -> u64 {
+    (ms * 1000.0).round().max(0.0) as u64
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    if a.runners == 0 || a.models == 0 || a.infer_ms <= 0.0 {
+        bail!("--runners, --models and --infer-ms must be positive");
+    }
+    let points = parse_points(&a.points).map_err(anyhow::Error::msg)?;
+    let policies = parse_policies(&a.policies).map_err(anyhow::Error::msg)?;
+    let params = SimParams {
+        runners: a.runners,
+        capacity: a.capacity,
+        max_concurrency: a.max_concurrency,
+        load_us: us(a.load_ms),
+        infer_us: us(a.infer_ms),
+        poll_interval_us: us(a.poll_ms).max(1),
+        learn_from_responses: !a.no_response_hints,
+        overhead_us: us(a.overhead_ms),
+        timeout_us: us(a.timeout_s * 1000.0),
+        seed: a.seed,
+        max_inflight: a.max_inflight,
+        what_if_optimistic_hints: a.what_if_optimistic_hints,
+        what_if_loading_not_busy: a.what_if_loading_not_busy,
+        ..SimParams::default()
+    };
+    let cluster = Cluster {
+        runners: a.runners,
+        capacity: a.capacity,
+        max_concurrency: a.max_concurrency,
+        load_ms: a.load_ms,
+        infer_ms: a.infer_ms,
+        models: a.models,
+    };
+    println!(
+        "simulate: {} runners x {} slots (max_concurrency {}), {} models, load {} ms, infer {} ms; \
+         inference capacity {:.0} req/s; warm-up {} s, measured {} s",
+        a.runners,
+        a.capacity,
+        a.max_concurrency,
+        a.models,
+        a.load_ms,
+        a.infer_ms,
+        cluster.inference_rps(),
+        a.warmup_s,
+        a.measure_s
+    );
+    let mut results = Vec::new();
+    for point in points {
+        let t0 = Instant::now();
+        let capacity_rps = match a.capacity_rps {
+            Some(c) => c,
+            None => cluster.capacity_rps(point.workload),
+        };
+        let trace = Trace::generate(TraceSpec {
+            workload: point.workload,
+            models: a.models,
+            rate: point.load * capacity_rps,
+            warmup_us: us(a.warmup_s * 1000.0),
+            measure_us: us(a.measure_s * 1000.0),
+            seed: a.seed,
+        });
+        let mut b = bounds(&trace, a.runners * a.capacity);
+        b.ideal = cluster.ideal_hit(point.workload, trace.spec.rate);
+        let sim = sim_point(&params, &trace, &policies, b.belady);
+        let pr = PointResult {
+            point,
+            name: point.to_string(),
+            offered_rps: point.load * capacity_rps,
+            measured_requests: trace.measured().len() as u64,
+            bounds: b,
+            real: Vec::new(),
+            sim,
+        };
+        print!("\n{}", heading(&pr));
+        print!("{}", table("sim", &pr.sim));
+        for r in pr.sim.iter().filter(|r| !r.decisions.is_empty()) {
+            println!("  {} decisions: {:?}", r.policy, r.decisions);
+        }
+        println!("  ({:.1} s of CPU)", t0.elapsed().as_secs_f64());
+        results.push(pr);
+    }
+    if let Some(path) = a.json {
+        let doc = serde_json::json!({ "params": params, "cluster": cluster, "points": results });
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

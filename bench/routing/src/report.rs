@@ -1,0 +1,144 @@
+//! Per-request records and the per-policy summary computed from them (the same code for the
+//! real run and the simulator).
+
+use crate::workload::Trace;
+use serde::{Deserialize, Serialize};
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// Not sent (yet).
+    #[default]
+    NotSent,
+    /// 200.
+    Ok,
+    /// No answer within the timeout.
+    Timeout,
+    /// Refused by the proxy's circuit breakers (503 overflow).
+    Overflow,
+    /// Any other failure (non-200 status, connection error).
+    Error,
+}
+
+/// One request's result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Record {
+    /// From the scheduled send time to the end of the answer (or the failure).
+    pub latency_us: u64,
+    /// `x-cache: hit`.
+    pub hit: bool,
+    /// Which runner served it, when known.
+    pub runner: Option<u32>,
+    /// How it ended.
+    pub status: Status,
+}
+
+/// What one policy did at one point.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Requests in the measured window.
+    pub requests: u64,
+    /// Answered 200.
+    pub ok: u64,
+    /// Everything else (timeouts, overflows, errors).
+    pub errors: u64,
+    /// Of which timeouts.
+    pub timeouts: u64,
+    /// `x-cache: hit` among the 200s.
+    pub hit_rate: f64,
+    /// Model loads started per second during the measured window.
+    pub loads_per_s: f64,
+    /// Latency percentiles over answered and timed-out requests (a timeout counts as the
+    /// timeout), milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Mean latency, milliseconds.
+    pub mean_ms: f64,
+    /// 200s per second of the measured window.
+    pub throughput: f64,
+    /// Requests per runner (measured window, answered or not).
+    pub per_runner: Vec<u64>,
+    /// Most requests on one runner over the mean.
+    pub spread: f64,
+    /// (hit - round_robin hit) / (Belady hit - round_robin hit), filled in later.
+    pub gap_closed: Option<f64>,
+}
+
+/// The `q` quantile (0..=1) of sorted values, nearest rank.
+pub fn quantile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (q * sorted.len() as f64 - 1e-9).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len()) - 1).copied().unwrap_or(0)
+}
+
+/// Summarises the measured window of `records` (one per request of `trace`).
+pub fn summarize(trace: &Trace, records: &[Record], loads_in_window: u64, runners: usize) -> Summary {
+    let measured = records.get(trace.first_measured..).unwrap_or(&[]);
+    let secs = trace.spec.measure_us as f64 / 1e6;
+    let mut s =
+        Summary { requests: measured.len() as u64, per_runner: vec![0; runners], ..Summary::default() };
+    let mut lat = Vec::with_capacity(measured.len());
+    let mut hits = 0u64;
+    for r in measured {
+        match r.status {
+            Status::Ok => {
+                s.ok += 1;
+                hits += u64::from(r.hit);
+                lat.push(r.latency_us);
+            }
+            Status::Timeout => {
+                s.errors += 1;
+                s.timeouts += 1;
+                lat.push(r.latency_us);
+            }
+            _ => s.errors += 1,
+        }
+        if let Some(c) = r.runner.and_then(|i| s.per_runner.get_mut(i as usize)) {
+            *c += 1;
+        }
+    }
+    lat.sort_unstable();
+    let ms = |us: u64| us as f64 / 1000.0;
+    s.hit_rate = if s.ok > 0 { hits as f64 / s.ok as f64 } else { 0.0 };
+    s.loads_per_s = loads_in_window as f64 / secs;
+    s.p50_ms = ms(quantile(&lat, 0.5));
+    s.p99_ms = ms(quantile(&lat, 0.99));
+    s.p999_ms = ms(quantile(&lat, 0.999));
+    s.mean_ms = if lat.is_empty() { 0.0 } else { lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1000.0 };
+    s.throughput = s.ok as f64 / secs;
+    let total: u64 = s.per_runner.iter().sum();
+    let max = s.per_runner.iter().copied().max().unwrap_or(0);
+    s.spread = if total > 0 { max as f64 * runners as f64 / total as f64 } else { 0.0 };
+    s
+}
+
+/// `(hit - base) / (best - base)`, `None` when the bound is not above the baseline.
+pub fn gap_closed(hit: f64, base: f64, best: f64) -> Option<f64> {
+    if best - base > 1e-9 {
+        Some((hit - base) / (best - base))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_nearest_rank() {
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(quantile(&v, 0.5), 500);
+        assert_eq!(quantile(&v, 0.99), 990);
+        assert_eq!(quantile(&v, 0.999), 999);
+        assert_eq!(quantile(&v, 1.0), 1000);
+        assert_eq!(quantile(&[], 0.5), 0);
+        assert!((gap_closed(0.5, 0.2, 0.8).unwrap() - 0.5).abs() < 1e-12);
+        assert_eq!(gap_closed(0.5, 0.8, 0.8), None);
+    }
+}

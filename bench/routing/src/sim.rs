@@ -1,0 +1,709 @@
+//! A deterministic discrete-event simulator of the same system: virtual time, no sleeps.
+//!
+//! Runners behave as `runner-example` does (see its `cache` and `runner` modules): an LRU
+//! cache of `capacity` models counting loading ones, pinned models never evicted, one shared
+//! load per absent model (single flight), a FIFO queue of absent models when every slot is
+//! pinned or loading, loads that hold no inference slot, and `max_concurrency` inference slots
+//! served first come first served. A request that times out is cancelled as Envoy would reset
+//! it: it leaves any queue, frees its inference slot and unpins its model.
+//!
+//! The hint policy is the filter's own [`hint_router_core::rank::rank`] on a
+//! [`hint_router_core::table::View`]: every runner is polled every `poll_interval_us` and the
+//! hints of each response are learned when it is sent back; in-flight counts move at once. The
+//! Envoy policies are ports of Envoy's code ([`crate::envoy_lb`]).
+
+use crate::envoy_lb::{bounded_pick, header_hash, least_request_pick, Ring};
+use crate::report::{Record, Status};
+use crate::rng::Rng;
+use crate::workload::{model_name, Trace};
+use hint_router_core::hint::HintList;
+use hint_router_core::rank::{rank, Outcome};
+use hint_router_core::table::{Table, TableRunner, View};
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+
+/// A routing policy under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Policy {
+    /// The hint-router filter (`rank`).
+    Hint,
+    /// Envoy `round_robin`.
+    RoundRobin,
+    /// Envoy `least_request` (two random choices).
+    LeastRequest,
+    /// Envoy `ring_hash` on the hint header.
+    RingHash,
+    /// Envoy `ring_hash` on the hint header with `hash_balance_factor: 150`.
+    RingHashBounded,
+}
+
+impl Policy {
+    /// Every policy, the filter first.
+    pub const ALL: [Policy; 5] =
+        [Policy::Hint, Policy::RoundRobin, Policy::LeastRequest, Policy::RingHash, Policy::RingHashBounded];
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Hint => "hint",
+            Policy::RoundRobin => "round_robin",
+            Policy::LeastRequest => "least_request",
+            Policy::RingHash => "ring_hash",
+            Policy::RingHashBounded => "ring_hash_bounded",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Policy, String> {
+        Policy::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
+            format!(
+                "unknown policy {s:?} (one of {})",
+                Policy::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+/// The simulated system.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimParams {
+    /// Number of runners.
+    pub runners: usize,
+    /// Models each runner's cache holds.
+    pub capacity: usize,
+    /// Inferences a runner runs at once.
+    pub max_concurrency: u32,
+    /// Load time of a model, microseconds.
+    pub load_us: u64,
+    /// Inference time, microseconds.
+    pub infer_us: u64,
+    /// The filter's poll interval, microseconds.
+    pub poll_interval_us: u64,
+    /// The filter learns hints from response headers.
+    pub learn_from_responses: bool,
+    /// Fixed time added to every request (proxy, network, timer granularity), microseconds.
+    pub overhead_us: u64,
+    /// Requests not answered within this are cancelled and count as errors, microseconds.
+    pub timeout_us: u64,
+    /// Requests in flight through the proxy beyond which new ones fail at once (Envoy's
+    /// default circuit breakers: 1024 connections + 1024 pending).
+    pub max_inflight: u32,
+    /// `hash_balance_factor` of the bounded ring hash.
+    pub hash_balance_factor: u32,
+    /// Runner addresses (for the ring); empty: `127.0.0.1:18081...`.
+    pub addrs: Vec<String>,
+    /// Seed for the policies' own randomness.
+    pub seed: u64,
+    /// What-if (not what the filter does): right after routing a request whose hint the
+    /// chosen runner does not list, list it there (as the runner soon will).
+    #[serde(default)]
+    pub what_if_optimistic_hints: bool,
+    /// What-if (an oracle the filter does not have): requests waiting for a model load do not
+    /// count towards a runner being busy.
+    #[serde(default)]
+    pub what_if_loading_not_busy: bool,
+}
+
+impl Default for SimParams {
+    fn default() -> Self {
+        SimParams {
+            runners: 8,
+            capacity: 3,
+            max_concurrency: 4,
+            load_us: 200_000,
+            infer_us: 10_000,
+            poll_interval_us: 500_000,
+            learn_from_responses: true,
+            overhead_us: 1_000,
+            timeout_us: 10_000_000,
+            max_inflight: 2048,
+            hash_balance_factor: 150,
+            addrs: Vec::new(),
+            seed: 1,
+            what_if_optimistic_hints: false,
+            what_if_loading_not_busy: false,
+        }
+    }
+}
+
+impl SimParams {
+    /// The runner addresses used (given, or synthetic).
+    pub fn runner_addrs(&self) -> Vec<String> {
+        if self.addrs.len() == self.runners {
+            self.addrs.clone()
+        } else {
+            (0..self.runners).map(|i| format!("127.0.0.{}:{}", 1 + i / 50_000, 18081 + i % 50_000)).collect()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    LoadDone(u32, u32),
+    InferDone(u32, u32),
+    Timeout(u32),
+    Poll(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReqState {
+    Pending,
+    WaitingLoad(u32, u32),
+    ReadyQ(u32),
+    Running(u32),
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    model: u32,
+    pins: u32,
+    last_used: u64,
+    ready: bool,
+    waiters: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct SimRunner {
+    entries: Vec<Entry>,
+    queue: VecDeque<(u32, Vec<u32>)>,
+    ready_q: VecDeque<u32>,
+    running: u32,
+    clock: u64,
+}
+
+struct Sim<'a> {
+    p: &'a SimParams,
+    trace: &'a Trace,
+    policy: Policy,
+    now: u64,
+    seq: u64,
+    events: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    runners: Vec<SimRunner>,
+    inflight: Vec<u32>,
+    waiting_load: Vec<u32>,
+    busy_view: Vec<u32>,
+    total_inflight: u32,
+    states: Vec<ReqState>,
+    hit: Vec<bool>,
+    records: Vec<Record>,
+    loads: Vec<u64>,
+    names: Vec<String>,
+    view: View,
+    ring: Ring,
+    rng: Rng,
+    spin: u32,
+    rr: u32,
+    out: Vec<u32>,
+    decisions: BTreeMap<&'static str, u64>,
+}
+
+/// The result of one simulated run: a record per request of the trace, and load start times.
+#[derive(Debug, Clone)]
+pub struct SimRun {
+    /// One per request, in trace order.
+    pub records: Vec<Record>,
+    /// Start times of every model load, microseconds.
+    pub loads: Vec<u64>,
+    /// The hint policy's decisions ([`Outcome`] names) in the measured window.
+    pub decisions: BTreeMap<&'static str, u64>,
+}
+
+/// Runs `trace` through `policy`.
+pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
+    let addrs = p.runner_addrs();
+    let table = Table {
+        generation: 1,
+        runners: addrs
+            .iter()
+            .map(|a| TableRunner {
+                addr: a.clone(),
+                available: true,
+                hints: Vec::new(),
+                capacity: p.capacity as u32,
+                max_concurrency: p.max_concurrency,
+            })
+            .collect(),
+    };
+    let n = trace.reqs.len();
+    let mut sim = Sim {
+        p,
+        trace,
+        policy,
+        now: 0,
+        seq: 0,
+        events: BinaryHeap::with_capacity(1024),
+        runners: vec![SimRunner::default(); p.runners],
+        inflight: vec![0; p.runners],
+        waiting_load: vec![0; p.runners],
+        busy_view: vec![0; p.runners],
+        total_inflight: 0,
+        states: vec![ReqState::Pending; n],
+        hit: vec![false; n],
+        records: vec![Record::default(); n],
+        loads: Vec::new(),
+        names: (0..trace.spec.models as u32).map(model_name).collect(),
+        view: View::from_table(&table),
+        ring: if matches!(policy, Policy::RingHash | Policy::RingHashBounded) {
+            Ring::new(&addrs)
+        } else {
+            Ring::new(&[])
+        },
+        rng: Rng::new(p.seed),
+        spin: 0,
+        rr: 0,
+        out: Vec::with_capacity(4),
+        decisions: BTreeMap::new(),
+    };
+    sim.run();
+    SimRun { records: sim.records, loads: sim.loads, decisions: sim.decisions }
+}
+
+impl Sim<'_> {
+    fn push(&mut self, at: u64, ev: Event) {
+        self.seq += 1;
+        self.events.push(Reverse((at, self.seq, ev)));
+    }
+
+    fn run(&mut self) {
+        let mut next_arrival = 0usize;
+        if self.policy == Policy::Hint {
+            let mut rng = Rng::new(self.p.seed ^ 0x5eed);
+            for r in 0..self.p.runners as u32 {
+                let phase = rng.below(self.p.poll_interval_us.max(1));
+                self.push(phase, Event::Poll(r));
+            }
+        }
+        let end = self.trace.spec.warmup_us + self.trace.spec.measure_us;
+        loop {
+            // Arrivals are merged from the trace instead of sitting in the heap.
+            let next_ev = self.events.peek().map(|Reverse((t, _, _))| *t);
+            let arrival = self.trace.reqs.get(next_arrival).map(|r| r.at_us);
+            let take_arrival = match (arrival, next_ev) {
+                (Some(a), Some(e)) => a <= e,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if take_arrival {
+                if let Some(a) = arrival {
+                    self.now = a;
+                }
+                self.arrive(next_arrival as u32);
+                next_arrival += 1;
+                continue;
+            }
+            let Some(Reverse((t, _, ev))) = self.events.pop() else { break };
+            self.now = t;
+            match ev {
+                Event::LoadDone(r, m) => self.load_done(r, m),
+                Event::InferDone(r, i) => self.infer_done(r, i),
+                Event::Timeout(i) => self.timeout(i),
+                Event::Poll(r) => {
+                    self.learn(r);
+                    // Stop polling once nothing is left to do.
+                    if next_arrival < self.trace.reqs.len() || self.total_inflight > 0 || t < end {
+                        self.push(t + self.p.poll_interval_us.max(1), Event::Poll(r));
+                    }
+                }
+            }
+        }
+    }
+
+    fn pick(&mut self, model: u32) -> Option<u32> {
+        match self.policy {
+            Policy::Hint => {
+                self.spin = self.spin.wrapping_add(1);
+                let hint = self.names.get(model as usize).map(String::as_str);
+                let loads: &[u32] = if self.p.what_if_loading_not_busy {
+                    for ((b, f), w) in self.busy_view.iter_mut().zip(&self.inflight).zip(&self.waiting_load) {
+                        *b = f.saturating_sub(*w);
+                    }
+                    &self.busy_view
+                } else {
+                    &self.inflight
+                };
+                let outcome: Outcome = rank(&self.view, hint, loads, self.spin, 3, &mut self.out);
+                if self.p.what_if_optimistic_hints {
+                    if let (Some(&r), Some(h)) = (self.out.first(), hint) {
+                        let listed = self.view.runner(r).map(|v| v.hints.iter().any(|x| x == h));
+                        if listed == Some(false) {
+                            let mut hints = vec![h.to_string()];
+                            if let Some(v) = self.view.runner(r) {
+                                hints.extend(v.hints.iter().take(self.p.capacity.saturating_sub(1)).cloned());
+                            }
+                            self.view.set_runner_hints(r, &HintList { hints, invalid: 0, truncated: 0 });
+                        }
+                    }
+                }
+                if self.now >= self.trace.spec.warmup_us {
+                    *self.decisions.entry(outcome.as_str()).or_default() += 1;
+                }
+                match self.out.first() {
+                    Some(&r) => Some(r),
+                    None => least_request_pick(&mut self.rng, &self.inflight),
+                }
+            }
+            Policy::RoundRobin => {
+                let r = self.rr % self.p.runners.max(1) as u32;
+                self.rr = self.rr.wrapping_add(1);
+                Some(r)
+            }
+            Policy::LeastRequest => least_request_pick(&mut self.rng, &self.inflight),
+            Policy::RingHash => {
+                let h = header_hash(self.names.get(model as usize).map(String::as_str).unwrap_or(""));
+                self.ring.pick(h)
+            }
+            Policy::RingHashBounded => {
+                let h = header_hash(self.names.get(model as usize).map(String::as_str).unwrap_or(""));
+                bounded_pick(&self.ring, h, self.p.hash_balance_factor, &self.inflight)
+            }
+        }
+    }
+
+    fn arrive(&mut self, i: u32) {
+        let Some(req) = self.trace.reqs.get(i as usize).copied() else { return };
+        if self.total_inflight >= self.p.max_inflight {
+            self.finish(i, None, Status::Overflow);
+            return;
+        }
+        let Some(r) = self.pick(req.model) else {
+            self.finish(i, None, Status::Error);
+            return;
+        };
+        if let Some(c) = self.inflight.get_mut(r as usize) {
+            *c += 1;
+        }
+        self.total_inflight += 1;
+        if let Some(rec) = self.records.get_mut(i as usize) {
+            rec.runner = Some(r);
+        }
+        self.push(self.now + self.p.timeout_us, Event::Timeout(i));
+        self.acquire(r, i, req.model);
+    }
+
+    fn set_state(&mut self, i: u32, s: ReqState) {
+        if let Some(st) = self.states.get_mut(i as usize) {
+            if let ReqState::WaitingLoad(r, _) = *st {
+                if let Some(w) = self.waiting_load.get_mut(r as usize) {
+                    *w = w.saturating_sub(1);
+                }
+            }
+            if let ReqState::WaitingLoad(r, _) = s {
+                if let Some(w) = self.waiting_load.get_mut(r as usize) {
+                    *w += 1;
+                }
+            }
+            *st = s;
+        }
+    }
+
+    fn acquire(&mut self, r: u32, i: u32, model: u32) {
+        let Some(run) = self.runners.get_mut(r as usize) else { return };
+        run.clock += 1;
+        let clock = run.clock;
+        if let Some(e) = run.entries.iter_mut().find(|e| e.model == model) {
+            e.pins += 1;
+            e.last_used = clock;
+            if e.ready {
+                run.ready_q.push_back(i);
+                if let Some(h) = self.hit.get_mut(i as usize) {
+                    *h = true;
+                }
+                self.set_state(i, ReqState::ReadyQ(r));
+                self.try_start(r);
+            } else {
+                e.waiters.push(i);
+                self.set_state(i, ReqState::WaitingLoad(r, model));
+            }
+            return;
+        }
+        if let Some((_, w)) = run.queue.iter_mut().find(|(m, _)| *m == model) {
+            w.push(i);
+        } else {
+            run.queue.push_back((model, vec![i]));
+        }
+        self.set_state(i, ReqState::WaitingLoad(r, model));
+        self.admit(r);
+    }
+
+    fn admit(&mut self, r: u32) {
+        let cap = self.p.capacity.max(1);
+        let now = self.now;
+        let Some(run) = self.runners.get_mut(r as usize) else { return };
+        let mut started = Vec::new();
+        loop {
+            if run.queue.is_empty() {
+                break;
+            }
+            if run.entries.len() + 1 > cap {
+                let victim = run
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.pins == 0 && e.ready)
+                    .min_by_key(|(_, e)| e.last_used)
+                    .map(|(k, _)| k);
+                match victim {
+                    Some(k) => {
+                        run.entries.swap_remove(k);
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            let Some((model, waiters)) = run.queue.pop_front() else { break };
+            run.clock += 1;
+            run.entries.push(Entry {
+                model,
+                pins: waiters.len() as u32,
+                last_used: run.clock,
+                ready: false,
+                waiters,
+            });
+            started.push(model);
+        }
+        for m in started {
+            self.loads.push(now);
+            self.push(now + self.p.load_us, Event::LoadDone(r, m));
+        }
+    }
+
+    fn load_done(&mut self, r: u32, model: u32) {
+        let Some(run) = self.runners.get_mut(r as usize) else { return };
+        let Some(e) = run.entries.iter_mut().find(|e| e.model == model) else { return };
+        e.ready = true;
+        let waiters = std::mem::take(&mut e.waiters);
+        for &i in &waiters {
+            run.ready_q.push_back(i);
+        }
+        for i in waiters {
+            self.set_state(i, ReqState::ReadyQ(r));
+        }
+        self.admit(r);
+        self.try_start(r);
+    }
+
+    fn try_start(&mut self, r: u32) {
+        let m = self.p.max_concurrency.max(1);
+        let mut started = Vec::new();
+        if let Some(run) = self.runners.get_mut(r as usize) {
+            while run.running < m {
+                let Some(i) = run.ready_q.pop_front() else { break };
+                run.running += 1;
+                started.push(i);
+            }
+        }
+        for i in started {
+            self.set_state(i, ReqState::Running(r));
+            self.push(self.now + self.p.infer_us, Event::InferDone(r, i));
+        }
+    }
+
+    fn unpin(&mut self, r: u32, model: u32) {
+        let Some(run) = self.runners.get_mut(r as usize) else { return };
+        run.clock += 1;
+        let clock = run.clock;
+        let mut admit = false;
+        if let Some(e) = run.entries.iter_mut().find(|e| e.model == model) {
+            e.pins = e.pins.saturating_sub(1);
+            e.last_used = clock;
+            admit = e.pins == 0 && e.ready;
+        }
+        if admit {
+            self.admit(r);
+        }
+    }
+
+    fn infer_done(&mut self, r: u32, i: u32) {
+        if self.states.get(i as usize) != Some(&ReqState::Running(r)) {
+            return; // cancelled
+        }
+        if let Some(run) = self.runners.get_mut(r as usize) {
+            run.running = run.running.saturating_sub(1);
+        }
+        let model = self.trace.reqs.get(i as usize).map(|q| q.model).unwrap_or(0);
+        self.unpin(r, model);
+        self.leave(r);
+        let hit = self.hit.get(i as usize).copied().unwrap_or(false);
+        self.finish(i, Some(hit), Status::Ok);
+        if self.p.learn_from_responses {
+            self.learn(r);
+        }
+        self.try_start(r);
+    }
+
+    fn timeout(&mut self, i: u32) {
+        let state = self.states.get(i as usize).copied().unwrap_or(ReqState::Done);
+        let model = self.trace.reqs.get(i as usize).map(|q| q.model).unwrap_or(0);
+        let r = match state {
+            ReqState::Done | ReqState::Pending => return,
+            ReqState::WaitingLoad(r, m) => {
+                if let Some(run) = self.runners.get_mut(r as usize) {
+                    if let Some(e) = run.entries.iter_mut().find(|e| e.model == m) {
+                        e.waiters.retain(|&w| w != i);
+                    } else if let Some(pos) = run.queue.iter().position(|(qm, _)| *qm == m) {
+                        if let Some((_, w)) = run.queue.get_mut(pos) {
+                            w.retain(|&x| x != i);
+                            if w.is_empty() {
+                                run.queue.remove(pos);
+                            }
+                        }
+                        self.leave(r);
+                        self.finish(i, None, Status::Timeout);
+                        return;
+                    }
+                }
+                r
+            }
+            ReqState::ReadyQ(r) => {
+                if let Some(run) = self.runners.get_mut(r as usize) {
+                    run.ready_q.retain(|&x| x != i);
+                }
+                r
+            }
+            ReqState::Running(r) => {
+                if let Some(run) = self.runners.get_mut(r as usize) {
+                    run.running = run.running.saturating_sub(1);
+                }
+                r
+            }
+        };
+        self.unpin(r, model);
+        self.leave(r);
+        self.finish(i, None, Status::Timeout);
+        self.try_start(r);
+    }
+
+    fn leave(&mut self, r: u32) {
+        if let Some(c) = self.inflight.get_mut(r as usize) {
+            *c = c.saturating_sub(1);
+        }
+        self.total_inflight = self.total_inflight.saturating_sub(1);
+    }
+
+    fn finish(&mut self, i: u32, hit: Option<bool>, status: Status) {
+        let at = self.trace.reqs.get(i as usize).map(|q| q.at_us).unwrap_or(0);
+        let latency = self.now.saturating_sub(at) + self.p.overhead_us;
+        self.set_state(i, ReqState::Done);
+        if let Some(rec) = self.records.get_mut(i as usize) {
+            rec.latency_us = latency;
+            rec.hit = hit.unwrap_or(false);
+            rec.status = status;
+        }
+    }
+
+    /// The runner's hints (resident and loading models, most recently used first) reach the
+    /// filter's view.
+    fn learn(&mut self, r: u32) {
+        if self.policy != Policy::Hint {
+            return;
+        }
+        let Some(run) = self.runners.get(r as usize) else { return };
+        let mut e: Vec<(u64, u32)> = run.entries.iter().map(|e| (e.last_used, e.model)).collect();
+        e.sort_unstable_by_key(|&(t, _)| Reverse(t));
+        let hints: Vec<String> =
+            e.into_iter().filter_map(|(_, m)| self.names.get(m as usize).cloned()).collect();
+        let list = HintList { hints, invalid: 0, truncated: 0 };
+        self.view.set_runner_hints(r, &list);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::summarize;
+    use crate::workload::{TraceSpec, Workload};
+
+    fn trace(load: f64, models: usize, seed: u64) -> Trace {
+        Trace::generate(TraceSpec {
+            workload: "zipf1.0".parse::<Workload>().unwrap(),
+            models,
+            // About the 8 x 3 cluster's capacity for Zipf 1.0 (see `Cluster::capacity_rps`).
+            rate: load * 160.0,
+            warmup_us: 2_000_000,
+            measure_us: 8_000_000,
+            seed,
+        })
+    }
+
+    #[test]
+    fn simulation_is_deterministic() {
+        let t = trace(0.6, 100, 5);
+        let p = SimParams::default();
+        for policy in Policy::ALL {
+            let a = simulate(&p, &t, policy);
+            let b = simulate(&p, &t, policy);
+            assert_eq!(a.records, b.records, "{policy}");
+            assert_eq!(a.loads, b.loads, "{policy}");
+        }
+    }
+
+    #[test]
+    fn single_runner_single_model_hits_after_one_load() {
+        let t = Trace::generate(TraceSpec {
+            workload: "zipf1.0".parse::<Workload>().unwrap(),
+            models: 1,
+            rate: 20.0,
+            warmup_us: 0,
+            measure_us: 5_000_000,
+            seed: 1,
+        });
+        let p = SimParams { runners: 1, ..SimParams::default() };
+        let run = simulate(&p, &t, Policy::Hint);
+        assert_eq!(run.loads.len(), 1);
+        let misses = run.records.iter().filter(|r| !r.hit).count();
+        // Only the requests that came during the first load miss.
+        assert!((1..=3).contains(&misses), "{misses}");
+        assert!(run.records.iter().all(|r| r.status == Status::Ok));
+        let first = run.records.first().unwrap();
+        assert_eq!(first.latency_us, 200_000 + 10_000 + 1_000);
+    }
+
+    #[test]
+    fn cache_capacity_and_concurrency_are_respected() {
+        // Two models alternating on one runner with capacity 1: every request loads.
+        let mut t = trace(0.1, 2, 1);
+        for (k, r) in t.reqs.iter_mut().enumerate() {
+            r.model = (k % 2) as u32;
+            r.at_us = k as u64 * 1_000_000;
+        }
+        t.reqs.truncate(6);
+        t.first_measured = 0;
+        let p = SimParams { runners: 1, capacity: 1, max_concurrency: 1, ..SimParams::default() };
+        let run = simulate(&p, &t, Policy::RoundRobin);
+        assert_eq!(run.loads.len(), 6);
+        assert!(run.records.iter().all(|r| !r.hit && r.latency_us == 211_000));
+        // Same model, 3 requests at once, max_concurrency 1: one load, inferences serialised.
+        for r in t.reqs.iter_mut() {
+            r.at_us = 0;
+            r.model = 0;
+        }
+        t.reqs.truncate(3);
+        let run = simulate(&p, &t, Policy::RoundRobin);
+        assert_eq!(run.loads.len(), 1);
+        let mut lat: Vec<u64> = run.records.iter().map(|r| r.latency_us).collect();
+        lat.sort_unstable();
+        assert_eq!(lat, vec![211_000, 221_000, 231_000]);
+    }
+
+    #[test]
+    fn hint_beats_round_robin_on_hits() {
+        let t = trace(0.6, 100, 11);
+        let p = SimParams::default();
+        let s = |policy| summarize(&t, &simulate(&p, &t, policy).records, 0, p.runners);
+        let (hint, rr) = (s(Policy::Hint), s(Policy::RoundRobin));
+        assert!(hint.hit_rate > rr.hit_rate + 0.2, "{} vs {}", hint.hit_rate, rr.hit_rate);
+    }
+}
