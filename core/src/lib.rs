@@ -10,6 +10,7 @@
 //! * [`table`]: the runner table the poller publishes, and the indexed [`table::View`] each
 //!   worker routes with.
 //! * [`rank`]: the routing decision: an ordered candidate list.
+//! * [`router`]: one decision as a worker makes it (rank, busy rule, optimistic miss listing).
 //! * [`poller`]: the per-runner poll state machine run by the singleton service.
 //! * [`inflight`]: the cross-worker in-flight counters' byte encoding.
 //!
@@ -23,5 +24,6 @@ pub mod hint;
 pub mod inflight;
 pub mod poller;
 pub mod rank;
+pub mod router;
 pub mod table;
 pub mod wire;

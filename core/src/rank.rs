@@ -98,6 +98,23 @@ pub fn rank(
     max: usize,
     out: &mut Vec<u32>,
 ) -> Outcome {
+    rank_loads(view, hint, inflight, inflight, spin, max, out)
+}
+
+/// [`rank`] with two load measures: `busy[i]`, compared with the runner's
+/// `max_concurrency` and ordering holders (requests that will need an inference slot), and
+/// `total[i]`, ordering where a miss or an unhinted request goes (every request in flight,
+/// including those waiting for a model load: they hold cache slots).
+pub fn rank_loads(
+    view: &View,
+    hint: Option<&str>,
+    busy_load: &[u32],
+    total: &[u32],
+    spin: u32,
+    max: usize,
+    out: &mut Vec<u32>,
+) -> Outcome {
+    let inflight = busy_load;
     out.clear();
     let runners = view.runners();
     let n = runners.len() as u32;
@@ -141,7 +158,7 @@ pub fn rank(
                 (true, true, _) => 3,
                 (true, false, _) => 4,
             };
-            top.offer((tier, load(inflight, i), rot(i)), i);
+            top.offer((tier, load(total, i), rot(i)), i);
         }
         let outcome = match top.first_tier() {
             None => Outcome::NoCandidates,
@@ -156,7 +173,7 @@ pub fn rank(
     let mut top = TopK::new(max);
     for (i, r) in (0u32..).zip(runners.iter()) {
         if r.available {
-            top.offer((u8::from(busy(i)), load(inflight, i), rot(i)), i);
+            top.offer((u8::from(busy(i)), load(total, i), rot(i)), i);
         }
     }
     let outcome = if top.first_tier().is_some() { Outcome::NoHint } else { Outcome::NoCandidates };
@@ -196,6 +213,20 @@ mod tests {
         assert_eq!(run(&v, Some("a"), &[1, 0], 0, 2), (Outcome::Hit, vec![0, 1]));
         // The overclaiming holder still serves when the honest one is busy.
         assert_eq!(run(&v, Some("a"), &[2, 0], 0, 2), (Outcome::Hit, vec![1]));
+    }
+
+    #[test]
+    fn misses_are_placed_by_total_load_holders_judged_by_busy_load() {
+        // Runner 0 holds a with 3 requests in flight, all waiting for loads (busy load 0);
+        // runner 1 is idle. A hit still goes to 0; a miss goes to the idle runner 1.
+        let v = View::from_table(&table(&[&["a"], &[]]));
+        let mut out = Vec::new();
+        assert_eq!(rank_loads(&v, Some("a"), &[0, 0], &[3, 0], 0, 1, &mut out), Outcome::Hit);
+        assert_eq!(out, vec![0]);
+        assert_eq!(rank_loads(&v, Some("b"), &[0, 0], &[3, 0], 0, 1, &mut out), Outcome::Miss);
+        assert_eq!(out, vec![1]);
+        assert_eq!(rank_loads(&v, None, &[0, 0], &[3, 0], 0, 1, &mut out), Outcome::NoHint);
+        assert_eq!(out, vec![1]);
     }
 
     #[test]

@@ -114,6 +114,11 @@ pub struct SimParams {
     /// count towards a runner being busy.
     #[serde(default)]
     pub what_if_loading_not_busy: bool,
+    /// Route with the filter's rules before `hint_router_core::router` (plain `rank` on all
+    /// in-flight requests, no optimistic listing), for comparison. The what-ifs apply only
+    /// with this set.
+    #[serde(default)]
+    pub plain_rank: bool,
 }
 
 impl Default for SimParams {
@@ -134,6 +139,7 @@ impl Default for SimParams {
             seed: 1,
             what_if_optimistic_hints: false,
             what_if_loading_not_busy: false,
+            plain_rank: false,
         }
     }
 }
@@ -195,6 +201,14 @@ struct Sim<'a> {
     inflight: Vec<u32>,
     waiting_load: Vec<u32>,
     busy_view: Vec<u32>,
+    /// The filter's `loading` counters: requests it routed as misses, per runner.
+    filter_loading: Vec<u32>,
+    /// Per request: counted in `filter_loading`.
+    routed_load: Vec<bool>,
+    /// Whether the last `pick` routed a miss.
+    last_load: bool,
+    /// The filter's routing state (its view of the fleet lives in it).
+    router: hint_router_core::router::Router,
     total_inflight: u32,
     states: Vec<ReqState>,
     hit: Vec<bool>,
@@ -249,6 +263,10 @@ pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
         inflight: vec![0; p.runners],
         waiting_load: vec![0; p.runners],
         busy_view: vec![0; p.runners],
+        filter_loading: vec![0; p.runners],
+        routed_load: vec![false; n],
+        last_load: false,
+        router: hint_router_core::router::Router::new(View::from_table(&table)),
         total_inflight: 0,
         states: vec![ReqState::Pending; n],
         hit: vec![false; n],
@@ -323,6 +341,28 @@ impl Sim<'_> {
 
     fn pick(&mut self, model: u32) -> Option<u32> {
         match self.policy {
+            Policy::Hint if !self.p.plain_rank => {
+                // Exactly what the filter does per request (src/filter.rs).
+                self.spin = self.spin.wrapping_add(1);
+                let hint = self.names.get(model as usize).map(String::as_str);
+                let d = self.router.route(
+                    hint,
+                    &self.inflight,
+                    &self.filter_loading,
+                    self.spin,
+                    3,
+                    64,
+                    &mut self.out,
+                );
+                self.last_load = d.load;
+                if self.now >= self.trace.spec.warmup_us {
+                    *self.decisions.entry(d.outcome.as_str()).or_default() += 1;
+                }
+                match self.out.first() {
+                    Some(&r) => Some(r),
+                    None => least_request_pick(&mut self.rng, &self.inflight),
+                }
+            }
             Policy::Hint => {
                 self.spin = self.spin.wrapping_add(1);
                 let hint = self.names.get(model as usize).map(String::as_str);
@@ -384,6 +424,14 @@ impl Sim<'_> {
         };
         if let Some(c) = self.inflight.get_mut(r as usize) {
             *c += 1;
+        }
+        if std::mem::take(&mut self.last_load) {
+            if let (Some(c), Some(l)) =
+                (self.filter_loading.get_mut(r as usize), self.routed_load.get_mut(i as usize))
+            {
+                *c += 1;
+                *l = true;
+            }
         }
         self.total_inflight += 1;
         if let Some(rec) = self.records.get_mut(i as usize) {
@@ -594,6 +642,15 @@ impl Sim<'_> {
     }
 
     fn finish(&mut self, i: u32, hit: Option<bool>, status: Status) {
+        if self.routed_load.get(i as usize).copied() == Some(true) {
+            if let Some(l) = self.routed_load.get_mut(i as usize) {
+                *l = false;
+            }
+            let r = self.records.get(i as usize).and_then(|rec| rec.runner);
+            if let Some(c) = r.and_then(|r| self.filter_loading.get_mut(r as usize)) {
+                *c = c.saturating_sub(1);
+            }
+        }
         let at = self.trace.reqs.get(i as usize).map(|q| q.at_us).unwrap_or(0);
         let latency = self.now.saturating_sub(at) + self.p.overhead_us;
         self.set_state(i, ReqState::Done);
@@ -616,7 +673,11 @@ impl Sim<'_> {
         let hints: Vec<String> =
             e.into_iter().filter_map(|(_, m)| self.names.get(m as usize).cloned()).collect();
         let list = HintList { hints, invalid: 0, truncated: 0 };
-        self.view.set_runner_hints(r, &list);
+        if self.p.plain_rank {
+            self.view.set_runner_hints(r, &list);
+        } else {
+            self.router.learn(r, &list);
+        }
     }
 }
 

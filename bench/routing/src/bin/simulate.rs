@@ -51,6 +51,10 @@ struct Args {
     /// What-if (oracle): requests waiting for a model load do not make a runner busy.
     #[arg(long)]
     what_if_loading_not_busy: bool,
+    /// Route with plain `rank` as the filter did before its busy and miss-listing rules
+    /// (`hint_router_core::router`); the what-ifs apply only with this.
+    #[arg(long)]
+    plain_rank: bool,
     /// Points: `all`, `default`, or a list like `zipf1.0@60,uniform@30`.
     #[arg(long, default_value = "all")]
     points: String,
@@ -108,6 +112,7 @@ fn main() -> Result<()> {
         max_inflight: a.max_inflight,
         what_if_optimistic_hints: a.what_if_optimistic_hints,
         what_if_loading_not_busy: a.what_if_loading_not_busy,
+        plain_rank: a.plain_rank,
         ..SimParams::default()
     };
     let cluster = Cluster {
