@@ -1,5 +1,5 @@
 # hint-router: `make demo` runs the demo stack, `make test` runs every test.
-.PHONY: setup build demo up test test-e2e test-faults bench-routing bench-overhead clean
+.PHONY: setup build demo up test test-e2e test-faults bench-routing bench-overhead bench-decision clean
 
 CARGO ?= cargo
 
@@ -36,8 +36,14 @@ test-faults: build
 bench-routing: build
 	$(CARGO) run --locked --release -p hint-router-bench-routing --bin bench-routing -- $(BENCH_ARGS)
 
+## bench-overhead: Envoy CPU per request with no filter / a no-op wasm filter / hint-router
+## (about 5 minutes; BENCH_ARGS=--quick for one rep; docs/bench-overhead.md)
 bench-overhead: build
-	$(CARGO) run --locked --release -p hint-router-bench-overhead --bin bench-overhead
+	$(CARGO) run --locked --release -p hint-router-bench-overhead --bin bench-overhead -- $(BENCH_ARGS)
+
+## bench-decision: native micro-benchmarks of the decision and table refresh (criterion)
+bench-decision:
+	$(CARGO) bench --locked -p hint-router-bench-overhead
 
 clean:
 	$(CARGO) clean

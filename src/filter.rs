@@ -6,7 +6,7 @@ use hint_router_core::config::Config;
 use hint_router_core::hint::{classify, parse_hint_list, HintClass};
 use hint_router_core::inflight;
 use hint_router_core::rank::{rank, Outcome};
-use hint_router_core::table::{encode_header_update, Table, View};
+use hint_router_core::table::{encode_header_update, TableRef, View};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
@@ -16,8 +16,24 @@ use std::rc::Rc;
 const DECISION_HEADER: &str = "x-hint-router-decision";
 /// Response header naming the runner that answered (with `debug_headers`).
 const UPSTREAM_HEADER: &str = "x-hint-router-upstream";
-/// Compare-and-swap attempts for one in-flight counter update.
+/// Compare-and-swap attempts for one in-flight counter update (fresh reads of the value).
 const CAS_ATTEMPTS: usize = 8;
+
+/// The in-flight value as read for ranking, and its CAS token: the increment tries it first
+/// instead of reading the value again.
+type Snapshot = Option<(Vec<u8>, u32)>;
+
+/// Size of this VM's linear memory in bytes (it only grows: a high-water mark).
+fn vm_memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        core::arch::wasm32::memory_size(0) as u64 * 65536
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
+}
 
 struct Metrics {
     requests: u32,
@@ -26,6 +42,9 @@ struct Metrics {
     table_errors: u32,
     inflight_errors: u32,
     response_hints: u32,
+    table_reloads: u32,
+    table_reload_us: u32,
+    vm_memory: u32,
 }
 
 fn outcome_slot(o: Outcome) -> usize {
@@ -57,6 +76,10 @@ impl Metrics {
             table_errors: c("hint_router.table_errors"),
             inflight_errors: c("hint_router.inflight_errors"),
             response_hints: c("hint_router.response_hints_learned"),
+            table_reloads: c("hint_router.table_reloads"),
+            table_reload_us: c("hint_router.table_reload_us"),
+            vm_memory: host::define_metric(MetricKind::Gauge, "hint_router.vm_memory_bytes")
+                .unwrap_or(u32::MAX),
         }
     }
 
@@ -94,20 +117,32 @@ impl State {
         if self.seen_generation.as_deref() == Some(generation.as_slice()) {
             return;
         }
+        let started = host::now_ns();
         match host::get_shared(TABLE_KEY) {
-            Ok((Some(bytes), _)) => match Table::decode(&bytes) {
-                Some(t) => {
-                    self.view = View::from_table(&t);
-                    self.seen_generation = Some(generation);
+            Ok((Some(bytes), _)) => {
+                let len = bytes.len();
+                match TableRef::parse(&bytes) {
+                    Some(t) => {
+                        // Parsed in place; copies and re-indexes only the runners that changed.
+                        self.view.refresh_from_ref(t);
+                        self.seen_generation = Some(generation);
+                        let took_us = host::now_ns().saturating_sub(started) / 1000;
+                        host::increment_metric(self.metrics.table_reloads, 1);
+                        host::increment_metric(self.metrics.table_reload_us, took_us as i64);
+                        host::record_metric(self.metrics.vm_memory, vm_memory_bytes());
+                        log::debug!(
+                            "hint-router: table generation {} loaded in {took_us} us",
+                            self.view.generation()
+                        );
+                    }
+                    None => {
+                        log::warn!(
+                            "hint-router: published table does not parse ({len} bytes); keeping the last one"
+                        );
+                        host::increment_metric(self.metrics.table_errors, 1);
+                    }
                 }
-                None => {
-                    log::warn!(
-                        "hint-router: published table does not parse ({} bytes); keeping the last one",
-                        bytes.len()
-                    );
-                    host::increment_metric(self.metrics.table_errors, 1);
-                }
-            },
+            }
             Ok((None, _)) => {}
             Err(e) => {
                 log::debug!("hint-router: cannot read table: {e}");
@@ -116,24 +151,38 @@ impl State {
         }
     }
 
-    fn read_loads(&mut self) {
+    /// Reads the in-flight counters into `loads`; returns the value and its CAS token when
+    /// the key exists (a CAS token of 0 would write unconditionally, so none is kept then).
+    fn read_loads(&mut self) -> Snapshot {
         let n = self.view.runners().len();
         match host::get_shared(INFLIGHT_KEY) {
-            Ok((bytes, _)) => inflight::decode(bytes.as_deref().unwrap_or(&[]), n, &mut self.loads),
-            Err(_) => inflight::decode(&[], n, &mut self.loads),
+            Ok((Some(bytes), cas)) => {
+                inflight::decode(&bytes, n, &mut self.loads);
+                (cas != 0).then_some((bytes, cas))
+            }
+            Ok((None, _)) | Err(_) => {
+                inflight::decode(&[], n, &mut self.loads);
+                None
+            }
         }
     }
 
-    /// Moves runner `idx`'s shared in-flight counter by `delta` (compare-and-swap).
-    fn adjust_inflight(&self, idx: u32, delta: i32) {
+    /// Moves runner `idx`'s shared in-flight counter by `delta` (compare-and-swap). The first
+    /// attempt may use `snapshot`, the value read earlier in this request; a CAS mismatch
+    /// (someone wrote since) retries with fresh reads, `CAS_ATTEMPTS` of them.
+    fn adjust_inflight(&self, idx: u32, delta: i32, mut snapshot: Snapshot) {
         let n = self.view.runners().len();
-        for _ in 0..CAS_ATTEMPTS {
-            let (bytes, cas) = match host::get_shared(INFLIGHT_KEY) {
-                Ok(v) => v,
-                Err(_) => break,
+        let attempts = CAS_ATTEMPTS + usize::from(snapshot.is_some());
+        for _ in 0..attempts {
+            let (mut bytes, cas) = match snapshot.take() {
+                Some(s) => s,
+                None => match host::get_shared(INFLIGHT_KEY) {
+                    Ok((bytes, cas)) => (bytes.unwrap_or_default(), cas),
+                    Err(_) => break,
+                },
             };
-            let next = inflight::adjust(bytes.as_deref().unwrap_or(&[]), n, idx, delta);
-            match host::set_shared(INFLIGHT_KEY, &next, cas) {
+            inflight::adjust_in_place(&mut bytes, n, idx, delta);
+            match host::set_shared(INFLIGHT_KEY, &bytes, cas) {
                 Ok(()) => return,
                 Err(host::HostError::CasMismatch) => continue,
                 Err(_) => break,
@@ -209,7 +258,7 @@ impl HttpContext for Stream {
             log::error!("hint-router: failure_test_hint received: aborting this VM as configured");
             std::process::abort();
         }
-        st.read_loads();
+        let snapshot = st.read_loads();
         st.spin = st.spin.wrapping_add(1);
         let mut candidates = std::mem::take(&mut st.candidates);
         let outcome = rank(&st.view, hint, &st.loads, st.spin, st.cfg.max_candidates, &mut candidates);
@@ -219,7 +268,7 @@ impl HttpContext for Stream {
             let list = st.view.format_candidates(&candidates);
             match host::set_header(Map::Request, &st.cfg.pick_header, list.as_bytes()) {
                 Ok(()) => {
-                    st.adjust_inflight(first, 1);
+                    st.adjust_inflight(first, 1, snapshot);
                     self.picked = Some(first);
                 }
                 Err(e) => log::warn!("hint-router: cannot set {}: {e}", st.cfg.pick_header),
@@ -241,12 +290,23 @@ impl HttpContext for Stream {
         if !learn && !debug {
             return Action::Continue;
         }
+        let raw = if learn {
+            host::get_header(Map::Response, &st.cfg.runner_hints_header).ok().flatten()
+        } else {
+            None
+        };
+        if raw.is_none() && !debug {
+            return Action::Continue; // nothing to learn: no need for the upstream's address
+        }
         let upstream = host::get_property(&["upstream", "address"]).ok().flatten();
         let upstream = upstream.as_deref().and_then(|u| std::str::from_utf8(u).ok()).unwrap_or("");
-        if learn && !upstream.is_empty() {
-            if let Ok(Some(raw)) = host::get_header(Map::Response, &st.cfg.runner_hints_header) {
-                if let Some(idx) = st.view.index_of(upstream) {
-                    let list = parse_hint_list(&raw, st.cfg.max_hint_bytes, st.cfg.max_hints_per_runner);
+        if !upstream.is_empty() {
+            if let Some(raw) = raw {
+                let (max_bytes, cap) = (st.cfg.max_hint_bytes, st.cfg.max_hints_per_runner);
+                // The common case, the runner's list as the view has it: nothing to parse.
+                let same = |idx| st.view.runner_hints_equal(idx, &raw, max_bytes, cap);
+                if let Some(idx) = st.view.index_of(upstream).filter(|&i| !same(i)) {
+                    let list = parse_hint_list(&raw, max_bytes, cap);
                     if st.view.set_runner_hints(idx, &list) {
                         host::increment_metric(st.metrics.response_hints, 1);
                         let msg = encode_header_update(upstream, &list.hints);
@@ -270,7 +330,7 @@ impl HttpContext for Stream {
     fn on_log(&mut self) {
         if let Some(idx) = self.picked.take() {
             if let Ok(st) = self.state.try_borrow() {
-                st.adjust_inflight(idx, -1);
+                st.adjust_inflight(idx, -1, None);
             }
         }
     }

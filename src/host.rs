@@ -181,6 +181,16 @@ pub fn now_ms() -> u64 {
     }
 }
 
+/// Nanoseconds since the Unix epoch, from the host's clock (0 if unavailable).
+pub fn now_ns() -> u64 {
+    let mut t = 0u64;
+    // SAFETY: `t` is a valid out-pointer.
+    match unsafe { proxy_get_current_time_nanoseconds(&mut t) } {
+        0 => t,
+        _ => 0,
+    }
+}
+
 /// Sets the root context's tick period.
 pub fn set_tick_period_ms(ms: u32) -> HostResult<()> {
     // SAFETY: plain value argument.

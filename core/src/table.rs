@@ -3,7 +3,9 @@
 
 use crate::hint::HintList;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// One runner as published by the poller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,67 @@ impl Table {
     }
 }
 
+/// A [`Table`] parsed in place: strings borrow from the encoded bytes (unless JSON escapes
+/// forced a copy), so a refresh allocates only for the runners whose hints changed.
+#[derive(Debug, Deserialize)]
+pub struct TableRef<'a> {
+    /// As [`Table::generation`].
+    pub generation: u64,
+    /// As [`Table::runners`].
+    #[serde(borrow)]
+    pub runners: Vec<TableRunnerRef<'a>>,
+}
+
+/// A string borrowed from the encoded table when it has no JSON escapes (serde borrows a
+/// `Cow<str>` only as a direct field, hence this wrapper for lists).
+#[derive(Debug, Deserialize)]
+pub struct Str<'a>(#[serde(borrow)] pub Cow<'a, str>);
+
+/// A [`TableRunner`] parsed in place.
+#[derive(Debug, Deserialize)]
+pub struct TableRunnerRef<'a> {
+    /// As [`TableRunner::addr`].
+    #[serde(borrow)]
+    pub addr: Cow<'a, str>,
+    /// As [`TableRunner::available`].
+    pub available: bool,
+    /// As [`TableRunner::hints`].
+    #[serde(borrow)]
+    pub hints: Vec<Str<'a>>,
+    /// As [`TableRunner::capacity`].
+    pub capacity: u32,
+    /// As [`TableRunner::max_concurrency`].
+    pub max_concurrency: u32,
+}
+
+impl<'a> TableRef<'a> {
+    /// Parses what [`Table::encode`] wrote (accepts exactly what [`Table::decode`] accepts).
+    pub fn parse(bytes: &'a [u8]) -> Option<TableRef<'a>> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// The owned [`Table`].
+    pub fn into_owned(self) -> Table {
+        Table {
+            generation: self.generation,
+            runners: self.runners.into_iter().map(TableRunnerRef::into_owned).collect(),
+        }
+    }
+}
+
+impl TableRunnerRef<'_> {
+    /// The owned [`TableRunner`].
+    pub fn into_owned(self) -> TableRunner {
+        TableRunner {
+            addr: self.addr.into_owned(),
+            available: self.available,
+            hints: self.hints.into_iter().map(|h| h.0.into_owned()).collect(),
+            capacity: self.capacity,
+            max_concurrency: self.max_concurrency,
+        }
+    }
+}
+
 /// A runner as the router sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ViewRunner {
@@ -71,34 +134,243 @@ impl ViewRunner {
     }
 }
 
+/// FxHash-style hasher with a final mix: several times faster than SipHash on short keys.
+/// The keys are hints published by runners and runner addresses from the config; clients only
+/// look keys up, so they cannot grow a bucket.
+#[derive(Debug, Default, Clone, Copy)]
+struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            for (d, s) in w.iter_mut().zip(rest) {
+                *d = *s;
+            }
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 59));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        // murmur3's fmix64: spreads the multiply's high-bit entropy into the low bits that
+        // pick the bucket.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+/// Runners holding one hint: up to three inline (the common case: no allocation per hint),
+/// more on the heap.
+#[derive(Debug, Clone)]
+enum Holders {
+    Inline(u8, [u32; 3]),
+    Heap(Vec<u32>),
+}
+
+impl Holders {
+    fn one(idx: u32) -> Holders {
+        Holders::Inline(1, [idx, 0, 0])
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Holders::Inline(n, a) => a.get(..usize::from(*n)).unwrap_or(&[]),
+            Holders::Heap(v) => v,
+        }
+    }
+
+    fn push(&mut self, idx: u32) {
+        match self {
+            Holders::Inline(n, a) => {
+                if let Some(slot) = a.get_mut(usize::from(*n)) {
+                    *slot = idx;
+                    *n += 1;
+                } else {
+                    let mut v = Vec::with_capacity(a.len() * 2);
+                    v.extend_from_slice(a);
+                    v.push(idx);
+                    *self = Holders::Heap(v);
+                }
+            }
+            Holders::Heap(v) => v.push(idx),
+        }
+    }
+
+    /// Removes `idx`; returns whether none is left.
+    fn remove(&mut self, idx: u32) -> bool {
+        match self {
+            Holders::Inline(n, a) => {
+                let mut kept = [0u32; 3];
+                let mut k = 0u8;
+                for &x in a.get(..usize::from(*n)).unwrap_or(&[]) {
+                    if x != idx {
+                        if let Some(slot) = kept.get_mut(usize::from(k)) {
+                            *slot = x;
+                            k += 1;
+                        }
+                    }
+                }
+                *self = Holders::Inline(k, kept);
+                k == 0
+            }
+            Holders::Heap(v) => {
+                v.retain(|&x| x != idx);
+                v.is_empty()
+            }
+        }
+    }
+}
+
 /// A worker-local, indexed copy of the [`Table`]: hint -> holders is a hash lookup.
 #[derive(Debug, Clone, Default)]
 pub struct View {
     generation: u64,
     runners: Vec<ViewRunner>,
-    by_hint: HashMap<String, Vec<u32>>,
-    by_addr: HashMap<String, u32>,
+    by_hint: FastMap<String, Holders>,
+    by_addr: FastMap<String, u32>,
 }
 
 impl View {
     /// Builds the view of a published table.
     pub fn from_table(table: &Table) -> View {
-        let mut v = View { generation: table.generation, ..View::default() };
-        for (i, r) in table.runners.iter().enumerate() {
+        View::from_owned(table.clone())
+    }
+
+    /// Builds the view of a published table, taking its strings instead of copying them
+    /// (what a worker does on every table refresh).
+    pub fn from_owned(table: Table) -> View {
+        let n = table.runners.len();
+        let total: usize = table.runners.iter().map(|r| r.hints.len()).sum();
+        let mut v = View {
+            generation: table.generation,
+            runners: Vec::with_capacity(n),
+            by_hint: FastMap::with_capacity_and_hasher(total / 2, Default::default()),
+            by_addr: FastMap::with_capacity_and_hasher(n, Default::default()),
+        };
+        for (i, r) in table.runners.into_iter().enumerate() {
             let idx = i as u32;
             v.by_addr.insert(r.addr.clone(), idx);
             for h in &r.hints {
-                v.by_hint.entry(h.clone()).or_default().push(idx);
+                v.index_hint(h, idx);
             }
             v.runners.push(ViewRunner {
-                addr: r.addr.clone(),
+                addr: r.addr,
                 available: r.available,
                 capacity: r.capacity,
                 max_concurrency: r.max_concurrency.max(1),
-                hints: r.hints.clone(),
+                hints: r.hints,
             });
         }
         v
+    }
+
+    /// Replaces this view with `table`'s, re-indexing only the runners whose hints changed
+    /// (a refresh usually brings one or two changed runners among many). Same result as
+    /// `*self = View::from_owned(table)` for everything ranking sees; only the order within a
+    /// holder list may differ, which ranking does not depend on (ties break by runner index).
+    /// Falls back to a full rebuild when the runner list itself changed.
+    pub fn refresh_from(&mut self, table: Table) {
+        let same_runners = table.runners.len() == self.runners.len()
+            && table.runners.iter().zip(&self.runners).all(|(t, v)| t.addr == v.addr);
+        if !same_runners {
+            *self = View::default(); // freed first: lowers the peak memory of the rebuild
+            *self = View::from_owned(table);
+            return;
+        }
+        self.generation = table.generation;
+        for (i, t) in table.runners.into_iter().enumerate() {
+            let idx = i as u32;
+            let Some(v) = self.runners.get_mut(i) else { continue };
+            v.available = t.available;
+            v.capacity = t.capacity;
+            v.max_concurrency = t.max_concurrency.max(1);
+            if v.hints != t.hints {
+                let old = std::mem::replace(&mut v.hints, t.hints);
+                self.reindex(idx, &old);
+            }
+        }
+    }
+
+    /// [`View::refresh_from`] for a table parsed in place: compares each runner's hints with
+    /// the borrowed strings and copies only the lists that changed.
+    pub fn refresh_from_ref(&mut self, table: TableRef<'_>) {
+        let same_runners = table.runners.len() == self.runners.len()
+            && table.runners.iter().zip(&self.runners).all(|(t, v)| t.addr == v.addr.as_str());
+        if !same_runners {
+            *self = View::default(); // freed first: lowers the peak memory of the rebuild
+            *self = View::from_owned(table.into_owned());
+            return;
+        }
+        self.generation = table.generation;
+        for (i, t) in table.runners.into_iter().enumerate() {
+            let idx = i as u32;
+            let Some(v) = self.runners.get_mut(i) else { continue };
+            v.available = t.available;
+            v.capacity = t.capacity;
+            v.max_concurrency = t.max_concurrency.max(1);
+            let same = v.hints.len() == t.hints.len() && v.hints.iter().zip(&t.hints).all(|(a, b)| *a == b.0);
+            if !same {
+                let new = t.hints.into_iter().map(|h| h.0.into_owned()).collect();
+                let old = std::mem::replace(&mut v.hints, new);
+                self.reindex(idx, &old);
+            }
+        }
+    }
+
+    /// Moves runner `idx` in the hint index from its `old` hints to its current ones.
+    fn reindex(&mut self, idx: u32, old: &[String]) {
+        for h in old {
+            if let Some(list) = self.by_hint.get_mut(h.as_str()) {
+                if list.remove(idx) {
+                    self.by_hint.remove(h.as_str());
+                }
+            }
+        }
+        // Taken out while the index is updated, then put back.
+        let new =
+            self.runners.get_mut(idx as usize).map(|r| std::mem::take(&mut r.hints)).unwrap_or_default();
+        for h in &new {
+            self.index_hint(h, idx);
+        }
+        if let Some(r) = self.runners.get_mut(idx as usize) {
+            r.hints = new;
+        }
+    }
+
+    fn index_hint(&mut self, h: &str, idx: u32) {
+        match self.by_hint.get_mut(h) {
+            Some(list) => list.push(idx),
+            None => {
+                self.by_hint.insert(h.to_owned(), Holders::one(idx));
+            }
+        }
     }
 
     /// The table generation this view was built from.
@@ -123,7 +395,7 @@ impl View {
 
     /// Runners (available or not) that list `hint`.
     pub fn holders(&self, hint: &str) -> &[u32] {
-        self.by_hint.get(hint).map(Vec::as_slice).unwrap_or(&[])
+        self.by_hint.get(hint).map(Holders::as_slice).unwrap_or(&[])
     }
 
     /// Number of distinct hints indexed.
@@ -140,19 +412,41 @@ impl View {
         if r.hints == hints.hints {
             return false;
         }
-        for old in &r.hints {
-            if let Some(list) = self.by_hint.get_mut(old) {
-                list.retain(|&x| x != idx);
-                if list.is_empty() {
-                    self.by_hint.remove(old);
+        let old = std::mem::replace(&mut r.hints, hints.hints.clone());
+        self.reindex(idx, &old);
+        true
+    }
+
+    /// Whether `raw`, a runner's `x-fal-runner-hints` value, is exactly runner `idx`'s current
+    /// hint list joined by `,` (the form runners send, and the common case: nothing new).
+    /// Then `parse_hint_list(raw, max_hint_bytes, cap)` would return that same list, so the
+    /// caller can skip parsing: a view's hints are sanitised on the way in (by the poller's
+    /// `sanitize_hints` or the filter's `parse_hint_list`, with the same limits), so each is
+    /// non-empty visible ASCII without `,`, and they are distinct; the lengths and the count
+    /// are checked here again.
+    /// False for anything else, including an unknown runner; the caller then parses.
+    pub fn runner_hints_equal(&self, idx: u32, raw: &[u8], max_hint_bytes: usize, cap: usize) -> bool {
+        let Some(r) = self.runner(idx) else {
+            return false;
+        };
+        if r.hints.len() > cap {
+            return false;
+        }
+        let mut rest = raw;
+        for (i, h) in r.hints.iter().enumerate() {
+            if i > 0 {
+                match rest.split_first() {
+                    Some((b',', tail)) => rest = tail,
+                    _ => return false,
                 }
             }
+            let h = h.as_bytes();
+            if h.is_empty() || h.len() > max_hint_bytes || !rest.starts_with(h) {
+                return false;
+            }
+            rest = rest.get(h.len()..).unwrap_or(&[]);
         }
-        for h in &hints.hints {
-            self.by_hint.entry(h.clone()).or_default().push(idx);
-        }
-        r.hints = hints.hints.clone();
-        true
+        rest.is_empty()
     }
 
     /// Formats candidates as the `override_host` list `ip:port,ip:port`.
@@ -236,6 +530,137 @@ pub(crate) mod tests {
         assert_eq!(v.hint_count(), 2);
         assert!(!v.set_runner_hints(0, &parse_hint_list(b"c", 64, 8)));
         assert!(!v.set_runner_hints(7, &parse_hint_list(b"c", 64, 8)));
+    }
+
+    #[test]
+    fn holders_spill_past_three_and_shrink_back() {
+        let hs: Vec<&[&str]> = vec![&["a"], &["a", "b"], &["a"], &["a"], &["a"]];
+        let mut v = View::from_table(&table(&hs));
+        assert_eq!(v.holders("a"), &[0, 1, 2, 3, 4]);
+        for i in [4, 0, 2] {
+            assert!(v.set_runner_hints(i, &parse_hint_list(b"", 64, 8)));
+        }
+        assert_eq!(v.holders("a"), &[1, 3]);
+        assert!(v.set_runner_hints(1, &parse_hint_list(b"b", 64, 8)));
+        assert!(v.set_runner_hints(3, &parse_hint_list(b"b,c", 64, 8)));
+        assert!(v.holders("a").is_empty());
+        assert_eq!(v.holders("b"), &[1, 3]);
+        assert_eq!(v.hint_count(), 2);
+        // Re-listing a hint moves the runner to the end, as before.
+        let mut v = View::from_table(&table(&[&["a"], &["a"]]));
+        assert!(v.set_runner_hints(0, &parse_hint_list(b"a,z", 64, 8)));
+        assert_eq!(v.holders("a"), &[1, 0]);
+    }
+
+    #[test]
+    fn from_owned_matches_from_table() {
+        let t = table(&[&["a", "b"], &["b"], &[]]);
+        let (x, y) = (View::from_table(&t), View::from_owned(t));
+        assert_eq!(x.runners(), y.runners());
+        for h in ["a", "b", "c"] {
+            assert_eq!(x.holders(h), y.holders(h));
+        }
+        assert_eq!(x.hint_count(), y.hint_count());
+    }
+
+    /// Holder lists as sets, for every hint of either view.
+    fn index_of_view(v: &View) -> Vec<(String, Vec<u32>)> {
+        let mut hints: Vec<String> = v.runners().iter().flat_map(|r| r.hints.clone()).collect();
+        hints.sort();
+        hints.dedup();
+        hints
+            .into_iter()
+            .map(|h| {
+                let mut l = v.holders(&h).to_vec();
+                l.sort();
+                (h, l)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn refresh_from_equals_a_rebuild() {
+        let before = table(&[&["a", "b"], &["b", "c"], &["d"], &[]]);
+        let mut after = table(&[&["b", "x"], &["b", "c"], &[], &["a", "d"]]);
+        after.generation = 2;
+        after.runners[1].available = false;
+        after.runners[2].capacity = 9;
+        after.runners[3].max_concurrency = 0;
+        let mut v = View::from_table(&before);
+        v.refresh_from(after.clone());
+        let fresh = View::from_table(&after);
+        assert_eq!(v.runners(), fresh.runners());
+        assert_eq!(v.generation(), 2);
+        assert_eq!(v.hint_count(), fresh.hint_count());
+        assert_eq!(index_of_view(&v), index_of_view(&fresh));
+        assert!(v.holders("a") == [3] && v.holders("c") == [1] && v.holders("zz").is_empty());
+        // A different runner list: rebuilt from scratch.
+        let other = table(&[&["q"]]);
+        v.refresh_from(other.clone());
+        assert_eq!(v.runners(), View::from_table(&other).runners());
+        assert_eq!(v.index_of("127.0.0.1:2"), None);
+        assert_eq!(v.holders("q"), &[0]);
+        assert!(v.holders("b").is_empty());
+    }
+
+    #[test]
+    fn table_ref_parses_what_encode_writes_and_refreshes_like_a_rebuild() {
+        let mut t = table(&[&["a", "q\"uo\\te"], &["b"], &[]]);
+        t.runners[1].available = false;
+        let bytes = t.encode();
+        let r = TableRef::parse(&bytes).unwrap();
+        assert!(matches!(r.runners[0].hints[0].0, Cow::Borrowed(_)));
+        assert!(matches!(r.runners[0].addr, Cow::Borrowed(_)));
+        assert!(matches!(r.runners[0].hints[1].0, Cow::Owned(_)), "escaped: copied");
+        assert_eq!(r.into_owned(), t);
+        assert!(TableRef::parse(b"{garbage").is_none());
+        assert!(
+            TableRef::parse(br#"{"generation":1}"#).is_none()
+                && Table::decode(br#"{"generation":1}"#).is_none()
+        );
+
+        let mut after = table(&[&["b", "x"], &["b"], &["a"]]);
+        after.generation = 5;
+        after.runners[0].capacity = 7;
+        let mut v = View::from_table(&t);
+        v.refresh_from_ref(TableRef::parse(&after.encode()).unwrap());
+        let fresh = View::from_table(&after);
+        assert_eq!(v.runners(), fresh.runners());
+        assert_eq!(v.generation(), 5);
+        assert_eq!(index_of_view(&v), index_of_view(&fresh));
+        assert_eq!(v.hint_count(), fresh.hint_count());
+        // A different runner list: rebuilt.
+        let other = table(&[&["z"]]);
+        v.refresh_from_ref(TableRef::parse(&other.encode()).unwrap());
+        assert_eq!(v.runners(), View::from_table(&other).runners());
+        assert_eq!(v.holders("z"), &[0]);
+    }
+
+    #[test]
+    fn runner_hints_equal_iff_parsing_changes_nothing() {
+        let v = View::from_table(&table(&[&["a", "bb"], &[]]));
+        for (idx, raw, same) in [
+            (0u32, &b"a,bb"[..], true),
+            (0, b"a, bb", false),
+            (0, b"a,bb,", false),
+            (0, b"bb,a", false),
+            (0, b"a", false),
+            (0, b"a,b", false),
+            (0, b"a,bbc", false),
+            (0, b"", false),
+            (1, b"", true),
+            (1, b"a", false),
+            (9, b"", false),
+        ] {
+            assert_eq!(v.runner_hints_equal(idx, raw, 64, 8), same, "{idx} {raw:?}");
+            let changes = v.clone().set_runner_hints(idx, &parse_hint_list(raw, 64, 8));
+            if same {
+                assert!(!changes, "{idx} {raw:?}");
+            }
+        }
+        // Caps the view's hints exceed: parse would differ, so not equal.
+        assert!(!v.runner_hints_equal(0, b"a,bb", 64, 1));
+        assert!(!v.runner_hints_equal(0, b"a,bb", 1, 8));
     }
 
     #[test]

@@ -1,0 +1,245 @@
+//! Native micro-benchmarks of the filter's per-request work and of a table refresh, at 8, 100
+//! and 1,000 runners with 100 hints each (`cargo bench -p hint-router-bench-overhead`).
+//!
+//! * `rank/{hit,miss,no_hint}/N`: the decision (`hint_router_core::rank::rank`).
+//! * `inflight/{decode,adjust}/N`: the per-request in-flight counter work (decode the shared
+//!   array for ranking; one counter update).
+//! * `response/{parse_unchanged,compare_unchanged}/N`: what `on_http_response_headers` does
+//!   with a runner's unchanged 100-hint header: parse it and compare lists (before), or compare
+//!   the raw value with the view's list (after).
+//! * `refresh/full/N`: a first load, `Table::decode` + `View::from_owned`.
+//! * `refresh/one_changed/N`: a worker's refresh when the new table differs in one runner:
+//!   `TableRef::parse` (in place) + `View::refresh_from_ref`.
+//! * `refresh/{parse_in_place,decode_owned}/N`: the parse alone, in place or into a `Table`.
+//!
+//! Before the runs it prints the native heap estimate of a filter VM (counting allocator);
+//! after them, a table of criterion's median estimates, also written to
+//! `target/bench/decision.json`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use criterion::{black_box, BenchmarkId, Criterion};
+use hint_router_bench_overhead::alloc::CountingAlloc;
+use hint_router_bench_overhead::fixture::{self, HINTS_PER_RUNNER};
+use hint_router_bench_overhead::memory;
+use hint_router_core::hint::parse_hint_list;
+use hint_router_core::inflight;
+use hint_router_core::rank::{rank, Outcome};
+use hint_router_core::table::{Table, TableRef, View};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+const SIZES: [usize; 3] = [8, 100, 1000];
+const MAX_CANDIDATES: usize = 3;
+const MAX_HINT_BYTES: usize = 256;
+
+fn bench_rank(c: &mut Criterion) {
+    let mut g = c.benchmark_group("rank");
+    for n in SIZES {
+        let view = View::from_table(&fixture::table(n, HINTS_PER_RUNNER));
+        let loads = fixture::loads(n);
+        let (hit, miss) = (fixture::hit_hint(), fixture::miss_hint());
+        let mut out = Vec::with_capacity(MAX_CANDIDATES);
+        for (case, hint, want) in [
+            ("hit", Some(hit.as_str()), Outcome::Hit),
+            ("miss", Some(miss.as_str()), Outcome::Miss),
+            ("no_hint", None, Outcome::NoHint),
+        ] {
+            assert_eq!(rank(&view, hint, &loads, 1, MAX_CANDIDATES, &mut out), want, "{case} n={n}");
+            let mut spin = 0u32;
+            g.bench_with_input(BenchmarkId::new(case, n), &n, |b, _| {
+                b.iter(|| {
+                    spin = spin.wrapping_add(1);
+                    rank(black_box(&view), black_box(hint), black_box(&loads), spin, MAX_CANDIDATES, &mut out)
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn bench_inflight(c: &mut Criterion) {
+    let mut g = c.benchmark_group("inflight");
+    for n in SIZES {
+        let bytes = inflight::encode(&fixture::loads(n));
+        let mut out = Vec::with_capacity(n);
+        g.bench_with_input(BenchmarkId::new("decode", n), &n, |b, _| {
+            b.iter(|| inflight::decode(black_box(&bytes), n, &mut out))
+        });
+        g.bench_with_input(BenchmarkId::new("adjust", n), &n, |b, _| {
+            b.iter(|| inflight::adjust(black_box(&bytes), n, black_box(1), 1))
+        });
+    }
+    g.finish();
+}
+
+fn bench_response(c: &mut Criterion) {
+    let mut g = c.benchmark_group("response");
+    for n in SIZES {
+        let mut view = View::from_table(&fixture::table(n, HINTS_PER_RUNNER));
+        let idx = (n / 2) as u32;
+        let header = fixture::runner_hints(idx as usize, n, HINTS_PER_RUNNER).join(",");
+        // Before: parse the header and compare lists (what the filter did on every response).
+        g.bench_with_input(BenchmarkId::new("parse_unchanged", n), &n, |b, _| {
+            b.iter(|| {
+                let list = parse_hint_list(black_box(header.as_bytes()), MAX_HINT_BYTES, HINTS_PER_RUNNER);
+                view.set_runner_hints(idx, &list)
+            })
+        });
+        // After: compare the raw value with the view's list first.
+        g.bench_with_input(BenchmarkId::new("compare_unchanged", n), &n, |b, _| {
+            b.iter(|| {
+                view.runner_hints_equal(idx, black_box(header.as_bytes()), MAX_HINT_BYTES, HINTS_PER_RUNNER)
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_refresh(c: &mut Criterion) {
+    let mut g = c.benchmark_group("refresh");
+    for n in SIZES {
+        let table = fixture::table(n, HINTS_PER_RUNNER);
+        let json = table.encode();
+        // The same table with runner 0's last hint swapped: a typical change.
+        let mut changed = table.clone();
+        if let Some(r) = changed.runners.first_mut() {
+            r.hints.pop();
+            r.hints.push("model-churn".into());
+        }
+        changed.generation += 1;
+        let json2 = changed.encode();
+        g.throughput(criterion::Throughput::Elements(n as u64));
+        // First load (or a changed runner list): decode and index everything.
+        g.bench_with_input(BenchmarkId::new("full", n), &n, |b, _| {
+            b.iter(|| View::from_owned(Table::decode(black_box(&json)).expect("decode")))
+        });
+        // What a worker does when a new generation differs in one runner: parse in place,
+        // compare, re-index that runner.
+        let mut view = View::from_owned(table.clone());
+        let mut flip = false;
+        g.bench_with_input(BenchmarkId::new("one_changed", n), &n, |b, _| {
+            b.iter(|| {
+                flip = !flip;
+                let bytes = if flip { &json2 } else { &json };
+                view.refresh_from_ref(TableRef::parse(black_box(bytes)).expect("parse"));
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("parse_in_place", n), &n, |b, _| {
+            b.iter(|| TableRef::parse(black_box(&json)).map(|t| t.runners.len()))
+        });
+        g.bench_with_input(BenchmarkId::new("decode_owned", n), &n, |b, _| {
+            b.iter(|| Table::decode(black_box(&json)).expect("decode"))
+        });
+    }
+    g.finish();
+}
+
+/// Where criterion keeps its results.
+fn criterion_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| hint_router_e2e::repo_root().join("target"));
+    target.join("criterion")
+}
+
+/// Criterion's median estimate (ns) of one benchmark, if it ran.
+fn median_ns(group: &str, func: &str, n: usize) -> Option<f64> {
+    let p = criterion_dir().join(group).join(func).join(n.to_string()).join("new/estimates.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+    v["median"]["point_estimate"].as_f64()
+}
+
+fn print_memory() {
+    println!("native heap of a filter VM (x86_64 sizes, counting allocator), bytes:");
+    println!(
+        "{:>8} {:>6} {:>12} {:>12} {:>12} {:>10} {:>14} {:>14}",
+        "runners",
+        "hints",
+        "table JSON",
+        "Table heap",
+        "View heap",
+        "in-flight",
+        "1st load peak",
+        "refresh peak"
+    );
+    for n in SIZES {
+        if let Some(m) = memory::estimate(n, HINTS_PER_RUNNER) {
+            println!(
+                "{:>8} {:>6} {:>12} {:>12} {:>12} {:>10} {:>14} {:>14}",
+                m.runners,
+                m.hints_per_runner,
+                m.table_json_bytes,
+                m.table_heap_bytes,
+                m.view_heap_bytes,
+                m.inflight_bytes,
+                m.first_load_peak_heap_bytes,
+                m.refresh_peak_heap_bytes
+            );
+        }
+    }
+}
+
+fn main() {
+    print_memory();
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50)
+        .configure_from_args();
+    bench_rank(&mut c);
+    bench_inflight(&mut c);
+    bench_response(&mut c);
+    bench_refresh(&mut c);
+    c.final_summary();
+    if !std::env::args().any(|a| a == "--bench") {
+        return; // `cargo test` runs each benchmark once: no estimates to report
+    }
+
+    let rows = [
+        ("rank", "hit"),
+        ("rank", "miss"),
+        ("rank", "no_hint"),
+        ("inflight", "decode"),
+        ("inflight", "adjust"),
+        ("response", "parse_unchanged"),
+        ("response", "compare_unchanged"),
+        ("refresh", "full"),
+        ("refresh", "one_changed"),
+        ("refresh", "parse_in_place"),
+        ("refresh", "decode_owned"),
+    ];
+    let mut doc = serde_json::Map::new();
+    println!("\ncriterion median estimates (ns):");
+    println!("{:<28} {:>12} {:>12} {:>12}", "benchmark", "n=8", "n=100", "n=1000");
+    for (g, f) in rows {
+        let vals: Vec<Option<f64>> = SIZES.iter().map(|&n| median_ns(g, f, n)).collect();
+        if vals.iter().all(Option::is_none) {
+            continue;
+        }
+        let cell = |v: &Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<28} {:>12} {:>12} {:>12}",
+            format!("{g}/{f}"),
+            cell(&vals[0]),
+            cell(&vals[1]),
+            cell(&vals[2])
+        );
+        let per: serde_json::Map<String, serde_json::Value> =
+            SIZES.iter().zip(&vals).map(|(n, v)| (n.to_string(), serde_json::json!(v))).collect();
+        doc.insert(format!("{g}/{f}"), serde_json::Value::Object(per));
+    }
+    for f in ["full", "one_changed"] {
+        if let (Some(r100), Some(r1000)) = (median_ns("refresh", f, 100), median_ns("refresh", f, 1000)) {
+            println!("refresh/{f} growth 100 -> 1000 runners: x{:.1} (linear = x10)", r1000 / r100);
+        }
+    }
+    let out = hint_router_e2e::repo_root().join("target/bench/decision.json");
+    if let Some(d) = out.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    let _ =
+        std::fs::write(&out, serde_json::to_vec_pretty(&serde_json::Value::Object(doc)).unwrap_or_default());
+}
