@@ -5,8 +5,9 @@ use crate::{GENERATION_KEY, INFLIGHT_KEY, QUEUE_NAME, TABLE_KEY};
 use hint_router_core::config::Config;
 use hint_router_core::hint::{classify, parse_hint_list, HintClass};
 use hint_router_core::inflight;
-use hint_router_core::rank::{rank, Outcome};
-use hint_router_core::table::{encode_header_update, TableRef, View};
+use hint_router_core::rank::Outcome;
+use hint_router_core::router::Router;
+use hint_router_core::table::{encode_header_update, encode_header_update_raw, TableRef};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
@@ -92,7 +93,8 @@ impl Metrics {
 struct State {
     cfg: Config,
     vm_id: String,
-    view: View,
+    /// The worker's view of the fleet, inside the routing state.
+    router: Router,
     /// Generation bytes last read, to skip re-reading an unchanged table.
     seen_generation: Option<Vec<u8>>,
     queue: Option<u32>,
@@ -124,7 +126,7 @@ impl State {
                 match TableRef::parse(&bytes) {
                     Some(t) => {
                         // Parsed in place; copies and re-indexes only the runners that changed.
-                        self.view.refresh_from_ref(t);
+                        self.router.view_mut().refresh_from_ref(t);
                         self.seen_generation = Some(generation);
                         let took_us = host::now_ns().saturating_sub(started) / 1000;
                         host::increment_metric(self.metrics.table_reloads, 1);
@@ -132,7 +134,7 @@ impl State {
                         host::record_metric(self.metrics.vm_memory, vm_memory_bytes());
                         log::debug!(
                             "hint-router: table generation {} loaded in {took_us} us",
-                            self.view.generation()
+                            self.router.view().generation()
                         );
                     }
                     None => {
@@ -154,7 +156,7 @@ impl State {
     /// Reads the in-flight counters into `loads`; returns the value and its CAS token when
     /// the key exists (a CAS token of 0 would write unconditionally, so none is kept then).
     fn read_loads(&mut self) -> Snapshot {
-        let n = self.view.runners().len();
+        let n = 2 * self.router.view().runners().len();
         match host::get_shared(INFLIGHT_KEY) {
             Ok((Some(bytes), cas)) => {
                 inflight::decode(&bytes, n, &mut self.loads);
@@ -167,11 +169,13 @@ impl State {
         }
     }
 
-    /// Moves runner `idx`'s shared in-flight counter by `delta` (compare-and-swap). The first
-    /// attempt may use `snapshot`, the value read earlier in this request; a CAS mismatch
-    /// (someone wrote since) retries with fresh reads, `CAS_ATTEMPTS` of them.
-    fn adjust_inflight(&self, idx: u32, delta: i32, mut snapshot: Snapshot) {
-        let n = self.view.runners().len();
+    /// Moves runner `idx`'s shared in-flight counter by `delta`, and its `loading` counter
+    /// too when `load` (one compare-and-swap). The first attempt may use `snapshot`, the value
+    /// read earlier in this request; a CAS mismatch (someone wrote since) retries with fresh
+    /// reads, `CAS_ATTEMPTS` of them.
+    fn adjust_inflight(&self, idx: u32, load: bool, delta: i32, mut snapshot: Snapshot) {
+        let runners = self.router.view().runners().len();
+        let n = 2 * runners;
         let attempts = CAS_ATTEMPTS + usize::from(snapshot.is_some());
         for _ in 0..attempts {
             let (mut bytes, cas) = match snapshot.take() {
@@ -182,6 +186,9 @@ impl State {
                 },
             };
             inflight::adjust_in_place(&mut bytes, n, idx, delta);
+            if load {
+                inflight::adjust_in_place(&mut bytes, n, runners as u32 + idx, delta);
+            }
             match host::set_shared(INFLIGHT_KEY, &bytes, cas) {
                 Ok(()) => return,
                 Err(host::HostError::CasMismatch) => continue,
@@ -211,7 +218,7 @@ impl FilterRoot {
         let state = State {
             cfg,
             vm_id,
-            view: View::default(),
+            router: Router::default(),
             seen_generation: None,
             queue: None,
             spin: 0,
@@ -224,7 +231,7 @@ impl FilterRoot {
 
     /// A stream context for one request.
     pub fn new_stream(&self) -> Stream {
-        Stream { state: Rc::clone(&self.state), picked: None, outcome: None }
+        Stream { state: Rc::clone(&self.state), picked: None, load: false, outcome: None }
     }
 }
 
@@ -233,6 +240,8 @@ pub struct Stream {
     state: Rc<RefCell<State>>,
     /// Runner whose in-flight counter this request incremented.
     picked: Option<u32>,
+    /// The request was routed to wait for a model load (counted in `loading` too).
+    load: bool,
     outcome: Option<Outcome>,
 }
 
@@ -261,15 +270,20 @@ impl HttpContext for Stream {
         let snapshot = st.read_loads();
         st.spin = st.spin.wrapping_add(1);
         let mut candidates = std::mem::take(&mut st.candidates);
-        let outcome = rank(&st.view, hint, &st.loads, st.spin, st.cfg.max_candidates, &mut candidates);
+        let n = st.router.view().runners().len();
+        let (in_flight, loading) = st.loads.split_at(n.min(st.loads.len()));
+        let (max, max_hints) = (st.cfg.max_candidates, st.cfg.max_hints_per_runner);
+        let decision = st.router.route(hint, in_flight, loading, st.spin, max, max_hints, &mut candidates);
+        let outcome = decision.outcome;
         host::increment_metric(st.metrics.outcome(outcome), 1);
         self.outcome = Some(outcome);
         if let Some(&first) = candidates.first() {
-            let list = st.view.format_candidates(&candidates);
+            let list = st.router.view().format_candidates(&candidates);
             match host::set_header(Map::Request, &st.cfg.pick_header, list.as_bytes()) {
                 Ok(()) => {
-                    st.adjust_inflight(first, 1, snapshot);
+                    st.adjust_inflight(first, decision.load, 1, snapshot);
                     self.picked = Some(first);
+                    self.load = decision.load;
                 }
                 Err(e) => log::warn!("hint-router: cannot set {}: {e}", st.cfg.pick_header),
             }
@@ -304,16 +318,25 @@ impl HttpContext for Stream {
             if let Some(raw) = raw {
                 let (max_bytes, cap) = (st.cfg.max_hint_bytes, st.cfg.max_hints_per_runner);
                 // The common case, the runner's list as the view has it: nothing to parse.
-                let same = |idx| st.view.runner_hints_equal(idx, &raw, max_bytes, cap);
-                if let Some(idx) = st.view.index_of(upstream).filter(|&i| !same(i)) {
-                    let list = parse_hint_list(&raw, max_bytes, cap);
-                    if st.view.set_runner_hints(idx, &list) {
-                        host::increment_metric(st.metrics.response_hints, 1);
-                        let msg = encode_header_update(upstream, &list.hints);
-                        if let Some(q) = st.queue() {
-                            if let Err(e) = host::enqueue(q, &msg) {
-                                log::debug!("hint-router: cannot enqueue response hints: {e}");
-                            }
+                let known = st.router.view().index_of(upstream);
+                let same = |idx| st.router.view().runner_hints_equal(idx, &raw, max_bytes, cap);
+                // The runner's list differs from the view, or equals what we only guessed:
+                // either way the published table is behind; tell the poller.
+                let news = match known {
+                    Some(idx) if same(idx) => {
+                        st.router.confirm(idx).then(|| encode_header_update_raw(upstream, &raw))
+                    }
+                    Some(idx) => {
+                        let list = parse_hint_list(&raw, max_bytes, cap);
+                        st.router.learn(idx, &list).then(|| encode_header_update(upstream, &list.hints))
+                    }
+                    None => None,
+                };
+                if let Some(msg) = news {
+                    host::increment_metric(st.metrics.response_hints, 1);
+                    if let Some(q) = st.queue() {
+                        if let Err(e) = host::enqueue(q, &msg) {
+                            log::debug!("hint-router: cannot enqueue response hints: {e}");
                         }
                     }
                 }
@@ -330,7 +353,7 @@ impl HttpContext for Stream {
     fn on_log(&mut self) {
         if let Some(idx) = self.picked.take() {
             if let Ok(st) = self.state.try_borrow() {
-                st.adjust_inflight(idx, -1, None);
+                st.adjust_inflight(idx, self.load, -1, None);
             }
         }
     }

@@ -29,7 +29,8 @@ pub const POLLER_ROOT_ID: &str = "hint_router_poller";
 pub(crate) const TABLE_KEY: &str = "hint_router.table";
 /// Shared-data key of the table's generation (8 bytes, little-endian); read on every request.
 pub(crate) const GENERATION_KEY: &str = "hint_router.generation";
-/// Shared-data key of the in-flight counters (`u32` little-endian per runner).
+/// Shared-data key of the in-flight counters: `2n` little-endian `u32`s for `n` runners, the
+/// requests in flight to each runner, then those of them routed to wait for a model load.
 pub(crate) const INFLIGHT_KEY: &str = "hint_router.inflight";
 /// Shared queue over which workers send hints seen in response headers to the poller.
 pub(crate) const QUEUE_NAME: &str = "hint_router.response_hints";

@@ -50,7 +50,12 @@ pub struct PollerRoot {
     poller: Poller,
     queue: Option<u32>,
     metrics: Metrics,
+    /// Earliest time (ns) a change may be published outside a tick; see [`Self::publish_soon`].
+    next_publish_ns: u64,
 }
+
+/// A publication may take at most 1 / this of the main thread's time outside ticks.
+const PUBLISH_DUTY: u64 = 10;
 
 impl PollerRoot {
     /// Registers the queue, starts the tick and publishes the initial (empty) table.
@@ -71,7 +76,7 @@ impl PollerRoot {
                 poller.continue_from(u64::from_le_bytes(g));
             }
         }
-        let mut root = PollerRoot { poller, cfg, queue, metrics: Metrics::define() };
+        let mut root = PollerRoot { poller, cfg, queue, metrics: Metrics::define(), next_publish_ns: 0 };
         log::info!(
             "hint-router poller: polling {} runners every {} ms",
             root.poller.len(),
@@ -142,7 +147,7 @@ impl PollerRoot {
         if matches!(ev, PollEvent::Ok { .. }) {
             self.repair_in_flight(idx);
         }
-        self.publish();
+        self.publish_soon();
     }
 
     /// Applies hints workers saw in response headers.
@@ -169,7 +174,7 @@ impl PollerRoot {
                 }
             }
         }
-        self.publish();
+        self.publish_soon();
     }
 
     /// Undoes in-flight increments that were never decremented (see
@@ -178,12 +183,20 @@ impl PollerRoot {
         let n = self.poller.len();
         let Ok((bytes, cas)) = host::get_shared(INFLIGHT_KEY) else { return };
         let bytes = bytes.unwrap_or_default();
-        let mut counts = Vec::with_capacity(n);
-        inflight::decode(&bytes, n, &mut counts);
+        let mut counts = Vec::with_capacity(2 * n);
+        inflight::decode(&bytes, 2 * n, &mut counts);
         let local = counts.get(idx).copied().unwrap_or(0);
         let Some(leaked) = self.poller.leaked_in_flight(idx, local) else { return };
-        let delta = i32::try_from(leaked).unwrap_or(i32::MAX);
-        let next = inflight::adjust(&bytes, n, idx as u32, -delta);
+        // Both counters of the runner: in flight, and (never above it) loading.
+        let remaining = local.saturating_sub(leaked);
+        let loading = counts.get(n + idx).copied().unwrap_or(0);
+        if let Some(c) = counts.get_mut(idx) {
+            *c = remaining;
+        }
+        if let Some(c) = counts.get_mut(n + idx) {
+            *c = loading.min(remaining);
+        }
+        let next = inflight::encode(&counts);
         if host::set_shared(INFLIGHT_KEY, &next, cas).is_ok() {
             host::increment_metric(self.metrics.inflight_repaired, i64::from(leaked));
             log::warn!(
@@ -222,7 +235,19 @@ impl PollerRoot {
         }
     }
 
+    /// Publishes a change now if the last publication's cost allows (small tables: at once),
+    /// else leaves it to the next tick. Publishing a 1,000-runner table after every poll
+    /// answer swamped the main thread until polls timed out; this keeps publications to at
+    /// most 1/[`PUBLISH_DUTY`] of its time while small fleets still see changes in
+    /// microseconds.
+    fn publish_soon(&mut self) {
+        if host::now_ns() >= self.next_publish_ns {
+            self.publish();
+        }
+    }
+
     fn publish(&mut self) {
+        let started = host::now_ns();
         let Some(table) = self.poller.take_table() else { return };
         let bytes = table.encode();
         if let Err(e) = host::set_shared(TABLE_KEY, &bytes, 0) {
@@ -234,5 +259,7 @@ impl PollerRoot {
         }
         host::increment_metric(self.metrics.table_publishes, 1);
         host::record_metric(self.metrics.runners_available, self.poller.available() as u64);
+        let now = host::now_ns();
+        self.next_publish_ns = now.saturating_add(now.saturating_sub(started).saturating_mul(PUBLISH_DUTY));
     }
 }

@@ -57,6 +57,25 @@ impl Router {
         self.guessed.clear();
     }
 
+    /// The view, to refresh it in place from a newly published table; drops all guesses.
+    pub fn view_mut(&mut self) -> &mut View {
+        self.guessed.clear();
+        &mut self.view
+    }
+
+    /// Runner `idx` itself confirmed its hint list is what the view has: our guesses for it
+    /// are now facts. Returns whether there were guesses (the view then knew more than the
+    /// published table, which should hear of it).
+    pub fn confirm(&mut self, idx: u32) -> bool {
+        match self.guessed.get_mut(idx as usize) {
+            Some(g) if !g.is_empty() => {
+                g.clear();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Records what runner `idx` itself said it holds (a response header); drops our guesses
     /// for it. Returns whether its hints changed.
     pub fn learn(&mut self, idx: u32, hints: &HintList) -> bool {
@@ -149,7 +168,14 @@ mod tests {
         // The next request for it follows, as a hit, but joins the load: counted as one.
         let (d, out) = go(&mut v, Some("new"), &[0, 1], &[0, 1]);
         assert_eq!((d.outcome, d.load, out[0]), (Outcome::Hit, true, 1));
-        // Once the runner confirms it, requests for it are plain hits.
+        // Once the runner confirms it (same list, or a new one), requests are plain hits.
+        let mut w = v.clone();
+        assert!(w.confirm(1));
+        assert!(!w.confirm(1));
+        assert_eq!(
+            go(&mut w, Some("new"), &[0, 1], &[0, 0]).0,
+            Decision { outcome: Outcome::Hit, load: false }
+        );
         assert!(!v.learn(1, &HintList { hints: vec!["new".into(), "q".into()], invalid: 0, truncated: 0 }));
         let (d, _) = go(&mut v, Some("new"), &[0, 1], &[0, 0]);
         assert_eq!((d.outcome, d.load), (Outcome::Hit, false));

@@ -467,10 +467,15 @@ impl View {
 /// Encodes a worker's "runner X just reported hints Y" message for the poller's queue:
 /// `addr` newline `a,b,c`.
 pub fn encode_header_update(addr: &str, hints: &[String]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(addr.len() + 1 + hints.len() * 16);
+    encode_header_update_raw(addr, crate::wire::format_hints_header(hints).as_bytes())
+}
+
+/// [`encode_header_update`] with the hint list as the runner sent it (`a,b,c`).
+pub fn encode_header_update_raw(addr: &str, raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(addr.len() + 1 + raw.len());
     out.extend_from_slice(addr.as_bytes());
     out.push(b'\n');
-    out.extend_from_slice(crate::wire::format_hints_header(hints).as_bytes());
+    out.extend_from_slice(raw);
     out
 }
 
