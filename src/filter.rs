@@ -126,7 +126,7 @@ impl State {
                 match TableRef::parse(&bytes) {
                     Some(t) => {
                         // Parsed in place; copies and re-indexes only the runners that changed.
-                        self.router.view_mut().refresh_from_ref(t);
+                        self.router.refresh(|view| view.refresh_from_ref(t));
                         self.seen_generation = Some(generation);
                         let took_us = host::now_ns().saturating_sub(started) / 1000;
                         host::increment_metric(self.metrics.table_reloads, 1);
@@ -196,6 +196,17 @@ impl State {
             }
         }
         host::increment_metric(self.metrics.inflight_errors, 1);
+    }
+
+    /// Sends runner `idx`'s hint list, as this worker's view has it, to the poller.
+    fn forward_hints(&mut self, idx: u32) {
+        let Some(r) = self.router.view().runner(idx) else { return };
+        let msg = encode_header_update(&r.addr, &r.hints);
+        if let Some(q) = self.queue() {
+            if let Err(e) = host::enqueue(q, &msg) {
+                log::debug!("hint-router: cannot enqueue hints: {e}");
+            }
+        }
     }
 
     fn queue(&mut self) -> Option<u32> {
@@ -284,6 +295,11 @@ impl HttpContext for Stream {
                     st.adjust_inflight(first, decision.load, 1, snapshot);
                     self.picked = Some(first);
                     self.load = decision.load;
+                    if decision.listed {
+                        // Tell the other workers at once, through the poller's table, so they
+                        // send this model here too instead of loading it a second time.
+                        st.forward_hints(first);
+                    }
                 }
                 Err(e) => log::warn!("hint-router: cannot set {}: {e}", st.cfg.pick_header),
             }

@@ -28,6 +28,9 @@ pub struct Decision {
     /// model yet, or only as a guess of ours). Count it in the `loading` counter until it
     /// ends.
     pub load: bool,
+    /// This decision listed the hint on the first candidate (a guess): other workers should
+    /// hear of it (the filter forwards the runner's new list to the poller).
+    pub listed: bool,
 }
 
 /// A worker's routing state: its [`View`] of the fleet, plus the hints it listed on runners
@@ -57,10 +60,18 @@ impl Router {
         self.guessed.clear();
     }
 
-    /// The view, to refresh it in place from a newly published table; drops all guesses.
-    pub fn view_mut(&mut self) -> &mut View {
-        self.guessed.clear();
-        &mut self.view
+    /// Refreshes the view in place (from a newly published table) with `f`. Guesses the new
+    /// view still lists stay guesses until the runner answers the request that made them
+    /// ([`Router::confirm`], [`Router::learn`]); guesses it no longer lists are dropped.
+    pub fn refresh(&mut self, f: impl FnOnce(&mut View)) {
+        f(&mut self.view);
+        let view = &self.view;
+        for (i, g) in (0u32..).zip(self.guessed.iter_mut()) {
+            match view.runner(i) {
+                Some(r) => g.retain(|h| r.hints.iter().any(|x| x == h)),
+                None => g.clear(),
+            }
+        }
     }
 
     /// Runner `idx` itself confirmed its hint list is what the view has: our guesses for it
@@ -106,15 +117,15 @@ impl Router {
         );
         let outcome = rank_loads(&self.view, hint, &self.busy, in_flight, spin, max, out);
         let (Some(h), Some(&first)) = (hint, out.first()) else {
-            return Decision { outcome, load: false };
+            return Decision { outcome, load: false, listed: false };
         };
         let Some(r) = self.view.runner(first) else {
-            return Decision { outcome, load: false };
+            return Decision { outcome, load: false, listed: false };
         };
         if r.hints.iter().any(|x| x == h) {
             // A hit, unless the hint is only our own guess: then it joins a load.
             let guessed = self.guessed.get(first as usize).is_some_and(|g| g.iter().any(|x| x == h));
-            return Decision { outcome, load: guessed };
+            return Decision { outcome, load: guessed, listed: false };
         }
         let keep = if r.capacity > 0 { r.capacity as usize } else { max_hints.max(1) };
         let mut hints = Vec::with_capacity(keep);
@@ -130,7 +141,7 @@ impl Router {
             g.insert(0, h.to_string());
             g.truncate(keep);
         }
-        Decision { outcome, load: true }
+        Decision { outcome, load: true, listed: true }
     }
 }
 
@@ -162,23 +173,38 @@ mod tests {
     fn a_miss_lists_its_hint_on_the_chosen_runner_at_once() {
         let mut v = Router::new(View::from_table(&table(&[&["x", "y", "z"], &["q"]])));
         let (d, out) = go(&mut v, Some("new"), &[0, 0], &[]);
-        assert_eq!((d.outcome, d.load, out[0]), (Outcome::Miss, true, 1));
+        assert_eq!((d.outcome, d.load, d.listed, out[0]), (Outcome::Miss, true, true, 1));
         assert_eq!(v.view().runner(1).unwrap().hints, vec!["new", "q"]);
         assert_eq!(v.view().holders("new"), &[1]);
         // The next request for it follows, as a hit, but joins the load: counted as one.
         let (d, out) = go(&mut v, Some("new"), &[0, 1], &[0, 1]);
-        assert_eq!((d.outcome, d.load, out[0]), (Outcome::Hit, true, 1));
+        assert_eq!((d.outcome, d.load, d.listed, out[0]), (Outcome::Hit, true, false, 1));
         // Once the runner confirms it (same list, or a new one), requests are plain hits.
         let mut w = v.clone();
         assert!(w.confirm(1));
         assert!(!w.confirm(1));
         assert_eq!(
             go(&mut w, Some("new"), &[0, 1], &[0, 0]).0,
-            Decision { outcome: Outcome::Hit, load: false }
+            Decision { outcome: Outcome::Hit, load: false, listed: false }
         );
         assert!(!v.learn(1, &HintList { hints: vec!["new".into(), "q".into()], invalid: 0, truncated: 0 }));
         let (d, _) = go(&mut v, Some("new"), &[0, 1], &[0, 0]);
         assert_eq!((d.outcome, d.load), (Outcome::Hit, false));
+    }
+
+    #[test]
+    fn guesses_survive_a_refresh_that_still_lists_them() {
+        let mut v = Router::new(View::from_table(&table(&[&["x"], &["q"]])));
+        go(&mut v, Some("new"), &[0, 0], &[]);
+        let (d, _) = go(&mut v, Some("new"), &[0, 0], &[0, 0]);
+        assert!(d.load, "joining a guessed load");
+        // A table that lists it (another worker forwarded the guess) keeps it a guess.
+        let listed = table(&[&["new", "x"], &["q"]]);
+        v.refresh(|view| *view = View::from_table(&listed));
+        assert!(go(&mut v, Some("new"), &[0, 0], &[0, 0]).0.load);
+        // A table that does not list it drops the guess.
+        v.refresh(|view| *view = View::from_table(&table(&[&["x"], &["q"]])));
+        assert!(!v.confirm(0) && !v.confirm(1));
     }
 
     #[test]

@@ -466,3 +466,39 @@ impl Stack {
         self.runners.iter().position(|r| r.addr == addr)
     }
 }
+
+/// Closed-loop hinted load for fault tests: `clients` threads, each sending `POST /` for
+/// `model-0..model-{models-1}` in turn (hinted), until [`SteadyLoad::stop`].
+pub struct SteadyLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<Vec<(Instant, Answer)>>>,
+}
+
+impl SteadyLoad {
+    /// Starts the clients against `url`.
+    pub fn start(url: &str, clients: usize, models: usize) -> SteadyLoad {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles = (0..clients)
+            .map(|c| {
+                let (u, stop) = (url.to_string(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let m = format!("model-{}", (c + i) % models.max(1));
+                        out.push((Instant::now(), infer(&u, &m, Some(m.as_bytes()), &[])));
+                        i += 1;
+                    }
+                    out
+                })
+            })
+            .collect();
+        SteadyLoad { stop, handles }
+    }
+
+    /// Stops the clients; every answer with the time its request was sent.
+    pub fn stop(self) -> Vec<(Instant, Answer)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    }
+}

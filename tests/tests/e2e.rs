@@ -174,29 +174,12 @@ fn killing_a_runner_fails_at_most_its_in_flight_requests() {
     let victim_addr = infer(&url, "model-0", hint("model-0"), &[]).upstream;
     let victim = s.index_of(&victim_addr).unwrap();
     let clients = 4;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let handles: Vec<_> = (0..clients)
-        .map(|c| {
-            let (u, stop) = (url.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut out = Vec::new();
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let m = format!("model-{}", (c + i) % 6);
-                    out.push((Instant::now(), infer(&u, &m, Some(m.as_bytes()), &[])));
-                    i += 1;
-                }
-                out
-            })
-        })
-        .collect();
+    let load = hint_router_e2e::SteadyLoad::start(&url, clients, 6);
     std::thread::sleep(Duration::from_millis(800));
     let killed_at = Instant::now();
     s.runners[victim].kill();
     std::thread::sleep(Duration::from_millis(2500));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let results: Vec<(Instant, hint_router_e2e::Answer)> =
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let results = load.stop();
     let failed: Vec<_> = results.iter().filter(|(_, a)| a.status != 200).collect();
     let on_victim_after = results.iter().filter(|(t, a)| *t > killed_at && a.upstream == victim_addr).count();
     eprintln!(

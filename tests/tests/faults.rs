@@ -585,22 +585,7 @@ fn sigterm_drains_a_runner_with_zero_errors() {
         let name = format!("model-{m}");
         assert_eq!(infer(&url, &name, h(&name), &[]).status, 200);
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let handles: Vec<_> = (0..4)
-        .map(|c| {
-            let (u, stop) = (url.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut out = Vec::new();
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let m = format!("model-{}", (c + i) % 6);
-                    out.push(infer(&u, &m, Some(m.as_bytes()), &[]));
-                    i += 1;
-                }
-                out
-            })
-        })
-        .collect();
+    let load = hint_router_e2e::SteadyLoad::start(&url, 4, 6);
     std::thread::sleep(Duration::from_millis(700));
     s.runners[0].signal(libc::SIGTERM);
     // It reports `draining` while still serving (--drain-grace-ms 1000): out of the table
@@ -610,8 +595,7 @@ fn sigterm_drains_a_runner_with_zero_errors() {
     });
     let code = s.runners[0].wait_exit(Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(1000));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let all: Vec<Answer> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let all: Vec<Answer> = load.stop().into_iter().map(|(_, a)| a).collect();
     let errors: Vec<&Answer> = all.iter().filter(|a| a.status != 200).collect();
     eprintln!(
         "SIGTERM drain: left the table {out:?} after the signal; exit code {code:?}; {} requests, {} errors",

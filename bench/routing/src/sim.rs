@@ -329,7 +329,7 @@ impl Sim<'_> {
                 Event::InferDone(r, i) => self.infer_done(r, i),
                 Event::Timeout(i) => self.timeout(i),
                 Event::Poll(r) => {
-                    self.learn(r);
+                    self.learn(r, true);
                     // Stop polling once nothing is left to do.
                     if next_arrival < self.trace.reqs.len() || self.total_inflight > 0 || t < end {
                         self.push(t + self.p.poll_interval_us.max(1), Event::Poll(r));
@@ -587,7 +587,7 @@ impl Sim<'_> {
         let hit = self.hit.get(i as usize).copied().unwrap_or(false);
         self.finish(i, Some(hit), Status::Ok);
         if self.p.learn_from_responses {
-            self.learn(r);
+            self.learn(r, false);
         }
         self.try_start(r);
     }
@@ -663,7 +663,9 @@ impl Sim<'_> {
 
     /// The runner's hints (resident and loading models, most recently used first) reach the
     /// filter's view.
-    fn learn(&mut self, r: u32) {
+    /// `poll`: as the filter gets a poll (through a published table, which keeps our
+    /// guesses it still lists); else as a response header (which confirms them).
+    fn learn(&mut self, r: u32, poll: bool) {
         if self.policy != Policy::Hint {
             return;
         }
@@ -675,6 +677,10 @@ impl Sim<'_> {
         let list = HintList { hints, invalid: 0, truncated: 0 };
         if self.p.plain_rank {
             self.view.set_runner_hints(r, &list);
+        } else if poll {
+            self.router.refresh(|v| {
+                v.set_runner_hints(r, &list);
+            });
         } else {
             self.router.learn(r, &list);
         }
