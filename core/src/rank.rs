@@ -140,8 +140,19 @@ pub fn rank_loads(
             }
         }
         if free.first_tier().is_some() {
-            // Further retries go to Envoy's fallback policy, which respects health.
             free.drain_into(out);
+            // Retry targets after the holders: other available runners that are not busy, in
+            // rotation order. A bounded probe keeps the hit path O(holders + max), not O(fleet);
+            // past the list, Envoy's fallback policy (which respects health) takes retries.
+            let mut probes = 0;
+            let mut i = start;
+            while out.len() < max && probes < n.min(4 * max as u32 + 8) {
+                if view.runner(i).is_some_and(|r| r.available) && !busy(i) && !out.contains(&i) {
+                    out.push(i);
+                }
+                i = if i + 1 >= n { 0 } else { i + 1 };
+                probes += 1;
+            }
             return Outcome::Hit;
         }
         // Scan the fleet: tiers 1 free slot, 2 would evict, 3 busy holder, 4 busy other.
@@ -198,10 +209,13 @@ mod tests {
     #[test]
     fn hit_prefers_least_loaded_free_holder() {
         let v = View::from_table(&table(&[&["a"], &["a"], &["b"]]));
-        assert_eq!(run(&v, Some("a"), &[1, 0, 0], 0, 3), (Outcome::Hit, vec![1, 0]));
-        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 0, 3), (Outcome::Hit, vec![0, 1]));
+        // Holders first, then a non-holder as the retry target.
+        assert_eq!(run(&v, Some("a"), &[1, 0, 0], 0, 3), (Outcome::Hit, vec![1, 0, 2]));
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 0, 3), (Outcome::Hit, vec![0, 1, 2]));
         // Equal load: the spin rotates which holder comes first.
-        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 1, 3), (Outcome::Hit, vec![1, 0]));
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 1, 3), (Outcome::Hit, vec![1, 0, 2]));
+        // A busy runner is no retry target.
+        assert_eq!(run(&v, Some("a"), &[0, 0, 2], 0, 3), (Outcome::Hit, vec![0, 1]));
         assert_eq!(run(&v, Some("a"), &[0, 0, 0], 0, 1), (Outcome::Hit, vec![0]));
     }
 
@@ -263,7 +277,7 @@ mod tests {
         let mut t = table(&[&["a"], &["a"], &[]]);
         t.runners[0].available = false;
         let v = View::from_table(&t);
-        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 0, 3), (Outcome::Hit, vec![1]));
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 0, 3), (Outcome::Hit, vec![1, 2]));
         for r in &mut t.runners {
             r.available = false;
         }

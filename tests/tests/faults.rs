@@ -80,7 +80,12 @@ fn frozen_runner_is_bypassed_then_returns() {
         answers.iter().all(|(_, a)| a.status == 200)
     );
     assert!(answers.iter().all(|(_, a)| a.status == 200), "{answers:?}");
-    assert!(worst < Duration::from_millis(2000 + 1500), "a request waited {worst:?} (per-try timeout 2 s)");
+    // Bounded by the retry policy: at most 3 tries of 2 s (one is the norm: the candidate list
+    // names another runner to retry on).
+    assert!(
+        worst < Duration::from_millis(3 * 2000 + 1500),
+        "a request waited {worst:?} (per-try timeout 2 s)"
+    );
     assert_eq!(late_on_frozen, 0);
     s.envoy.wait_stat("wasmcustom.hint_router.runners_available", Duration::from_secs(3), |x| x == 2);
     s.runners[v].signal(libc::SIGCONT);
