@@ -21,7 +21,12 @@ step "build the runner's CUDA backend (no GPU or toolkit needed to compile)" \
   cargo build --locked -p runner-example --features cuda --bins
 step "clippy runner --features cuda" cargo clippy --locked -p runner-example --all-targets --features cuda -- -D warnings
 step "build (release: filter .wasm, runner, demo)" make --no-print-directory build
-step "unit + end-to-end tests" cargo test --locked --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+step "unit + end-to-end tests" bash -o pipefail -c 'cargo test --locked --workspace 2>&1 | tee -a "$0"' "$log"
 step "core unit tests inside wasm (wasm-bindgen-test on Node)" \
-  cargo test --locked -p hint-router-core --target wasm32-unknown-unknown
+  bash -o pipefail -c 'cargo test --locked -p hint-router-core --lib --target wasm32-unknown-unknown 2>&1 | tee -a "$0"' "$log"
 printf '\nall checks passed\n'
+# One closing line for the whole suite, summed over every test binary above.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "hint-router: %d passed, %d failed\n", p, f }' "$log"
