@@ -2,10 +2,11 @@
 //! worker routes with.
 
 use crate::hint::HintList;
+use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
+use smallvec::{smallvec, SmallVec};
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
 /// One runner as published by the poller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,119 +135,13 @@ impl ViewRunner {
     }
 }
 
-/// FxHash-style hasher with a final mix: several times faster than SipHash on short keys.
-/// The keys are hints published by runners and runner addresses from the config; clients only
-/// look keys up, so they cannot grow a bucket.
-#[derive(Debug, Default, Clone, Copy)]
-struct FastHasher(u64);
+/// Hash maps of the index: FxHash (rustc-hash) is several times faster than SipHash on short
+/// keys. The keys are hints published by runners and runner addresses from the config; clients
+/// only look keys up, so they cannot grow a bucket.
+type FastMap<K, V> = HashMap<K, V, FxBuildHasher>;
 
-impl FastHasher {
-    #[inline]
-    fn add(&mut self, w: u64) {
-        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl Hasher for FastHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.add(u64::from_le_bytes(w));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            for (d, s) in w.iter_mut().zip(rest) {
-                *d = *s;
-            }
-            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 59));
-        }
-    }
-
-    #[inline]
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-
-    #[inline]
-    fn finish(&self) -> u64 {
-        // murmur3's fmix64: spreads the multiply's high-bit entropy into the low bits that
-        // pick the bucket.
-        let mut h = self.0;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        h ^ (h >> 33)
-    }
-}
-
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
-
-/// Runners holding one hint: up to three inline (the common case: no allocation per hint),
-/// more on the heap.
-#[derive(Debug, Clone)]
-enum Holders {
-    Inline(u8, [u32; 3]),
-    Heap(Vec<u32>),
-}
-
-impl Holders {
-    fn one(idx: u32) -> Holders {
-        Holders::Inline(1, [idx, 0, 0])
-    }
-
-    fn as_slice(&self) -> &[u32] {
-        match self {
-            Holders::Inline(n, a) => a.get(..usize::from(*n)).unwrap_or(&[]),
-            Holders::Heap(v) => v,
-        }
-    }
-
-    fn push(&mut self, idx: u32) {
-        match self {
-            Holders::Inline(n, a) => {
-                if let Some(slot) = a.get_mut(usize::from(*n)) {
-                    *slot = idx;
-                    *n += 1;
-                } else {
-                    let mut v = Vec::with_capacity(a.len() * 2);
-                    v.extend_from_slice(a);
-                    v.push(idx);
-                    *self = Holders::Heap(v);
-                }
-            }
-            Holders::Heap(v) => v.push(idx),
-        }
-    }
-
-    /// Removes `idx`; returns whether none is left.
-    fn remove(&mut self, idx: u32) -> bool {
-        match self {
-            Holders::Inline(n, a) => {
-                let mut kept = [0u32; 3];
-                let mut k = 0u8;
-                for &x in a.get(..usize::from(*n)).unwrap_or(&[]) {
-                    if x != idx {
-                        if let Some(slot) = kept.get_mut(usize::from(k)) {
-                            *slot = x;
-                            k += 1;
-                        }
-                    }
-                }
-                *self = Holders::Inline(k, kept);
-                k == 0
-            }
-            Holders::Heap(v) => {
-                v.retain(|&x| x != idx);
-                v.is_empty()
-            }
-        }
-    }
-}
+/// Runners holding one hint: up to three inline (the common case: no allocation per hint).
+type Holders = SmallVec<[u32; 3]>;
 
 /// A worker-local, indexed copy of the [`Table`]: hint -> holders is a hash lookup.
 #[derive(Debug, Clone, Default)]
@@ -348,7 +243,8 @@ impl View {
     fn reindex(&mut self, idx: u32, old: &[String]) {
         for h in old {
             if let Some(list) = self.by_hint.get_mut(h.as_str()) {
-                if list.remove(idx) {
+                list.retain(|x| *x != idx);
+                if list.is_empty() {
                     self.by_hint.remove(h.as_str());
                 }
             }
@@ -368,7 +264,7 @@ impl View {
         match self.by_hint.get_mut(h) {
             Some(list) => list.push(idx),
             None => {
-                self.by_hint.insert(h.to_owned(), Holders::one(idx));
+                self.by_hint.insert(h.to_owned(), smallvec![idx]);
             }
         }
     }
@@ -395,7 +291,7 @@ impl View {
 
     /// Runners (available or not) that list `hint`.
     pub fn holders(&self, hint: &str) -> &[u32] {
-        self.by_hint.get(hint).map(Holders::as_slice).unwrap_or(&[])
+        self.by_hint.get(hint).map(|h| h.as_slice()).unwrap_or(&[])
     }
 
     /// Number of distinct hints indexed.
