@@ -186,35 +186,12 @@ impl View {
         v
     }
 
-    /// Replaces this view with `table`'s, re-indexing only the runners whose hints changed
-    /// (a refresh usually brings one or two changed runners among many). Same result as
-    /// `*self = View::from_owned(table)` for everything ranking sees; only the order within a
-    /// holder list may differ, which ranking does not depend on (ties break by runner index).
-    /// Falls back to a full rebuild when the runner list itself changed.
-    pub fn refresh_from(&mut self, table: Table) {
-        let same_runners = table.runners.len() == self.runners.len()
-            && table.runners.iter().zip(&self.runners).all(|(t, v)| t.addr == v.addr);
-        if !same_runners {
-            *self = View::default(); // freed first: lowers the peak memory of the rebuild
-            *self = View::from_owned(table);
-            return;
-        }
-        self.generation = table.generation;
-        for (i, t) in table.runners.into_iter().enumerate() {
-            let idx = i as u32;
-            let Some(v) = self.runners.get_mut(i) else { continue };
-            v.available = t.available;
-            v.capacity = t.capacity;
-            v.max_concurrency = t.max_concurrency.max(1);
-            if v.hints != t.hints {
-                let old = std::mem::replace(&mut v.hints, t.hints);
-                self.reindex(idx, &old);
-            }
-        }
-    }
-
-    /// [`View::refresh_from`] for a table parsed in place: compares each runner's hints with
-    /// the borrowed strings and copies only the lists that changed.
+    /// Brings the view up to date with a newly published table, parsed in place: compares
+    /// each runner's hints with the borrowed strings and copies and re-indexes only the lists
+    /// that changed (a refresh usually brings one or two changed runners among many). Same
+    /// result as a rebuild from the table for everything ranking sees; only the order within
+    /// a holder list may differ, which ranking does not depend on (ties break by runner
+    /// index). Falls back to a full rebuild when the runner list itself changed.
     pub fn refresh_from_ref(&mut self, table: TableRef<'_>) {
         let same_runners = table.runners.len() == self.runners.len()
             && table.runners.iter().zip(&self.runners).all(|(t, v)| t.addr == v.addr.as_str());
@@ -488,7 +465,8 @@ pub(crate) mod tests {
         after.runners[2].capacity = 9;
         after.runners[3].max_concurrency = 0;
         let mut v = View::from_table(&before);
-        v.refresh_from(after.clone());
+        let bytes = after.encode();
+        v.refresh_from_ref(TableRef::parse(&bytes).unwrap());
         let fresh = View::from_table(&after);
         assert_eq!(v.runners(), fresh.runners());
         assert_eq!(v.generation(), 2);
@@ -497,7 +475,8 @@ pub(crate) mod tests {
         assert!(v.holders("a") == [3] && v.holders("c") == [1] && v.holders("zz").is_empty());
         // A different runner list: rebuilt from scratch.
         let other = table(&[&["q"]]);
-        v.refresh_from(other.clone());
+        let bytes = other.encode();
+        v.refresh_from_ref(TableRef::parse(&bytes).unwrap());
         assert_eq!(v.runners(), View::from_table(&other).runners());
         assert_eq!(v.index_of("127.0.0.1:2"), None);
         assert_eq!(v.holders("q"), &[0]);
