@@ -153,33 +153,8 @@ fn median_ns(group: &str, func: &str, n: usize) -> Option<f64> {
 }
 
 fn print_memory() {
-    println!("native heap of a filter VM (x86_64 sizes, counting allocator), bytes:");
-    println!(
-        "{:>8} {:>6} {:>12} {:>12} {:>12} {:>10} {:>14} {:>14}",
-        "runners",
-        "hints",
-        "table JSON",
-        "Table heap",
-        "View heap",
-        "in-flight",
-        "1st load peak",
-        "refresh peak"
-    );
-    for n in SIZES {
-        if let Some(m) = memory::estimate(n, HINTS_PER_RUNNER) {
-            println!(
-                "{:>8} {:>6} {:>12} {:>12} {:>12} {:>10} {:>14} {:>14}",
-                m.runners,
-                m.hints_per_runner,
-                m.table_json_bytes,
-                m.table_heap_bytes,
-                m.view_heap_bytes,
-                m.inflight_bytes,
-                m.first_load_peak_heap_bytes,
-                m.refresh_peak_heap_bytes
-            );
-        }
-    }
+    let rows: Vec<_> = SIZES.iter().filter_map(|&n| memory::estimate(n, HINTS_PER_RUNNER)).collect();
+    memory::print_table("native heap of a filter VM (x86_64 sizes, counting allocator), bytes:", &rows);
 }
 
 fn main() {

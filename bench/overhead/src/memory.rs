@@ -89,3 +89,32 @@ fn measure(json: &[u8], n: usize, h: usize) -> Option<MemoryEstimate> {
         refresh_peak_heap_bytes,
     })
 }
+
+/// Prints `rows` as the memory table both the overhead benchmark and the criterion bench show.
+pub fn print_table(title: &str, rows: &[MemoryEstimate]) {
+    println!("{title}");
+    println!(
+        "{:>8} {:>8} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
+        "runners",
+        "hints",
+        "table JSON",
+        "Table heap",
+        "View heap",
+        "in-flight",
+        "1st load peak",
+        "refresh peak"
+    );
+    for m in rows {
+        println!(
+            "{:>8} {:>8} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
+            m.runners,
+            m.hints_per_runner,
+            m.table_json_bytes,
+            m.table_heap_bytes,
+            m.view_heap_bytes,
+            m.inflight_bytes,
+            m.first_load_peak_heap_bytes,
+            m.refresh_peak_heap_bytes
+        );
+    }
+}

@@ -602,31 +602,8 @@ fn main() -> Result<()> {
             b.p99_us.median - a.p99_us.median
         );
     }
-    println!("\nnative heap estimate of a filter VM (x86_64 sizes; counting allocator):");
-    println!(
-        "{:>8} {:>8} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
-        "runners",
-        "hints",
-        "table JSON",
-        "Table heap",
-        "View heap",
-        "in-flight",
-        "1st load peak",
-        "refresh peak"
-    );
-    for m in &mem {
-        println!(
-            "{:>8} {:>8} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
-            m.runners,
-            m.hints_per_runner,
-            m.table_json_bytes,
-            m.table_heap_bytes,
-            m.view_heap_bytes,
-            m.inflight_bytes,
-            m.first_load_peak_heap_bytes,
-            m.refresh_peak_heap_bytes
-        );
-    }
+    println!();
+    memory::print_table("native heap estimate of a filter VM (x86_64 sizes; counting allocator):", &mem);
     let doc = json!({
         "settings": {
             "reps": args.reps, "saturation_s": args.duration, "latency_s": args.latency_duration,
