@@ -7,7 +7,6 @@
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
 
 /// Most runners one filter instance tracks.
 pub const MAX_RUNNERS: usize = 10_000;
@@ -53,6 +52,12 @@ pub struct Config {
     /// Testing only: a request whose hint is exactly this value makes the filter abort its
     /// VM, so operators can check what their `failure_policy` does. Unset by default.
     pub failure_test_hint: Option<String>,
+    /// Cache capacity (models) assumed for a runner whose `/hints` omits `capacity`
+    /// (0 = unknown).
+    pub default_capacity: u32,
+    /// Inferences at once assumed for a runner whose `/hints` omits `max_concurrency`
+    /// (fal's `max_multiplexing` defaults to 1).
+    pub default_max_concurrency: u32,
 }
 
 impl Default for Config {
@@ -74,6 +79,8 @@ impl Default for Config {
             learn_from_responses: true,
             debug_headers: false,
             failure_test_hint: None,
+            default_capacity: 0,
+            default_max_concurrency: 1,
         }
     }
 }
@@ -110,7 +117,14 @@ impl Config {
             err(field, e.into_inner().to_string())
         })?;
         de.end().map_err(|e| err("(json)", e.to_string()))?;
+        let mut cfg = cfg;
         cfg.validate()?;
+        // One spelling per runner from here on (validate checked every entry parses).
+        for r in &mut cfg.runners {
+            if let Some(c) = crate::addr::canonical(r) {
+                *r = c;
+            }
+        }
         Ok(cfg)
     }
 
@@ -141,11 +155,14 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (i, r) in self.runners.iter().enumerate() {
-            if r.parse::<SocketAddr>().is_err() {
+            let Some(c) = crate::addr::canonical(r) else {
                 return Err(err(format!("runners[{i}]"), format!("{r:?} is not an ip:port address")));
-            }
-            if !seen.insert(r.as_str()) {
-                return Err(err(format!("runners[{i}]"), format!("{r:?} is listed twice")));
+            };
+            if !seen.insert(c) {
+                return Err(err(
+                    format!("runners[{i}]"),
+                    format!("{r:?} is listed twice (same address as an earlier entry)"),
+                ));
             }
         }
         range("poll_interval_ms", self.poll_interval_ms, 10, 3_600_000)?;
@@ -157,6 +174,13 @@ impl Config {
         range("max_hints_per_runner", self.max_hints_per_runner as u64, 1, 100_000)?;
         range("max_hints_body_bytes", self.max_hints_body_bytes as u64, 256, 32 << 20)?;
         range("max_candidates", self.max_candidates as u64, 1, 64)?;
+        range("default_capacity", u64::from(self.default_capacity), 0, self.max_hints_per_runner as u64)?;
+        range(
+            "default_max_concurrency",
+            u64::from(self.default_max_concurrency),
+            1,
+            u64::from(crate::report::MAX_CONCURRENCY),
+        )?;
         if let Some(h) = &self.failure_test_hint {
             if !matches!(
                 crate::hint::classify(Some(h.as_bytes()), self.max_hint_bytes),
@@ -202,6 +226,20 @@ mod tests {
         assert_eq!(c.hint_header, "x-fal-runner-hint");
         assert_eq!(c.max_candidates, 3);
         assert_eq!(c.runners.len(), 2);
+    }
+
+    #[test]
+    fn runner_addresses_are_canonical_and_spellings_of_one_runner_are_duplicates() {
+        let c = Config::parse(br#"{"runners":["[0:0:0:0:0:0:0:1]:8000","10.0.0.1:08001"]}"#).unwrap();
+        assert_eq!(c.runners, vec!["[::1]:8000", "10.0.0.1:8001"]);
+        for dup in [
+            r#"{"runners":["[::1]:8000","[0:0:0:0:0:0:0:1]:8000"]}"#,
+            r#"{"runners":["10.0.0.1:8000","10.0.0.1:08000"]}"#,
+        ] {
+            let e = Config::parse(dup.as_bytes()).unwrap_err();
+            assert_eq!(e.field, "runners[1]", "{dup}");
+            assert!(e.message.contains("twice"), "{e}");
+        }
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! Everything the filter decides is computed here, so that it is unit-tested natively and,
 //! compiled for `wasm32-unknown-unknown`, inside a wasm runtime (`wasm-bindgen-test`):
 //!
+//! * [`addr`]: runner addresses in one canonical spelling.
 //! * [`config`]: the plugin's JSON configuration, validated with errors that name the field.
 //! * [`hint`]: classification of the client's hint header value and parsing of a runner's
 //!   `x-fal-runner-hints` header.
 //! * [`wire`]: the `/hints` JSON document served by runners (shared with `runner-example`).
+//! * [`report`]: the poller's bounded, one-pass reading of a runner's `/hints` body.
 //! * [`table`]: the runner table the poller publishes, and the indexed [`table::View`] each
 //!   worker routes with.
 //! * [`rank`]: the routing decision: an ordered candidate list.
@@ -19,11 +21,13 @@
 #![deny(clippy::indexing_slicing)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
+pub mod addr;
 pub mod config;
 pub mod hint;
 pub mod inflight;
 pub mod poller;
 pub mod rank;
+pub mod report;
 pub mod router;
 pub mod table;
 pub mod wire;

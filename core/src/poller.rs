@@ -3,9 +3,9 @@
 //! results and hints learned from response headers into the [`Table`] it publishes.
 
 use crate::config::Config;
-use crate::hint::{parse_hint_list, sanitize_hints, HintList};
+use crate::hint::{parse_hint_list, HintList};
+use crate::report::{self, Defaults, Limits, Report};
 use crate::table::{Table, TableRunner};
-use crate::wire::HintsReport;
 use std::fmt;
 
 /// Why a poll did not produce a usable report.
@@ -55,6 +55,11 @@ pub enum PollEvent {
         truncated: usize,
         /// Hints dropped as malformed.
         invalid: usize,
+        /// Report fields that were out of bounds and clamped (count them).
+        clamped: Vec<&'static str>,
+        /// Worth a warning naming the runner: something was clamped, and this runner was not
+        /// warned about that for [`WARN_EVERY_MS`].
+        warn: bool,
     },
     /// The poll failed; `lost` if the runner was available before.
     Failed {
@@ -62,8 +67,15 @@ pub enum PollEvent {
         failure: PollFailure,
         /// It was available before this failure.
         lost: bool,
+        /// Worth a warning in the log: the runner was just lost, or it keeps failing and was
+        /// not warned about for [`WARN_EVERY_MS`] (a runner that never answers a usable
+        /// `/hints` is reported, at a bounded rate, instead of staying silent).
+        warn: bool,
     },
 }
+
+/// Least time between two warnings about the same runner's failing polls.
+pub const WARN_EVERY_MS: u64 = 30_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -76,16 +88,15 @@ struct Slot {
     runner: TableRunner,
     phase: Phase,
     next_due_ms: u64,
-    /// `in_flight` from the runner's last report.
-    reported_in_flight: u32,
-    /// Consecutive polls on which this Envoy counted more in flight than the runner did,
-    /// and the smallest such excess.
-    excess_polls: u8,
-    min_excess: u32,
+    /// `in_flight` from the runner's last report, if it reports one.
+    reported_in_flight: Option<u32>,
+    /// This Envoy's shared in-flight count for the runner when its last poll was sent.
+    in_flight_at_send: u32,
+    /// When a failing poll of this runner was last logged at warn (`None`: never).
+    last_warn_ms: Option<u64>,
+    /// When a clamped report of this runner was last logged at warn.
+    last_clamp_warn_ms: Option<u64>,
 }
-
-/// Consecutive polls a counting excess must persist before it is treated as leaked.
-pub const LEAK_POLLS: u8 = 3;
 
 /// All runners' poll state.
 #[derive(Debug, Clone)]
@@ -96,6 +107,7 @@ pub struct Poller {
     max_hint_bytes: usize,
     max_hints: usize,
     max_body: usize,
+    defaults: Defaults,
     generation: u64,
     dirty: bool,
 }
@@ -117,9 +129,10 @@ impl Poller {
                     },
                     phase: Phase::Idle,
                     next_due_ms: 0,
-                    reported_in_flight: 0,
-                    excess_polls: 0,
-                    min_excess: u32::MAX,
+                    reported_in_flight: None,
+                    in_flight_at_send: 0,
+                    last_warn_ms: None,
+                    last_clamp_warn_ms: None,
                 })
                 .collect(),
             interval_ms: cfg.poll_interval_ms,
@@ -127,6 +140,10 @@ impl Poller {
             max_hint_bytes: cfg.max_hint_bytes,
             max_hints: cfg.max_hints_per_runner,
             max_body: cfg.max_hints_body_bytes,
+            defaults: Defaults {
+                capacity: cfg.default_capacity,
+                max_concurrency: cfg.default_max_concurrency,
+            },
             generation: 0,
             dirty: true,
         }
@@ -173,10 +190,12 @@ impl Poller {
             .collect()
     }
 
-    /// Records that the poll of `idx` was sent as call `token`.
-    pub fn on_sent(&mut self, idx: usize, token: u32, now_ms: u64) {
+    /// Records that the poll of `idx` was sent as call `token`, when this Envoy's shared
+    /// in-flight count for it was `in_flight` (see [`Poller::rebased_in_flight`]).
+    pub fn on_sent(&mut self, idx: usize, token: u32, now_ms: u64, in_flight: u32) {
         if let Some(s) = self.slots.get_mut(idx) {
             s.phase = Phase::InFlight { token, sent_ms: now_ms };
+            s.in_flight_at_send = in_flight;
         }
     }
 
@@ -215,15 +234,19 @@ impl Poller {
     /// Applies a failed poll: the runner is left out until it answers again.
     pub fn on_failure(&mut self, idx: usize, now_ms: u64, failure: PollFailure) -> PollEvent {
         self.finish(idx, now_ms);
-        let mut lost = false;
+        let (mut lost, mut warn) = (false, false);
         if let Some(s) = self.slots.get_mut(idx) {
             lost = s.runner.available;
             if lost {
                 s.runner.available = false;
                 self.dirty = true;
             }
+            warn = lost || s.last_warn_ms.map_or(true, |t| now_ms.saturating_sub(t) >= WARN_EVERY_MS);
+            if warn {
+                s.last_warn_ms = Some(now_ms);
+            }
         }
-        PollEvent::Failed { failure, lost }
+        PollEvent::Failed { failure, lost, warn }
     }
 
     /// Applies a poll response (`status`, and the body if it was read).
@@ -236,25 +259,37 @@ impl Poller {
     ) -> PollEvent {
         match self.parse(idx, status, body) {
             Err(f) => self.on_failure(idx, now_ms, f),
-            Ok((report, list)) => {
+            Ok(report) => {
                 self.finish(idx, now_ms);
                 let Some(s) = self.slots.get_mut(idx) else {
-                    return PollEvent::Failed { failure: PollFailure::Dispatch, lost: false };
+                    return PollEvent::Failed { failure: PollFailure::Dispatch, lost: false, warn: false };
                 };
                 s.reported_in_flight = report.in_flight;
+                s.last_warn_ms = None;
+                let warn = !report.clamped.is_empty()
+                    && s.last_clamp_warn_ms.map_or(true, |t| now_ms.saturating_sub(t) >= WARN_EVERY_MS);
+                if warn {
+                    s.last_clamp_warn_ms = Some(now_ms);
+                }
                 let recovered = !s.runner.available && !report.draining;
                 let next = TableRunner {
                     addr: s.runner.addr.clone(),
                     available: !report.draining,
-                    hints: list.hints,
+                    hints: report.hints.hints,
                     capacity: report.capacity,
-                    max_concurrency: report.max_concurrency.max(1),
+                    max_concurrency: report.max_concurrency,
                 };
                 if next != s.runner {
                     s.runner = next;
                     self.dirty = true;
                 }
-                PollEvent::Ok { recovered, truncated: list.truncated, invalid: list.invalid }
+                PollEvent::Ok {
+                    recovered,
+                    truncated: report.hints.truncated,
+                    invalid: report.hints.invalid,
+                    clamped: report.clamped,
+                    warn,
+                }
             }
         }
     }
@@ -264,7 +299,7 @@ impl Poller {
         idx: usize,
         status: Option<u16>,
         body: Result<&[u8], PollFailure>,
-    ) -> Result<(HintsReport, HintList), PollFailure> {
+    ) -> Result<Report, PollFailure> {
         match status {
             Some(200) => {}
             Some(s) => return Err(PollFailure::Status(s)),
@@ -274,47 +309,50 @@ impl Poller {
         if body.len() > self.max_body {
             return Err(PollFailure::BodyTooLarge(body.len()));
         }
-        let report: HintsReport =
-            serde_json::from_slice(body).map_err(|e| PollFailure::BadBody(e.to_string()))?;
-        let addr = self.addr(idx).unwrap_or_default();
-        if report.runner != addr {
-            return Err(PollFailure::IdentityMismatch(report.runner.chars().take(64).collect()));
+        let limits = Limits { max_hint_bytes: self.max_hint_bytes, max_hints: self.max_hints };
+        let report = report::parse(body, limits, self.defaults).map_err(PollFailure::BadBody)?;
+        // The identity, when given, must be the address polled, in any spelling.
+        if let Some(id) = &report.runner {
+            let addr = self.addr(idx).unwrap_or_default();
+            if crate::addr::canonical(id).as_deref() != Some(addr) {
+                return Err(PollFailure::IdentityMismatch(id.chars().take(64).collect()));
+            }
         }
-        let list = sanitize_hints(&report.hints, self.max_hint_bytes, self.max_hints);
-        Ok((report, list))
+        Ok(report)
     }
 
-    /// Leak repair for the shared in-flight counters. A worker VM that dies (or a lost
-    /// `on_log`) leaves increments that are never undone, making a runner look busy for good.
-    /// The runner's own `in_flight` counts every request it has (from all proxies), so this
-    /// Envoy's count should never stay above it. Call after each successful poll of `idx`
-    /// with this Envoy's current count; returns how much to subtract once the excess has
-    /// persisted for [`LEAK_POLLS`] polls (the smallest excess seen, so requests merely in
-    /// transit at poll time are not mistaken for leaks).
-    pub fn leaked_in_flight(&mut self, idx: usize, local: u32) -> Option<u32> {
-        let s = self.slots.get_mut(idx)?;
-        let excess = local.saturating_sub(s.reported_in_flight);
-        if excess == 0 {
-            s.excess_polls = 0;
-            s.min_excess = u32::MAX;
-            return None;
-        }
-        s.excess_polls = s.excess_polls.saturating_add(1);
-        s.min_excess = s.min_excess.min(excess);
-        if s.excess_polls < LEAK_POLLS {
-            return None;
-        }
-        let leaked = s.min_excess;
-        s.excess_polls = 0;
-        s.min_excess = u32::MAX;
-        Some(leaked)
+    /// The in-flight count this Envoy should hold for runner `idx` after its poll answered,
+    /// given its count `now` (or `None` to leave it: the runner does not report `in_flight`,
+    /// or the count already agrees).
+    ///
+    /// The runner's own `in_flight` is the truth as of its answer: every request it has, from
+    /// every Envoy and worker. The count is rebased on it, plus what this Envoy's count moved
+    /// while the poll was out (requests started and ended since it was sent). So whatever
+    /// drifted since the last poll is corrected in either direction, once per poll interval:
+    /// increments a dead VM never undid, a request counted on its first candidate while a
+    /// retry served it elsewhere, a request still uploading (the runner counts it once its
+    /// body arrived), a lost compare-and-swap, other Envoys' requests. The error left is what
+    /// happened between the poll's send and the runner writing its answer.
+    pub fn rebased_in_flight(&self, idx: usize, now: u32) -> Option<u32> {
+        let s = self.slots.get(idx)?;
+        let reported = s.reported_in_flight?;
+        let moved = i64::from(now) - i64::from(s.in_flight_at_send);
+        let target = (i64::from(reported) + moved).clamp(0, i64::from(u32::MAX)) as u32;
+        (target != now).then_some(target)
     }
 
     /// Applies hints a worker saw in runner `addr`'s response header (newer than its last
     /// poll). Unknown runners are ignored. Returns the parsed list when it changed the table.
     pub fn on_header_hints(&mut self, addr: &str, raw: &[u8]) -> Option<HintList> {
         let list = parse_hint_list(raw, self.max_hint_bytes, self.max_hints);
-        let s = self.slots.iter_mut().find(|s| s.runner.addr == addr)?;
+        let pos = match self.slots.iter().position(|s| s.runner.addr == addr) {
+            Some(i) => i,
+            None => {
+                let addr = crate::addr::canonical(addr)?;
+                self.slots.iter().position(|s| s.runner.addr == addr)?
+            }
+        };
+        let s = self.slots.get_mut(pos)?;
         if s.runner.hints == list.hints {
             return None;
         }
@@ -340,6 +378,7 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::HintsReport;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -353,7 +392,7 @@ mod tests {
             runner: runner.into(),
             hints: hints.iter().map(|s| s.to_string()).collect(),
             loading: vec![],
-            capacity: 3,
+            capacity: 2,
             in_flight: 0,
             max_concurrency: 4,
             draining: false,
@@ -369,11 +408,14 @@ mod tests {
         assert_eq!(p.take_table().unwrap().runners.iter().filter(|r| r.available).count(), 0);
         assert!(p.take_table().is_none());
         assert_eq!(p.due(0), vec![0, 1]);
-        p.on_sent(0, 7, 0);
+        p.on_sent(0, 7, 0, 0);
         assert_eq!(p.due(0), vec![1]);
         assert_eq!(p.find_token(7), Some(0));
         let ev = p.on_response(0, 10, Some(200), Ok(&body("127.0.0.1:1", &["a", "bad hint", "b", "c"])));
-        assert_eq!(ev, PollEvent::Ok { recovered: true, truncated: 1, invalid: 1 });
+        assert_eq!(
+            ev,
+            PollEvent::Ok { recovered: true, truncated: 1, invalid: 1, clamped: vec![], warn: false }
+        );
         let t = p.take_table().unwrap();
         assert_eq!(t.generation, 2);
         assert!(t.runners[0].available);
@@ -382,7 +424,7 @@ mod tests {
         // Next poll keeps the cadence: sent at 0, due at 100.
         assert!(p.due(99).iter().all(|&i| i != 0));
         assert!(p.due(100).contains(&0));
-        p.on_sent(0, 8, 100);
+        p.on_sent(0, 8, 100, 0);
         p.on_response(0, 110, Some(200), Ok(&body("127.0.0.1:1", &["a", "b"])));
         assert!(p.take_table().is_none(), "same report, nothing to publish");
     }
@@ -391,7 +433,7 @@ mod tests {
     #[allow(clippy::type_complexity)]
     fn failures_take_runner_out_and_keep_last_good_hints() {
         let mut p = poller();
-        p.on_sent(0, 1, 0);
+        p.on_sent(0, 1, 0, 0);
         p.on_response(0, 1, Some(200), Ok(&body("127.0.0.1:1", &["a"])));
         p.take_table();
         let cases: Vec<(Option<u16>, Result<&[u8], PollFailure>, PollFailure)> = vec![
@@ -403,10 +445,12 @@ mod tests {
             (Some(200), Err(PollFailure::BodyTooLarge(5000)), PollFailure::BodyTooLarge(5000)),
         ];
         for (i, (status, b, want)) in cases.into_iter().enumerate() {
-            p.on_sent(0, 2, 0);
+            p.on_sent(0, 2, 0, 0);
             match p.on_response(0, 1, status, b) {
-                PollEvent::Failed { failure, lost } => {
+                PollEvent::Failed { failure, lost, warn } => {
                     assert_eq!(lost, i == 0, "case {i}");
+                    // Warned when lost; then not again within WARN_EVERY_MS.
+                    assert_eq!(warn, i == 0, "case {i}");
                     match (&failure, &want) {
                         (PollFailure::BadBody(_), PollFailure::BadBody(_)) => {}
                         _ => assert_eq!(failure, want, "case {i}"),
@@ -419,7 +463,7 @@ mod tests {
         assert!(!t.runners[0].available);
         assert_eq!(t.runners[0].hints, vec!["a"]);
         // The runner answers again: back in.
-        p.on_sent(0, 3, 0);
+        p.on_sent(0, 3, 0, 0);
         assert!(matches!(
             p.on_response(0, 1, Some(200), Ok(&body("127.0.0.1:1", &[]))),
             PollEvent::Ok { recovered: true, .. }
@@ -430,10 +474,10 @@ mod tests {
     #[test]
     fn identity_mismatch_and_oversized_body_fail() {
         let mut p = poller();
-        p.on_sent(1, 1, 0);
+        p.on_sent(1, 1, 0, 0);
         let ev = p.on_response(1, 1, Some(200), Ok(&body("127.0.0.1:1", &["a"])));
         assert!(matches!(ev, PollEvent::Failed { failure: PollFailure::IdentityMismatch(_), .. }));
-        p.on_sent(1, 1, 0);
+        p.on_sent(1, 1, 0, 0);
         let big = vec![b' '; 2000];
         let ev = p.on_response(1, 1, Some(200), Ok(&big));
         assert!(matches!(ev, PollEvent::Failed { failure: PollFailure::BodyTooLarge(2000), .. }));
@@ -442,41 +486,109 @@ mod tests {
     #[test]
     fn draining_runner_is_unavailable() {
         let mut p = poller();
-        p.on_sent(0, 1, 0);
+        p.on_sent(0, 1, 0, 0);
         let mut r: HintsReport = serde_json::from_slice(&body("127.0.0.1:1", &["a"])).unwrap();
         r.draining = true;
         let ev = p.on_response(0, 1, Some(200), Ok(&serde_json::to_vec(&r).unwrap()));
-        assert_eq!(ev, PollEvent::Ok { recovered: false, truncated: 0, invalid: 0 });
+        assert_eq!(
+            ev,
+            PollEvent::Ok { recovered: false, truncated: 0, invalid: 0, clamped: vec![], warn: false }
+        );
         assert!(!p.take_table().unwrap().runners[0].available);
     }
 
     #[test]
     fn expire_fails_lost_calls() {
         let mut p = poller();
-        p.on_sent(0, 1, 0);
+        p.on_sent(0, 1, 0, 0);
         assert!(p.expire(100).is_empty());
         let ev = p.expire(101);
         assert_eq!(ev.len(), 1);
         assert_eq!(p.find_token(1), None);
     }
 
+    fn report(runner: &str, in_flight: u32) -> Vec<u8> {
+        format!(r#"{{"runner":"{runner}","hints":[],"in_flight":{in_flight}}}"#).into_bytes()
+    }
+
     #[test]
-    fn persistent_counting_excess_is_reported_as_leaked() {
+    fn in_flight_is_rebased_on_the_runners_report_in_both_directions() {
         let mut p = poller();
-        p.on_sent(0, 1, 0);
-        let mut r: HintsReport = serde_json::from_slice(&body("127.0.0.1:1", &[])).unwrap();
-        r.in_flight = 2;
-        p.on_response(0, 1, Some(200), Ok(&serde_json::to_vec(&r).unwrap()));
-        // In transit at one poll only: not a leak.
-        assert_eq!(p.leaked_in_flight(0, 3), None);
-        assert_eq!(p.leaked_in_flight(0, 2), None);
-        // Five counted, two real, three polls in a row (excess 3, 4, 3): three leaked.
-        assert_eq!(p.leaked_in_flight(0, 5), None);
-        assert_eq!(p.leaked_in_flight(0, 6), None);
-        assert_eq!(p.leaked_in_flight(0, 5), Some(3));
-        // The streak restarts after a correction.
-        assert_eq!(p.leaked_in_flight(0, 5), None);
-        assert_eq!(p.leaked_in_flight(9, 5), None);
+        // Sent while this Envoy counted 5; the runner has 2; meanwhile one more started here.
+        p.on_sent(0, 1, 0, 5);
+        p.on_response(0, 1, Some(200), Ok(&report("127.0.0.1:1", 2)));
+        assert_eq!(p.rebased_in_flight(0, 6), Some(3));
+        // Counted too few (the runner also serves another Envoy): corrected upwards.
+        p.on_sent(0, 2, 100, 1);
+        p.on_response(0, 101, Some(200), Ok(&report("127.0.0.1:1", 7)));
+        assert_eq!(p.rebased_in_flight(0, 1), Some(7));
+        assert_eq!(p.rebased_in_flight(0, 0), Some(6), "one ended since the send");
+        // Agreement (the runner had what this Envoy counted), and runners that say nothing:
+        // left alone.
+        p.on_sent(0, 5, 150, 3);
+        p.on_response(0, 151, Some(200), Ok(&report("127.0.0.1:1", 3)));
+        assert_eq!(p.rebased_in_flight(0, 3), None);
+        assert_eq!(p.rebased_in_flight(0, 5), None);
+        p.on_sent(1, 3, 0, 4);
+        p.on_response(1, 1, Some(200), Ok(br#"{"hints":[]}"#));
+        assert_eq!(p.rebased_in_flight(1, 4), None);
+        assert_eq!(p.rebased_in_flight(9, 4), None);
+        // Never below zero.
+        p.on_sent(0, 4, 200, 9);
+        p.on_response(0, 201, Some(200), Ok(&report("127.0.0.1:1", 0)));
+        assert_eq!(p.rebased_in_flight(0, 1), Some(0));
+    }
+
+    #[test]
+    fn identity_is_compared_in_canonical_form_and_optional() {
+        let cfg = Config::parse(br#"{"runners":["[::1]:8000","10.0.0.1:9"]}"#).unwrap();
+        let mut p = Poller::new(&cfg);
+        for (idx, id, ok) in [
+            (0, "[0:0:0:0:0:0:0:1]:8000", true),
+            (0, "[::1]:08000", true),
+            (0, "[::1]:8001", false),
+            (1, "10.0.0.1:09", true),
+            (1, "not an address", false),
+        ] {
+            p.on_sent(idx, 1, 0, 0);
+            let ev = p.on_response(idx, 1, Some(200), Ok(&report(id, 0)));
+            assert_eq!(matches!(ev, PollEvent::Ok { .. }), ok, "{id}: {ev:?}");
+        }
+        p.on_sent(0, 1, 0, 0);
+        assert!(matches!(p.on_response(0, 1, Some(200), Ok(br#"{"hints":["a"]}"#)), PollEvent::Ok { .. }));
+        assert_eq!(p.on_header_hints("[0::1]:8000", b"b").unwrap().hints, vec!["b"]);
+    }
+
+    #[test]
+    fn hostile_report_numbers_are_clamped_and_failing_runners_warned_at_a_bounded_rate() {
+        let mut p = poller();
+        p.on_sent(0, 1, 0, 0);
+        let body = br#"{"runner":"127.0.0.1:1","hints":["a"],"capacity":4294967295,"max_concurrency":200000000,"in_flight":0}"#;
+        let ev = p.on_response(0, 1, Some(200), Ok(body));
+        assert_eq!(
+            ev,
+            PollEvent::Ok {
+                recovered: true,
+                truncated: 0,
+                invalid: 0,
+                clamped: vec!["capacity", "max_concurrency"],
+                warn: true
+            }
+        );
+        let t = p.take_table().unwrap();
+        assert_eq!((t.runners[0].capacity, t.runners[0].max_concurrency), (2, report::MAX_CONCURRENCY));
+        // Runner 1 never answers usefully: warned at once, then once per WARN_EVERY_MS.
+        let warns: Vec<bool> = [0, 500, 29_999, 30_000, 30_500, 61_000]
+            .into_iter()
+            .map(|now| {
+                p.on_sent(1, 9, now, 0);
+                match p.on_response(1, now, Some(404), Ok(b"")) {
+                    PollEvent::Failed { warn, lost, .. } => warn && !lost,
+                    other => panic!("{other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(warns, vec![true, false, false, true, false, true]);
     }
 
     #[test]

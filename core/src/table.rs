@@ -107,6 +107,10 @@ impl TableRunnerRef<'_> {
     }
 }
 
+/// Largest capacity a [`View`] believes: the most hints a config lets a runner keep (the
+/// poller already clamps reports to the configured cap; this bounds anything sized by it).
+pub const MAX_CAPACITY: u32 = 100_000;
+
 /// A runner as the router sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ViewRunner {
@@ -178,7 +182,7 @@ impl View {
             v.runners.push(ViewRunner {
                 addr: r.addr,
                 available: r.available,
-                capacity: r.capacity,
+                capacity: r.capacity.min(MAX_CAPACITY),
                 max_concurrency: r.max_concurrency.max(1),
                 hints: r.hints,
             });
@@ -205,7 +209,7 @@ impl View {
             let idx = i as u32;
             let Some(v) = self.runners.get_mut(i) else { continue };
             v.available = t.available;
-            v.capacity = t.capacity;
+            v.capacity = t.capacity.min(MAX_CAPACITY);
             v.max_concurrency = t.max_concurrency.max(1);
             let same = v.hints.len() == t.hints.len() && v.hints.iter().zip(&t.hints).all(|(a, b)| *a == b.0);
             if !same {
