@@ -172,8 +172,9 @@ impl State {
     /// Moves runner `idx`'s shared in-flight counter by `delta`, and its `loading` counter
     /// too when `load` (one compare-and-swap). The first attempt may use `snapshot`, the value
     /// read earlier in this request; a CAS mismatch (someone wrote since) retries with fresh
-    /// reads, `CAS_ATTEMPTS` of them.
-    fn adjust_inflight(&self, idx: u32, load: bool, delta: i32, mut snapshot: Snapshot) {
+    /// reads, `CAS_ATTEMPTS` of them. Returns whether the count moved (a request whose
+    /// increment gave up must not decrement later: that would undo someone else's).
+    fn adjust_inflight(&self, idx: u32, load: bool, delta: i32, mut snapshot: Snapshot) -> bool {
         let runners = self.router.view().runners().len();
         let n = 2 * runners;
         let attempts = CAS_ATTEMPTS + usize::from(snapshot.is_some());
@@ -190,12 +191,13 @@ impl State {
                 inflight::adjust_in_place(&mut bytes, n, runners as u32 + idx, delta);
             }
             match host::set_shared(INFLIGHT_KEY, &bytes, cas) {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(host::HostError::CasMismatch) => continue,
                 Err(_) => break,
             }
         }
         host::increment_metric(self.metrics.inflight_errors, 1);
+        false
     }
 
     /// Sends runner `idx`'s hint list, as this worker's view has it, to the poller.
@@ -292,9 +294,10 @@ impl HttpContext for Stream {
             let list = st.router.view().format_candidates(&candidates);
             match host::set_header(Map::Request, &st.cfg.pick_header, list.as_bytes()) {
                 Ok(()) => {
-                    st.adjust_inflight(first, decision.load, 1, snapshot);
-                    self.picked = Some(first);
-                    self.load = decision.load;
+                    if st.adjust_inflight(first, decision.load, 1, snapshot) {
+                        self.picked = Some(first);
+                        self.load = decision.load;
+                    }
                     if decision.listed {
                         // Tell the other workers at once, through the poller's table, so they
                         // send this model here too instead of loading it a second time.
@@ -334,7 +337,12 @@ impl HttpContext for Stream {
             if let Some(raw) = raw {
                 let (max_bytes, cap) = (st.cfg.max_hint_bytes, st.cfg.max_hints_per_runner);
                 // The common case, the runner's list as the view has it: nothing to parse.
-                let known = st.router.view().index_of(upstream);
+                let view = st.router.view();
+                // Envoy names upstreams canonically, as the config's runners are stored; any
+                // other spelling is normalised before giving up.
+                let known = view
+                    .index_of(upstream)
+                    .or_else(|| hint_router_core::addr::canonical(upstream).and_then(|a| view.index_of(&a)));
                 let same = |idx| st.router.view().runner_hints_equal(idx, &raw, max_bytes, cap);
                 // The runner's list differs from the view, or equals what we only guessed:
                 // either way the published table is behind; tell the poller.

@@ -78,6 +78,8 @@ pub enum Level {
     Warn = 3,
     /// error
     Error = 4,
+    /// critical (only written, for panics: the host's level is read as at most Error)
+    Critical = 5,
 }
 
 #[link(wasm_import_module = "env")]
@@ -368,11 +370,40 @@ impl ::log::Log for HostLogger {
     fn flush(&self) {}
 }
 
-/// Installs [`HostLogger`] (at Info: the host's level cannot be read during `_initialize`).
+/// Installs [`HostLogger`] (at Info: the host's level cannot be read during `_initialize`),
+/// and a panic hook that writes the panic to Envoy's log at critical before the VM aborts
+/// (no panic is known to be reachable; if one is, the log says where).
 pub fn init_logging() {
     static LOGGER: HostLogger = HostLogger;
     let _ = ::log::set_logger(&LOGGER);
     ::log::set_max_level(::log::LevelFilter::Info);
+    std::panic::set_hook(Box::new(|info| {
+        log(Level::Critical, &format!("hint-router: panic, the VM aborts: {info}"));
+    }));
+}
+
+/// Sends an HTTP call through `cluster` (the poller's `/hints` polls) and returns its token.
+///
+/// This one goes through the SDK's `hostcalls::dispatch_http_call`, because the SDK must
+/// register the token for the response to reach this root context (its dispatcher
+/// `expect`s every response token to be registered, and registering is private to the SDK).
+/// The SDK wrapper panics only on a status other than `Ok`, `BadArgument` and
+/// `InternalFailure` (proxy-wasm 0.2.5, `src/hostcalls.rs` line 841, `status => panic!`).
+/// That panic is unreachable: Envoy's `Context::httpCall`
+/// (`source/extensions/common/wasm/context.cc`) returns only `BadArgument` (negative timeout,
+/// unknown cluster, missing `:path`/`:method`/`:authority`), `InternalFailure` (the async
+/// client refused) or `Ok`; the ABI wrapper in front of it (proxy-wasm-cpp-host `http_call`)
+/// adds only `InvalidMemoryAccess`, for pointers outside the VM's memory, and the SDK passes
+/// pointers to live buffers (the serialised headers and trailers; no body is `(null, 0)`, an
+/// empty range inside memory). The timeout is below `u32::MAX` ms by config validation
+/// (`poll_timeout_ms` <= 3,600,000), so it is never negative on the host side.
+pub fn dispatch_http_call(
+    cluster: &str,
+    headers: Vec<(&str, &str)>,
+    timeout: std::time::Duration,
+) -> HostResult<u32> {
+    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout)
+        .map_err(|s| HostError::Status(s as u32))
 }
 
 /// Follows the host's current log level, so disabled levels cost nothing.
@@ -382,6 +413,6 @@ pub fn refresh_log_level() {
         Level::Debug => ::log::LevelFilter::Debug,
         Level::Info => ::log::LevelFilter::Info,
         Level::Warn => ::log::LevelFilter::Warn,
-        Level::Error => ::log::LevelFilter::Error,
+        Level::Error | Level::Critical => ::log::LevelFilter::Error,
     });
 }

@@ -22,6 +22,9 @@ struct Metrics {
     header_updates: u32,
     table_publishes: u32,
     inflight_repaired: u32,
+    inflight_raised: u32,
+    report_clamped: u32,
+    poll_rejected: u32,
     runners_available: u32,
 }
 
@@ -38,6 +41,9 @@ impl Metrics {
             header_updates: c("hint_router.response_hint_updates"),
             table_publishes: c("hint_router.table_publishes"),
             inflight_repaired: c("hint_router.inflight_repaired"),
+            inflight_raised: c("hint_router.inflight_raised"),
+            report_clamped: c("hint_router.report_clamped"),
+            poll_rejected: c("hint_router.poll_rejected"),
             runners_available: host::define_metric(MetricKind::Gauge, "hint_router.runners_available")
                 .unwrap_or(u32::MAX),
         }
@@ -56,6 +62,11 @@ pub struct PollerRoot {
 
 /// A publication may take at most 1 / this of the main thread's time outside ticks.
 const PUBLISH_DUTY: u64 = 10;
+/// Least time between two publications outside ticks. Every publication makes every worker
+/// re-read the table, so client traffic that keeps changing it (misses of ever-new hints,
+/// each listed as a guess) must not set the pace: changes inside the gap wait for the next
+/// tick (a fifth of the poll interval) and go out together.
+const MIN_PUBLISH_GAP_NS: u64 = 20_000_000;
 
 impl PollerRoot {
     /// Registers the queue, starts the tick and publishes the initial (empty) table.
@@ -92,7 +103,18 @@ impl PollerRoot {
         for (idx, ev) in self.poller.expire(now) {
             self.record(idx, &ev);
         }
-        for idx in self.poller.due(now) {
+        let due = self.poller.due(now);
+        if due.is_empty() {
+            self.publish();
+            return;
+        }
+        // This Envoy's in-flight counts as the polls leave: each answer rebases on them.
+        let mut counts = Vec::new();
+        let n = self.poller.len();
+        if let Ok((bytes, _)) = host::get_shared(INFLIGHT_KEY) {
+            inflight::decode(&bytes.unwrap_or_default(), n, &mut counts);
+        }
+        for idx in due {
             let Some(addr) = self.poller.addr(idx).map(str::to_owned) else { continue };
             let headers = vec![
                 (":method", "GET"),
@@ -101,20 +123,13 @@ impl PollerRoot {
                 (self.cfg.poll_target_header.as_str(), addr.as_str()),
             ];
             let timeout = Duration::from_millis(self.cfg.poll_timeout_ms);
-            // The SDK's wrapper registers the call so its response reaches this root.
-            match proxy_wasm::hostcalls::dispatch_http_call(
-                &self.cfg.poll_cluster,
-                headers,
-                None,
-                vec![],
-                timeout,
-            ) {
-                Ok(token) => self.poller.on_sent(idx, token, now),
+            match host::dispatch_http_call(&self.cfg.poll_cluster, headers, timeout) {
+                Ok(token) => self.poller.on_sent(idx, token, now, counts.get(idx).copied().unwrap_or(0)),
                 Err(status) => {
                     let ev = self.poller.on_failure(idx, now, PollFailure::Dispatch);
-                    if matches!(ev, PollEvent::Failed { lost: true, .. }) || self.poller.available() == 0 {
-                        log::debug!(
-                            "hint-router poller: dispatch to cluster {} failed: {status:?}",
+                    if matches!(ev, PollEvent::Failed { warn: true, .. }) {
+                        log::warn!(
+                            "hint-router poller: cannot send a poll through cluster {}: {status}",
                             self.cfg.poll_cluster
                         );
                     }
@@ -145,7 +160,7 @@ impl PollerRoot {
         let ev = self.poller.on_response(idx, now, status, body_ref);
         self.record(idx, &ev);
         if matches!(ev, PollEvent::Ok { .. }) {
-            self.repair_in_flight(idx);
+            self.rebase_in_flight(idx);
         }
         self.publish_soon();
     }
@@ -177,41 +192,54 @@ impl PollerRoot {
         self.publish_soon();
     }
 
-    /// Undoes in-flight increments that were never decremented (see
-    /// [`Poller::leaked_in_flight`]). A lost compare-and-swap race just waits for the next poll.
-    fn repair_in_flight(&mut self, idx: usize) {
+    /// Rebases this Envoy's in-flight count for runner `idx` on the runner's own report (see
+    /// [`Poller::rebased_in_flight`]): leaked increments, mis-charged retries and other
+    /// proxies' requests are corrected once per poll, in either direction. A lost
+    /// compare-and-swap race just waits for the next poll.
+    fn rebase_in_flight(&mut self, idx: usize) {
         let n = self.poller.len();
         let Ok((bytes, cas)) = host::get_shared(INFLIGHT_KEY) else { return };
         let bytes = bytes.unwrap_or_default();
         let mut counts = Vec::with_capacity(2 * n);
         inflight::decode(&bytes, 2 * n, &mut counts);
-        let local = counts.get(idx).copied().unwrap_or(0);
-        let Some(leaked) = self.poller.leaked_in_flight(idx, local) else { return };
+        let now = counts.get(idx).copied().unwrap_or(0);
+        let Some(target) = self.poller.rebased_in_flight(idx, now) else { return };
         // Both counters of the runner: in flight, and (never above it) loading.
-        let remaining = local.saturating_sub(leaked);
         let loading = counts.get(n + idx).copied().unwrap_or(0);
         if let Some(c) = counts.get_mut(idx) {
-            *c = remaining;
+            *c = target;
         }
         if let Some(c) = counts.get_mut(n + idx) {
-            *c = loading.min(remaining);
+            *c = loading.min(target);
         }
         let next = inflight::encode(&counts);
         if host::set_shared(INFLIGHT_KEY, &next, cas).is_ok() {
-            host::increment_metric(self.metrics.inflight_repaired, i64::from(leaked));
-            log::warn!(
-                "hint-router poller: {} in-flight request(s) to {} were never finished (a worker VM died?); count repaired",
-                leaked,
-                self.poller.addr(idx).unwrap_or("?")
-            );
+            if target < now {
+                host::increment_metric(self.metrics.inflight_repaired, i64::from(now - target));
+                log::debug!(
+                    "hint-router poller: {} counted {now} in flight, the runner {target}: corrected down",
+                    self.poller.addr(idx).unwrap_or("?")
+                );
+            } else {
+                host::increment_metric(self.metrics.inflight_raised, i64::from(target - now));
+            }
         }
     }
 
     fn record(&self, idx: usize, ev: &PollEvent) {
         let addr = self.poller.addr(idx).unwrap_or("?");
         match ev {
-            PollEvent::Ok { recovered, truncated, invalid } => {
+            PollEvent::Ok { recovered, truncated, invalid, clamped, warn } => {
                 host::increment_metric(self.metrics.poll_ok, 1);
+                if !clamped.is_empty() {
+                    host::increment_metric(self.metrics.report_clamped, 1);
+                    if *warn {
+                        log::warn!(
+                            "hint-router poller: runner {addr} reported out-of-bounds {}; clamped (see docs/config.md)",
+                            clamped.join(", ")
+                        );
+                    }
+                }
                 if *recovered {
                     host::increment_metric(self.metrics.runner_recovered, 1);
                     log::info!("hint-router poller: runner {addr} is available");
@@ -223,11 +251,16 @@ impl PollerRoot {
                     host::increment_metric(self.metrics.hints_invalid, *invalid as i64);
                 }
             }
-            PollEvent::Failed { failure, lost } => {
+            PollEvent::Failed { failure, lost, warn } => {
                 host::increment_metric(self.metrics.poll_error, 1);
+                if matches!(failure, PollFailure::BadBody(_) | PollFailure::IdentityMismatch(_)) {
+                    host::increment_metric(self.metrics.poll_rejected, 1);
+                }
                 if *lost {
                     host::increment_metric(self.metrics.runner_lost, 1);
                     log::warn!("hint-router poller: runner {addr} left out: poll failed: {failure}");
+                } else if *warn {
+                    log::warn!("hint-router poller: runner {addr} is left out: poll failed: {failure} (repeats are logged at debug for 30 s)");
                 } else {
                     log::debug!("hint-router poller: poll of {addr} failed: {failure}");
                 }
@@ -235,11 +268,11 @@ impl PollerRoot {
         }
     }
 
-    /// Publishes a change now if the last publication's cost allows (small tables: at once),
-    /// else leaves it to the next tick. Publishing a 1,000-runner table after every poll
-    /// answer swamped the main thread until polls timed out; this keeps publications to at
-    /// most 1/[`PUBLISH_DUTY`] of its time while small fleets still see changes in
-    /// microseconds.
+    /// Publishes a change now if the last publication was long enough ago, else leaves it to
+    /// the next tick. Publishing a 1,000-runner table after every poll answer swamped the main
+    /// thread until polls timed out; this keeps publications to at most 1/[`PUBLISH_DUTY`] of
+    /// its time and at most one per [`MIN_PUBLISH_GAP_NS`] (plus one per tick), while a
+    /// change after a quiet spell still goes out at once.
     fn publish_soon(&mut self) {
         if host::now_ns() >= self.next_publish_ns {
             self.publish();
@@ -260,6 +293,7 @@ impl PollerRoot {
         host::increment_metric(self.metrics.table_publishes, 1);
         host::record_metric(self.metrics.runners_available, self.poller.available() as u64);
         let now = host::now_ns();
-        self.next_publish_ns = now.saturating_add(now.saturating_sub(started).saturating_mul(PUBLISH_DUTY));
+        let gap = now.saturating_sub(started).saturating_mul(PUBLISH_DUTY).max(MIN_PUBLISH_GAP_NS);
+        self.next_publish_ns = now.saturating_add(gap);
     }
 }
