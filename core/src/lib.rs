@@ -23,6 +23,8 @@
 
 pub mod addr;
 pub mod config;
+#[cfg(test)]
+mod convergence;
 pub mod hint;
 pub mod inflight;
 pub mod poller;
