@@ -116,9 +116,10 @@ impl PollerRoot {
         }
         for idx in due {
             let Some(addr) = self.poller.addr(idx).map(str::to_owned) else { continue };
+            let path = self.poller.probe_path(idx).to_owned();
             let headers = vec![
                 (":method", "GET"),
-                (":path", self.cfg.poll_path.as_str()),
+                (":path", path.as_str()),
                 (":authority", addr.as_str()),
                 (self.cfg.poll_target_header.as_str(), addr.as_str()),
             ];
@@ -157,7 +158,8 @@ impl PollerRoot {
             host::get_buffer(Buffer::CallResponseBody, body_size).map_err(|_| PollFailure::BodyUnreadable)
         };
         let body_ref = body.as_deref().map_err(Clone::clone);
-        let ev = self.poller.on_response(idx, now, status, body_ref);
+        let header = host::get_header(Map::CallResponse, &self.cfg.runner_hints_header).ok().flatten();
+        let ev = self.poller.on_response(idx, now, status, header.as_deref(), body_ref);
         self.record(idx, &ev);
         if matches!(ev, PollEvent::Ok { .. }) {
             self.rebase_in_flight(idx);

@@ -30,6 +30,9 @@ pub struct Config {
     pub poll_cluster: String,
     /// Path polled on every runner.
     pub poll_path: String,
+    /// Path probed instead on a runner whose `poll_path` answered 404 (a header-only runner,
+    /// e.g. a fal app: `GET /health`); empty: no fallback, a 404 is a failed poll.
+    pub health_path: String,
     /// Runner addresses (`ip:port`), exactly the members of the runners cluster.
     pub runners: Vec<String>,
     /// How often each runner is polled.
@@ -69,6 +72,7 @@ impl Default for Config {
             poll_target_header: "x-hint-router-poll-target".into(),
             poll_cluster: "hint_router_poll".into(),
             poll_path: "/hints".into(),
+            health_path: "/health".into(),
             runners: Vec::new(),
             poll_interval_ms: 500,
             poll_timeout_ms: 400,
@@ -146,6 +150,12 @@ impl Config {
         }
         if !self.poll_path.starts_with('/') || !self.poll_path.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
             return Err(err("poll_path", "must start with '/' and be visible ASCII"));
+        }
+        if !self.health_path.is_empty()
+            && (!self.health_path.starts_with('/')
+                || !self.health_path.bytes().all(|b| (0x21..=0x7e).contains(&b)))
+        {
+            return Err(err("health_path", "must be empty or start with '/' and be visible ASCII"));
         }
         if self.runners.is_empty() {
             return Err(err("runners", "required: list the runner addresses as \"ip:port\""));

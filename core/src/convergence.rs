@@ -129,7 +129,7 @@ fn simulate(rebase: bool, seed: u64) -> Outcome {
                 } else if now == at {
                     answers[i] = None;
                     let body = format!(r#"{{"hints":[],"in_flight":{reported}}}"#);
-                    poller.on_response(i, now, Some(200), Ok(body.as_bytes()));
+                    poller.on_response(i, now, Some(200), None, Ok(body.as_bytes()));
                     if rebase {
                         if let Some(t) = poller.rebased_in_flight(i, counts[i]) {
                             counts[i] = t;

@@ -77,6 +77,18 @@ pub enum PollEvent {
 /// Least time between two warnings about the same runner's failing polls.
 pub const WARN_EVERY_MS: u64 = 30_000;
 
+/// What a runner is probed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Its `/hints` report (`poll_path`).
+    Report,
+    /// Its health route (`health_path`): a header-only runner (fal's apps) that answered 404
+    /// on `poll_path`. A 2xx makes it available; its hints come from the runner hints header
+    /// of this probe's and every other response; capacity and concurrency from the config's
+    /// defaults, capacity else from the most hints it ever listed.
+    Health,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Idle,
@@ -96,6 +108,9 @@ struct Slot {
     last_warn_ms: Option<u64>,
     /// When a clamped report of this runner was last logged at warn.
     last_clamp_warn_ms: Option<u64>,
+    probe: Probe,
+    /// The most hints it ever listed (a header-only runner's capacity, when unknown).
+    most_hints: usize,
 }
 
 /// All runners' poll state.
@@ -108,6 +123,8 @@ pub struct Poller {
     max_hints: usize,
     max_body: usize,
     defaults: Defaults,
+    poll_path: String,
+    health_path: String,
     generation: u64,
     dirty: bool,
 }
@@ -133,6 +150,8 @@ impl Poller {
                     in_flight_at_send: 0,
                     last_warn_ms: None,
                     last_clamp_warn_ms: None,
+                    probe: Probe::Report,
+                    most_hints: 0,
                 })
                 .collect(),
             interval_ms: cfg.poll_interval_ms,
@@ -144,6 +163,8 @@ impl Poller {
                 capacity: cfg.default_capacity,
                 max_concurrency: cfg.default_max_concurrency,
             },
+            poll_path: cfg.poll_path.clone(),
+            health_path: cfg.health_path.clone(),
             generation: 0,
             dirty: true,
         }
@@ -168,6 +189,19 @@ impl Poller {
     /// Address of runner `idx`.
     pub fn addr(&self, idx: usize) -> Option<&str> {
         self.slots.get(idx).map(|s| s.runner.addr.as_str())
+    }
+
+    /// The path runner `idx` is probed on now ([`Probe`]).
+    pub fn probe_path(&self, idx: usize) -> &str {
+        match self.slots.get(idx).map(|s| s.probe) {
+            Some(Probe::Health) => &self.health_path,
+            _ => &self.poll_path,
+        }
+    }
+
+    /// How runner `idx` is probed.
+    pub fn probe(&self, idx: usize) -> Option<Probe> {
+        self.slots.get(idx).map(|s| s.probe)
     }
 
     /// Number of runners currently available.
@@ -249,14 +283,30 @@ impl Poller {
         PollEvent::Failed { failure, lost, warn }
     }
 
-    /// Applies a poll response (`status`, and the body if it was read).
+    /// Applies a poll response (`status`, the runner hints header if it had one, and the
+    /// body if it was read).
     pub fn on_response(
         &mut self,
         idx: usize,
         now_ms: u64,
         status: Option<u16>,
+        header_hints: Option<&[u8]>,
         body: Result<&[u8], PollFailure>,
     ) -> PollEvent {
+        let probe = self.probe(idx);
+        if probe == Some(Probe::Health) {
+            return self.on_health(idx, now_ms, status, header_hints);
+        }
+        if status == Some(404) && !self.health_path.is_empty() {
+            // No `/hints` here: a header-only runner. Probe its health route from now on,
+            // at once.
+            let ev = self.on_failure(idx, now_ms, PollFailure::Status(404));
+            if let Some(s) = self.slots.get_mut(idx) {
+                s.probe = Probe::Health;
+                s.next_due_ms = now_ms;
+            }
+            return ev;
+        }
         match self.parse(idx, status, body) {
             Err(f) => self.on_failure(idx, now_ms, f),
             Ok(report) => {
@@ -292,6 +342,43 @@ impl Poller {
                 }
             }
         }
+    }
+
+    fn on_health(
+        &mut self,
+        idx: usize,
+        now_ms: u64,
+        status: Option<u16>,
+        header: Option<&[u8]>,
+    ) -> PollEvent {
+        match status {
+            Some(200..=299) => {}
+            Some(s) => return self.on_failure(idx, now_ms, PollFailure::Status(s)),
+            None => return self.on_failure(idx, now_ms, PollFailure::NoStatus),
+        }
+        self.finish(idx, now_ms);
+        let list = header.map(|h| parse_hint_list(h, self.max_hint_bytes, self.max_hints));
+        let defaults = self.defaults;
+        let Some(s) = self.slots.get_mut(idx) else {
+            return PollEvent::Failed { failure: PollFailure::Dispatch, lost: false, warn: false };
+        };
+        s.reported_in_flight = None;
+        s.last_warn_ms = None;
+        let recovered = !s.runner.available;
+        let (truncated, invalid) = list.as_ref().map_or((0, 0), |l| (l.truncated, l.invalid));
+        let mut next = s.runner.clone();
+        next.available = true;
+        if let Some(l) = list {
+            next.hints = l.hints;
+        }
+        s.most_hints = s.most_hints.max(next.hints.len());
+        next.capacity = if defaults.capacity > 0 { defaults.capacity } else { s.most_hints as u32 };
+        next.max_concurrency = defaults.max_concurrency.max(1);
+        if next != s.runner {
+            s.runner = next;
+            self.dirty = true;
+        }
+        PollEvent::Ok { recovered, truncated, invalid, clamped: Vec::new(), warn: false }
     }
 
     fn parse(
@@ -352,11 +439,18 @@ impl Poller {
                 self.slots.iter().position(|s| s.runner.addr == addr)?
             }
         };
+        let defaults = self.defaults;
         let s = self.slots.get_mut(pos)?;
         if s.runner.hints == list.hints {
             return None;
         }
         s.runner.hints = list.hints.clone();
+        if s.probe == Probe::Health {
+            s.most_hints = s.most_hints.max(list.hints.len());
+            if defaults.capacity == 0 {
+                s.runner.capacity = s.most_hints as u32;
+            }
+        }
         self.dirty = true;
         Some(list)
     }
@@ -411,7 +505,8 @@ mod tests {
         p.on_sent(0, 7, 0, 0);
         assert_eq!(p.due(0), vec![1]);
         assert_eq!(p.find_token(7), Some(0));
-        let ev = p.on_response(0, 10, Some(200), Ok(&body("127.0.0.1:1", &["a", "bad hint", "b", "c"])));
+        let ev =
+            p.on_response(0, 10, Some(200), None, Ok(&body("127.0.0.1:1", &["a", "bad hint", "b", "c"])));
         assert_eq!(
             ev,
             PollEvent::Ok { recovered: true, truncated: 1, invalid: 1, clamped: vec![], warn: false }
@@ -425,7 +520,7 @@ mod tests {
         assert!(p.due(99).iter().all(|&i| i != 0));
         assert!(p.due(100).contains(&0));
         p.on_sent(0, 8, 100, 0);
-        p.on_response(0, 110, Some(200), Ok(&body("127.0.0.1:1", &["a", "b"])));
+        p.on_response(0, 110, Some(200), None, Ok(&body("127.0.0.1:1", &["a", "b"])));
         assert!(p.take_table().is_none(), "same report, nothing to publish");
     }
 
@@ -434,7 +529,7 @@ mod tests {
     fn failures_take_runner_out_and_keep_last_good_hints() {
         let mut p = poller();
         p.on_sent(0, 1, 0, 0);
-        p.on_response(0, 1, Some(200), Ok(&body("127.0.0.1:1", &["a"])));
+        p.on_response(0, 1, Some(200), None, Ok(&body("127.0.0.1:1", &["a"])));
         p.take_table();
         let cases: Vec<(Option<u16>, Result<&[u8], PollFailure>, PollFailure)> = vec![
             (Some(503), Ok(b""), PollFailure::Status(503)),
@@ -446,7 +541,7 @@ mod tests {
         ];
         for (i, (status, b, want)) in cases.into_iter().enumerate() {
             p.on_sent(0, 2, 0, 0);
-            match p.on_response(0, 1, status, b) {
+            match p.on_response(0, 1, status, None, b) {
                 PollEvent::Failed { failure, lost, warn } => {
                     assert_eq!(lost, i == 0, "case {i}");
                     // Warned when lost; then not again within WARN_EVERY_MS.
@@ -465,7 +560,7 @@ mod tests {
         // The runner answers again: back in.
         p.on_sent(0, 3, 0, 0);
         assert!(matches!(
-            p.on_response(0, 1, Some(200), Ok(&body("127.0.0.1:1", &[]))),
+            p.on_response(0, 1, Some(200), None, Ok(&body("127.0.0.1:1", &[]))),
             PollEvent::Ok { recovered: true, .. }
         ));
         assert!(p.take_table().unwrap().runners[0].available);
@@ -475,11 +570,11 @@ mod tests {
     fn identity_mismatch_and_oversized_body_fail() {
         let mut p = poller();
         p.on_sent(1, 1, 0, 0);
-        let ev = p.on_response(1, 1, Some(200), Ok(&body("127.0.0.1:1", &["a"])));
+        let ev = p.on_response(1, 1, Some(200), None, Ok(&body("127.0.0.1:1", &["a"])));
         assert!(matches!(ev, PollEvent::Failed { failure: PollFailure::IdentityMismatch(_), .. }));
         p.on_sent(1, 1, 0, 0);
         let big = vec![b' '; 2000];
-        let ev = p.on_response(1, 1, Some(200), Ok(&big));
+        let ev = p.on_response(1, 1, Some(200), None, Ok(&big));
         assert!(matches!(ev, PollEvent::Failed { failure: PollFailure::BodyTooLarge(2000), .. }));
     }
 
@@ -489,7 +584,7 @@ mod tests {
         p.on_sent(0, 1, 0, 0);
         let mut r: HintsReport = serde_json::from_slice(&body("127.0.0.1:1", &["a"])).unwrap();
         r.draining = true;
-        let ev = p.on_response(0, 1, Some(200), Ok(&serde_json::to_vec(&r).unwrap()));
+        let ev = p.on_response(0, 1, Some(200), None, Ok(&serde_json::to_vec(&r).unwrap()));
         assert_eq!(
             ev,
             PollEvent::Ok { recovered: false, truncated: 0, invalid: 0, clamped: vec![], warn: false }
@@ -516,26 +611,26 @@ mod tests {
         let mut p = poller();
         // Sent while this Envoy counted 5; the runner has 2; meanwhile one more started here.
         p.on_sent(0, 1, 0, 5);
-        p.on_response(0, 1, Some(200), Ok(&report("127.0.0.1:1", 2)));
+        p.on_response(0, 1, Some(200), None, Ok(&report("127.0.0.1:1", 2)));
         assert_eq!(p.rebased_in_flight(0, 6), Some(3));
         // Counted too few (the runner also serves another Envoy): corrected upwards.
         p.on_sent(0, 2, 100, 1);
-        p.on_response(0, 101, Some(200), Ok(&report("127.0.0.1:1", 7)));
+        p.on_response(0, 101, Some(200), None, Ok(&report("127.0.0.1:1", 7)));
         assert_eq!(p.rebased_in_flight(0, 1), Some(7));
         assert_eq!(p.rebased_in_flight(0, 0), Some(6), "one ended since the send");
         // Agreement (the runner had what this Envoy counted), and runners that say nothing:
         // left alone.
         p.on_sent(0, 5, 150, 3);
-        p.on_response(0, 151, Some(200), Ok(&report("127.0.0.1:1", 3)));
+        p.on_response(0, 151, Some(200), None, Ok(&report("127.0.0.1:1", 3)));
         assert_eq!(p.rebased_in_flight(0, 3), None);
         assert_eq!(p.rebased_in_flight(0, 5), None);
         p.on_sent(1, 3, 0, 4);
-        p.on_response(1, 1, Some(200), Ok(br#"{"hints":[]}"#));
+        p.on_response(1, 1, Some(200), None, Ok(br#"{"hints":[]}"#));
         assert_eq!(p.rebased_in_flight(1, 4), None);
         assert_eq!(p.rebased_in_flight(9, 4), None);
         // Never below zero.
         p.on_sent(0, 4, 200, 9);
-        p.on_response(0, 201, Some(200), Ok(&report("127.0.0.1:1", 0)));
+        p.on_response(0, 201, Some(200), None, Ok(&report("127.0.0.1:1", 0)));
         assert_eq!(p.rebased_in_flight(0, 1), Some(0));
     }
 
@@ -551,11 +646,14 @@ mod tests {
             (1, "not an address", false),
         ] {
             p.on_sent(idx, 1, 0, 0);
-            let ev = p.on_response(idx, 1, Some(200), Ok(&report(id, 0)));
+            let ev = p.on_response(idx, 1, Some(200), None, Ok(&report(id, 0)));
             assert_eq!(matches!(ev, PollEvent::Ok { .. }), ok, "{id}: {ev:?}");
         }
         p.on_sent(0, 1, 0, 0);
-        assert!(matches!(p.on_response(0, 1, Some(200), Ok(br#"{"hints":["a"]}"#)), PollEvent::Ok { .. }));
+        assert!(matches!(
+            p.on_response(0, 1, Some(200), None, Ok(br#"{"hints":["a"]}"#)),
+            PollEvent::Ok { .. }
+        ));
         assert_eq!(p.on_header_hints("[0::1]:8000", b"b").unwrap().hints, vec!["b"]);
     }
 
@@ -564,7 +662,7 @@ mod tests {
         let mut p = poller();
         p.on_sent(0, 1, 0, 0);
         let body = br#"{"runner":"127.0.0.1:1","hints":["a"],"capacity":4294967295,"max_concurrency":200000000,"in_flight":0}"#;
-        let ev = p.on_response(0, 1, Some(200), Ok(body));
+        let ev = p.on_response(0, 1, Some(200), None, Ok(body));
         assert_eq!(
             ev,
             PollEvent::Ok {
@@ -582,13 +680,55 @@ mod tests {
             .into_iter()
             .map(|now| {
                 p.on_sent(1, 9, now, 0);
-                match p.on_response(1, now, Some(404), Ok(b"")) {
+                match p.on_response(1, now, Some(404), None, Ok(b"")) {
                     PollEvent::Failed { warn, lost, .. } => warn && !lost,
                     other => panic!("{other:?}"),
                 }
             })
             .collect();
         assert_eq!(warns, vec![true, false, false, true, false, true]);
+    }
+
+    #[test]
+    fn a_runner_without_hints_is_probed_on_its_health_route_and_routed_by_its_header() {
+        let cfg = Config::parse(br#"{"runners":["127.0.0.1:1"],"default_max_concurrency":1}"#).unwrap();
+        let mut p = Poller::new(&cfg);
+        assert_eq!(p.probe_path(0), "/hints");
+        p.on_sent(0, 1, 0, 0);
+        // fal's apps answer 404 on /hints (with their hints header, as on every response).
+        let ev = p.on_response(0, 5, Some(404), Some(b"llama"), Ok(b"{}"));
+        assert!(matches!(ev, PollEvent::Failed { .. }));
+        assert_eq!((p.probe(0), p.probe_path(0)), (Some(Probe::Health), "/health"));
+        assert_eq!(p.due(5), vec![0], "the health probe goes out at once");
+        p.on_sent(0, 2, 5, 0);
+        let ev = p.on_response(0, 6, Some(200), Some(b"llama,sdxl"), Ok(b"{\"version\":\"1\"}"));
+        assert!(matches!(ev, PollEvent::Ok { recovered: true, .. }), "{ev:?}");
+        let t = p.take_table().unwrap();
+        let r = &t.runners[0];
+        assert!(r.available);
+        assert_eq!(
+            (r.hints.clone(), r.capacity, r.max_concurrency),
+            (vec!["llama".into(), "sdxl".into()], 2, 1)
+        );
+        // A probe without the header keeps the hints; a response header updates them, and
+        // capacity follows the most hints ever listed.
+        p.on_sent(0, 3, 600, 0);
+        p.on_response(0, 601, Some(204), None, Ok(b""));
+        assert!(p.take_table().is_none());
+        assert!(p.on_header_hints("127.0.0.1:1", b"a,b,c").is_some());
+        assert_eq!(p.take_table().unwrap().runners[0].capacity, 3);
+        // A failing health probe takes it out.
+        p.on_sent(0, 4, 1200, 0);
+        assert!(matches!(
+            p.on_response(0, 1201, Some(503), None, Ok(b"")),
+            PollEvent::Failed { lost: true, .. }
+        ));
+        // With no health_path, a 404 is just a failed poll.
+        let cfg = Config::parse(br#"{"runners":["127.0.0.1:1"],"health_path":""}"#).unwrap();
+        let mut p = Poller::new(&cfg);
+        p.on_sent(0, 1, 0, 0);
+        p.on_response(0, 1, Some(404), None, Ok(b""));
+        assert_eq!(p.probe(0), Some(Probe::Report));
     }
 
     #[test]
