@@ -57,11 +57,12 @@ fn absurd_report_numbers_are_clamped_logged_and_crash_nothing() {
     for capacity in [4_294_967_295u64, 200_000_000, 10_000_000] {
         liar.set_mode(body(serde_json::json!({
             "runner": liar.addr, "hints": [], "capacity": capacity,
-            "max_concurrency": 4_294_967_295u64, "in_flight": 4_294_967_295u64
+            "max_concurrency": 4_294_967_295u64, "in_flight": 0
         })));
         assert!(wait_until(Duration::from_secs(5), || stat(&e, "runners_available") == 2).is_some());
         // Misses, each for a new model: the liar looks like it has free slots, so it is
-        // chosen for some of them (it serves a canned answer).
+        // chosen for some of them (it serves a canned answer); that is where a capacity-
+        // sized allocation used to abort the VM.
         for i in 0..20 {
             let m = format!("cold-{capacity}-{i}");
             let a = infer(&e.url(), &m, Some(m.as_bytes()), &[]);
@@ -70,8 +71,10 @@ fn absurd_report_numbers_are_clamped_logged_and_crash_nothing() {
         }
     }
     let heap_after = envoy_allocated(&e);
+    // Envoy flushes its log file every few seconds.
+    let line = format!("runner {} reported out-of-bounds capacity", liar.addr);
+    let warned = wait_until(Duration::from_secs(20), || e.log_text().contains(&line)).is_some();
     let log = e.log_text();
-    let warned = log.contains(&format!("runner {} reported out-of-bounds capacity", liar.addr));
     eprintln!(
         "absurd numbers: {sent} misses all 200; VM reloads {}; report_clamped {}; liar served {}; Envoy heap {:.1} -> {:.1} MiB; warned naming the runner: {warned}",
         e.vm_reloads(),
@@ -81,9 +84,25 @@ fn absurd_report_numbers_are_clamped_logged_and_crash_nothing() {
         heap_after as f64 / 1048576.0
     );
     assert_eq!(e.vm_reloads(), 0, "a VM died:\n{log}");
+    assert!(liar.inference_count() > 0, "the huge-capacity runner never got a miss: the test proves nothing");
     assert!(stat(&e, "report_clamped") >= 3);
     assert!(warned, "no warning naming the runner:\n{log}");
     assert!(heap_after < heap_before + (16 << 20), "{heap_before} -> {heap_after}");
+
+    // Claiming 2^32-1 requests in flight (clamped to 1,000,000, above its clamped
+    // max_concurrency): it counts as busy, so new misses avoid it.
+    liar.set_mode(body(serde_json::json!({
+        "runner": liar.addr, "hints": [], "capacity": 3, "max_concurrency": 4, "in_flight": 4_294_967_295u64
+    })));
+    let clamped = stat(&e, "report_clamped");
+    assert!(wait_until(Duration::from_secs(5), || stat(&e, "report_clamped") > clamped + 1).is_some());
+    let served = liar.inference_count();
+    for i in 0..10 {
+        let m = format!("busy-{i}");
+        assert_eq!(infer(&e.url(), &m, Some(m.as_bytes()), &[]).status, 200);
+    }
+    eprintln!("in_flight 2^32-1: the liar served {} of 10 misses", liar.inference_count() - served);
+    assert_eq!(liar.inference_count(), served);
 
     // Not a non-negative integer at all (2e8 is a JSON float): the report is rejected, the
     // runner left out and the reason logged at warn.
@@ -91,7 +110,8 @@ fn absurd_report_numbers_are_clamped_logged_and_crash_nothing() {
     liar.set_mode(body(serde_json::json!({"runner": liar.addr, "hints": [], "capacity": 2e8})));
     assert!(wait_until(Duration::from_secs(5), || stat(&e, "runners_available") == 1).is_some());
     assert!(stat(&e, "poll_rejected") > rejected_before);
-    assert!(e.log_text().contains("bad /hints body"), "{}", e.log_text());
+    let logged = wait_until(Duration::from_secs(20), || e.log_text().contains("bad /hints body"));
+    assert!(logged.is_some(), "{}", e.log_text());
     let a = infer(&e.url(), "after", Some(b"after"), &[]);
     assert_eq!((a.status, e.vm_reloads()), (200, 0));
 }
@@ -103,6 +123,8 @@ fn absurd_report_numbers_are_clamped_logged_and_crash_nothing() {
 fn a_runner_reporting_only_its_hints_is_routed_by_them() {
     let other = Runner::start(&["--load-ms", "5", "--infer-ms", "2"]);
     let fal_like = FakeRunner::start(body(serde_json::json!({"hints": ["model-x"]})));
+    // Its responses say the same (an empty header would mean "holds nothing").
+    fal_like.set_header_hints("model-x");
     let addrs = vec![other.addr.clone(), fal_like.addr.clone()];
     let e = Envoy::start(&addrs, &EnvoyOptions::default(), 2);
     for _ in 0..10 {
