@@ -14,6 +14,14 @@
 //!   loaded, never advertised). A model of unknown size counts as 0 bytes until it has
 //!   loaded; if it then turns out not to fit, LRU unpinned models are evicted until the cache
 //!   is back under budget.
+//! * **Nothing is evicted for a model that does not exist.** Before a new model is queued the
+//!   backend is asked whether it exists ([`Backend::lookup`]); a model it does not know fails
+//!   at once (no queue entry, no eviction, no load, not advertised). Victims are only chosen
+//!   when the head of the queue is admitted, i.e. for a load that really starts.
+//! * **Evicted memory is free before it is reused.** A model whose drop blocks until its
+//!   memory is released ([`LoadedModel::release_blocks`], device memory) is dropped on the
+//!   blocking pool, and its slot and bytes count as held until that drop returned: a load
+//!   that needs them waits for it.
 //! * A request **pins** its model from the moment it asks for it ([`ModelCache::acquire`])
 //!   until it drops the returned [`ModelLease`] (the end of its inference). A pinned model is
 //!   never evicted.
@@ -86,6 +94,9 @@ impl std::error::Error for LoadFailed {}
 /// What the cache holds, as advertised.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheSnapshot {
+    /// Bytes of evicted models whose memory is still being released (counted in
+    /// `reserved_bytes`).
+    pub releasing_bytes: u64,
     /// Resident and loading models, most recently used first.
     pub hints: Vec<String>,
     /// The models of `hints` that are still loading, in the same order.
@@ -189,6 +200,15 @@ struct State {
     clock: u64,
     /// Source of record ids; see [`PinGuard`].
     next_id: u64,
+    /// Evicted models whose memory is still being released.
+    releasing: Releasing,
+}
+
+/// Evicted models being dropped on the blocking pool: they still hold a slot and their bytes.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+struct Releasing {
+    models: usize,
+    bytes: u64,
 }
 
 struct Entry {
@@ -229,7 +249,10 @@ type StartLoad = (String, u64, watch::Sender<Phase>, Instant);
 #[must_use]
 struct Effects {
     start: Vec<StartLoad>,
+    /// Dropped inline, outside the lock.
     evicted: Vec<Arc<dyn LoadedModel>>,
+    /// Dropped on the blocking pool; each with the bytes it held (see [`Releasing`]).
+    release_blocking: Vec<(String, Arc<dyn LoadedModel>, u64)>,
 }
 
 /// One pin on a model record. Dropping it unpins.
@@ -348,7 +371,11 @@ impl ModelCache {
         let state = self.shared.lock();
         let mut entries: Vec<(&String, &Entry)> = state.entries.iter().collect();
         entries.sort_by_key(|(_, e)| std::cmp::Reverse(e.last_used));
-        let mut snap = CacheSnapshot::default();
+        let mut snap = CacheSnapshot {
+            releasing_bytes: state.releasing.bytes,
+            reserved_bytes: state.releasing.bytes,
+            ..CacheSnapshot::default()
+        };
         for (name, entry) in entries {
             snap.hints.push(name.clone());
             snap.reserved_bytes = snap.reserved_bytes.saturating_add(entry.bytes);
@@ -372,6 +399,43 @@ impl ModelCache {
         state.queue.iter().map(|q| (q.model.clone(), q.pins)).collect()
     }
 
+    /// Checks the invariants of the cache state; `Err` names the first one broken.
+    #[cfg(test)]
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let state = self.shared.lock();
+        let slots = state.entries.len() + state.releasing.models;
+        if slots > self.shared.capacity {
+            return Err(format!("{slots} slots held, capacity {}", self.shared.capacity));
+        }
+        let mut queued = std::collections::HashSet::new();
+        for q in &state.queue {
+            if state.entries.contains_key(&q.model) {
+                return Err(format!("model {} is both queued and held", q.model));
+            }
+            if !queued.insert(q.model.as_str()) {
+                return Err(format!("model {} is queued twice", q.model));
+            }
+            if q.pins == 0 {
+                return Err(format!("queued model {} has no pin", q.model));
+            }
+        }
+        if let Some(budget) = self.shared.budget {
+            // Loading models count at their hint; every test model tells the truth, and then the
+            // cache holds at most its budget.
+            let held =
+                state.entries.values().fold(state.releasing.bytes, |sum, e| sum.saturating_add(e.bytes));
+            if held > budget {
+                return Err(format!("{held} bytes held, budget {budget}"));
+            }
+        }
+        let head_fits = state.queue.front().map(|q| self.shared.fits(&state, Some(q.bytes)));
+        let evictable = state.entries.values().any(|e| e.pins == 0 && matches!(e.status, Status::Ready(_)));
+        if head_fits == Some(true) || (head_fits == Some(false) && evictable) {
+            return Err("the queue's head could be admitted but waits".to_string());
+        }
+        Ok(())
+    }
+
     /// Pins held on a resident or loading model.
     #[cfg(test)]
     fn pins(&self, model: &str) -> Option<usize> {
@@ -390,10 +454,10 @@ impl Shared {
     fn pin(self: &Arc<Self>, model: &str, now: Instant) -> Result<(Found, PinGuard), LoadFailed> {
         let mut effects = Effects::default();
         // Asked before taking the lock; only used when the model has to be queued.
-        let size = self.backend.size_hint(model);
+        let lookup = self.backend.lookup(model);
         let result = {
             let mut state = self.lock();
-            self.pin_locked(&mut state, model, size, now, &mut effects)
+            self.pin_locked(&mut state, model, lookup, now, &mut effects)
         };
         self.apply(effects);
         result
@@ -403,7 +467,7 @@ impl Shared {
         self: &Arc<Self>,
         state: &mut State,
         model: &str,
-        size: Option<u64>,
+        lookup: Result<Option<u64>, BackendError>,
         now: Instant,
         effects: &mut Effects,
     ) -> Result<(Found, PinGuard), LoadFailed> {
@@ -433,6 +497,12 @@ impl Shared {
             queued.pins += 1;
             return Ok((Found::Wait(queued.tx.subscribe()), guard(queued.id)));
         }
+        // A model the backend does not know: answered before anything is queued or evicted.
+        let size = lookup.map_err(|error| LoadFailed {
+            model: model.to_string(),
+            error,
+            retry_after: Duration::ZERO,
+        })?;
         let bytes = size.unwrap_or(0);
         if let Some(budget) = self.budget.filter(|&budget| bytes > budget) {
             return Err(LoadFailed {
@@ -455,14 +525,14 @@ impl Shared {
     /// Whether the cache can take a model of `incoming` bytes (`None`: no model; only check
     /// that it is within its budget) beside what it holds.
     fn fits(&self, state: &State, incoming: Option<u64>) -> bool {
-        let slots = state.entries.len() + usize::from(incoming.is_some());
+        let slots = state.entries.len() + state.releasing.models + usize::from(incoming.is_some());
         if slots > self.capacity {
             return false;
         }
         let Some(budget) = self.budget else {
             return true;
         };
-        let held = state.entries.values().fold(0u64, |sum, e| sum.saturating_add(e.bytes));
+        let held = state.entries.values().fold(state.releasing.bytes, |sum, e| sum.saturating_add(e.bytes));
         held.saturating_add(incoming.unwrap_or(0)) <= budget
     }
 
@@ -478,11 +548,19 @@ impl Shared {
                     .min_by_key(|(_, e)| e.last_used)
                     .map(|(name, _)| name.clone());
                 let Some(victim) = victim else {
-                    return; // every slot is pinned or loading: wait for an unpin
+                    // Every slot is pinned, loading or releasing: wait for an unpin, a load's
+                    // end or a release's end.
+                    return;
                 };
                 if let Some(Entry { status: Status::Ready(m), bytes, .. }) = state.entries.remove(&victim) {
                     log::info!("evicting model {victim} ({bytes} bytes)");
-                    effects.evicted.push(m);
+                    if m.release_blocks() {
+                        state.releasing.models += 1;
+                        state.releasing.bytes = state.releasing.bytes.saturating_add(bytes);
+                        effects.release_blocking.push((victim, m, bytes));
+                    } else {
+                        effects.evicted.push(m);
+                    }
                 }
                 continue;
             }
@@ -526,8 +604,10 @@ impl Shared {
                     q.pins == 0
                 });
                 if nobody_left {
-                    // Nobody waits for it any more: never load it.
+                    // Nobody waits for it any more: never load it. The next in line may fit
+                    // where it did not.
                     dropped_queue_entry = state.queue.remove(pos);
+                    self.admit_locked(&mut state, &mut effects);
                 }
             }
             // Else the record is gone (its load failed): nothing to unpin.
@@ -592,10 +672,21 @@ impl Shared {
 
     /// Drops evicted models and starts admitted loads, outside the lock.
     fn apply(self: &Arc<Self>, effects: Effects) {
-        let Effects { start, evicted } = effects;
+        let Effects { start, evicted, release_blocking } = effects;
         drop(evicted);
-        let mut work = start;
-        while let Some((model, id, tx, admitted)) = work.pop() {
+        for (model, loaded, bytes) in release_blocking {
+            let shared = Arc::clone(self);
+            let release = move || {
+                drop(loaded);
+                shared.released(&model, bytes);
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => drop(handle.spawn_blocking(release)),
+                // Only reachable when a lease is dropped outside any runtime.
+                Err(_) => release(),
+            }
+        }
+        for (model, id, tx, admitted) in start {
             log::info!("loading model {model}");
             match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
@@ -607,11 +698,23 @@ impl Shared {
                     let error = BackendError::Failed(format!("no async runtime: {e}"));
                     let (more, outcome) = self.finish_load(&model, id, Err(error));
                     tx.send_replace(Phase::Done(outcome, admitted));
-                    drop(more.evicted);
-                    work.extend(more.start);
+                    self.apply(more);
                 }
             }
         }
+    }
+
+    /// An evicted model's memory is released: its slot and bytes are free for queued models.
+    fn released(self: &Arc<Self>, model: &str, bytes: u64) {
+        let mut effects = Effects::default();
+        {
+            let mut state = self.lock();
+            state.releasing.models = state.releasing.models.saturating_sub(1);
+            state.releasing.bytes = state.releasing.bytes.saturating_sub(bytes);
+            log::debug!("model {model}: {bytes} bytes released");
+            self.admit_locked(&mut state, &mut effects);
+        }
+        self.apply(effects);
     }
 
     /// The load task of one model.
@@ -1137,6 +1240,110 @@ mod tests {
         assert_eq!(hints(&cache), ["c", "b"]);
     }
 
+    /// Issue 9, item 5: a model the backend does not know fails at once and evicts nothing,
+    /// so requests for made-up names cannot flush the cache.
+    #[tokio::test(start_paused = true)]
+    async fn unknown_models_fail_at_once_and_evict_nothing() {
+        let backend = TestBackend::new(LOAD, Duration::ZERO);
+        sized(&backend, "a", 50);
+        sized(&backend, "b", 50);
+        let cache = budget_cache(&backend, 2, 100);
+        drop(cache.acquire("a").await.unwrap());
+        drop(cache.acquire("b").await.unwrap());
+        for i in 0..50 {
+            let start = Instant::now();
+            let err = cache.acquire(&format!("nope-{i}")).await.unwrap_err();
+            assert_eq!(start.elapsed(), Duration::ZERO);
+            assert!(matches!(err.error, BackendError::NotFound(_)), "{err:?}");
+            assert_eq!(err.retry_after, Duration::ZERO);
+            cache.validate().unwrap();
+        }
+        assert_eq!(hints(&cache), ["b", "a"]);
+        assert_eq!(backend.live(), 2);
+        assert_eq!(backend.loads("a") + backend.loads("b"), 2);
+        assert!(cache.queued().is_empty());
+        // And they are hits still.
+        assert_eq!(cache.acquire("a").await.unwrap().outcome(), CacheOutcome::Hit);
+    }
+
+    /// A queued model whose waiters all went away leaves the queue, and the next one in line
+    /// is admitted at once when it fits where the first did not.
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_queue_head_lets_the_next_in_line_in() {
+        let backend = TestBackend::new(LOAD, Duration::ZERO);
+        sized(&backend, "a", 60);
+        sized(&backend, "big", 60);
+        sized(&backend, "small", 30);
+        let cache = budget_cache(&backend, 10, 100);
+        let a = cache.acquire("a").await.unwrap();
+        let big = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.acquire("big").await }
+        });
+        settle().await;
+        let small = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.acquire("small").await }
+        });
+        settle().await;
+        assert_eq!(cache.queued().len(), 2);
+        big.abort();
+        settle().await;
+        cache.validate().unwrap();
+        assert_eq!(cache.snapshot().loading, ["small"]);
+        assert_eq!(small.await.unwrap().unwrap().queued(), Duration::ZERO);
+        drop(a);
+    }
+
+    /// Issue 9, item 14: models whose memory is released slowly (device memory) are dropped
+    /// off the async threads, and their bytes count as held until released: no load starts
+    /// while the device has no room for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn no_load_starts_before_the_evicted_memory_is_released() {
+        const BUDGET: u64 = 100;
+        let backend = TestBackend::on_device(
+            Duration::from_millis(2),
+            Duration::ZERO,
+            BUDGET,
+            Duration::from_millis(20),
+        );
+        for i in 0..6u64 {
+            sized(&backend, &format!("m{i}"), 30 + i * 10);
+        }
+        let cache = budget_cache(&backend, 6, BUDGET);
+        // One after the other: each miss needs the memory of the model evicted before it.
+        for i in [0, 5, 1, 4, 2, 3, 5, 0] {
+            let started = std::time::Instant::now();
+            drop(cache.acquire(&format!("m{i}")).await.unwrap());
+            let took = started.elapsed();
+            cache.validate().unwrap();
+            let device = backend.device().unwrap();
+            assert!(device.live() <= BUDGET, "{} bytes live", device.live());
+            println!("m{i}: {took:?}, {} bytes live", device.live());
+        }
+        let tasks: Vec<_> = (0..120)
+            .map(|i| {
+                let cache = cache.clone();
+                tokio::spawn(async move {
+                    let lease = cache.acquire(&format!("m{}", (i * 7) % 6)).await.unwrap();
+                    tokio::task::yield_now().await;
+                    drop(lease);
+                    cache.validate().unwrap();
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let device = backend.device().unwrap();
+        println!("device: at most {} of {BUDGET} bytes live", device.max_live());
+        assert_eq!(device.overcommits(), 0, "loads started without room on the device");
+        assert!(device.max_live() <= BUDGET);
+        let snap = cache.snapshot();
+        assert_eq!(snap.releasing_bytes, 0);
+        cache.validate().unwrap();
+    }
+
     /// Many requests over more models than slots, from several threads: the cache never
     /// holds more than its capacity, and every request gets its model.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1158,8 +1365,10 @@ mod tests {
                 tokio::spawn(async move {
                     let model = format!("m{}", (i * 7) % 8);
                     let lease = cache.acquire(&model).await.unwrap();
+                    cache.validate().unwrap();
                     tokio::task::yield_now().await;
                     drop(lease);
+                    cache.validate().unwrap();
                 })
             })
             .collect();
@@ -1198,8 +1407,10 @@ mod tests {
                 tokio::spawn(async move {
                     let model = format!("m{}", (i * 7) % 8);
                     let lease = cache.acquire(&model).await.unwrap();
+                    cache.validate().unwrap();
                     tokio::task::yield_now().await;
                     drop(lease);
+                    cache.validate().unwrap();
                 })
             })
             .collect();
