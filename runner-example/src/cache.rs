@@ -428,10 +428,13 @@ impl ModelCache {
                 return Err(format!("{held} bytes held, budget {budget}"));
             }
         }
-        let head_fits = state.queue.front().map(|q| self.shared.fits(&state, Some(q.bytes)));
-        let evictable = state.entries.values().any(|e| e.pins == 0 && matches!(e.status, Status::Ready(_)));
-        if head_fits == Some(true) || (head_fits == Some(false) && evictable) {
-            return Err("the queue's head could be admitted but waits".to_string());
+        if let Some(head) = state.queue.front() {
+            let evictable = state.entries.values().any(|e| e.pins == 0 && matches!(e.status, Status::Ready(_)));
+            let fits = self.shared.fits(&state, Some(head.bytes));
+            let soon = self.shared.fits_once_released(&state, Some(head.bytes));
+            if fits || (evictable && !soon) {
+                return Err(format!("the queue's head {} could be admitted but waits", head.model));
+            }
         }
         Ok(())
     }
@@ -525,14 +528,23 @@ impl Shared {
     /// Whether the cache can take a model of `incoming` bytes (`None`: no model; only check
     /// that it is within its budget) beside what it holds.
     fn fits(&self, state: &State, incoming: Option<u64>) -> bool {
-        let slots = state.entries.len() + state.releasing.models + usize::from(incoming.is_some());
+        self.fits_beside(state, state.releasing, incoming)
+    }
+
+    /// [`Shared::fits`], as it will be once the releases under way are over.
+    fn fits_once_released(&self, state: &State, incoming: Option<u64>) -> bool {
+        self.fits_beside(state, Releasing::default(), incoming)
+    }
+
+    fn fits_beside(&self, state: &State, releasing: Releasing, incoming: Option<u64>) -> bool {
+        let slots = state.entries.len() + releasing.models + usize::from(incoming.is_some());
         if slots > self.capacity {
             return false;
         }
         let Some(budget) = self.budget else {
             return true;
         };
-        let held = state.entries.values().fold(state.releasing.bytes, |sum, e| sum.saturating_add(e.bytes));
+        let held = state.entries.values().fold(releasing.bytes, |sum, e| sum.saturating_add(e.bytes));
         held.saturating_add(incoming.unwrap_or(0)) <= budget
     }
 
@@ -540,7 +552,12 @@ impl Shared {
     /// evicting LRU unpinned resident models; also evicts while over the budget.
     fn admit_locked(&self, state: &mut State, effects: &mut Effects) {
         loop {
-            if !self.fits(state, state.queue.front().map(|q| q.bytes)) {
+            let head = state.queue.front().map(|q| q.bytes);
+            if !self.fits(state, head) {
+                if self.fits_once_released(state, head) {
+                    // Room is on its way: evict nothing more, wait for the releases.
+                    return;
+                }
                 let victim = state
                     .entries
                     .iter()
@@ -1341,6 +1358,38 @@ mod tests {
         assert!(device.max_live() <= BUDGET);
         let snap = cache.snapshot();
         assert_eq!(snap.releasing_bytes, 0);
+        cache.validate().unwrap();
+    }
+
+    /// Issue 9, item 14: a slow release runs off the async threads (a one-thread runtime keeps
+    /// serving hits meanwhile), and the load that needs its memory waits for it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_release_blocks_no_async_thread_and_the_load_waits_for_it() {
+        const RELEASE: Duration = Duration::from_millis(300);
+        let backend = TestBackend::on_device(Duration::from_millis(1), Duration::ZERO, 100, RELEASE);
+        for model in ["a", "b", "c"] {
+            sized(&backend, model, 50);
+        }
+        let cache = budget_cache(&backend, 10, 100);
+        drop(cache.acquire("a").await.unwrap());
+        drop(cache.acquire("b").await.unwrap());
+        let started = std::time::Instant::now();
+        let c = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.acquire("c").await }
+        });
+        tokio::task::yield_now().await; // c evicts a, whose release begins
+        assert_eq!(cache.snapshot().releasing_bytes, 50);
+        let hit = cache.acquire("b").await.unwrap();
+        let hit_after = started.elapsed();
+        println!("a hit during the release: after {hit_after:?}");
+        assert_eq!(hit.outcome(), CacheOutcome::Hit);
+        assert!(hit_after < RELEASE / 2, "the hit waited {hit_after:?} for the release");
+        let c = c.await.unwrap().unwrap();
+        println!("c waited {:?} for a's memory", c.queued());
+        assert!(c.queued() >= RELEASE - Duration::from_millis(50), "c was admitted after {:?}", c.queued());
+        assert_eq!(backend.device().unwrap().overcommits(), 0);
+        assert_eq!(hints(&cache), ["c", "b"]);
         cache.validate().unwrap();
     }
 

@@ -128,7 +128,11 @@ async fn a_disconnected_client_keeps_its_inference_slot_until_the_work_ends() {
         "1",
     ]);
     let orphan = runner.send_raw(r#"{"model":"a","prompt":"orphan"}"#).await;
-    runner.wait_for("the first inference", |h| field(h, "running") == 1).await;
+    // Loaded (in no time) and so inferring; then some way into the inference.
+    runner
+        .wait_for("the first inference", |h| field(h, "in_flight") == 1 && h["loading"] == serde_json::json!([]))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let dropped_at = Instant::now();
     drop(orphan); // the client goes away mid-inference
                   // The runner notices the closed connection; the work, and its count, go on.
