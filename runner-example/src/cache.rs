@@ -429,7 +429,8 @@ impl ModelCache {
             }
         }
         if let Some(head) = state.queue.front() {
-            let evictable = state.entries.values().any(|e| e.pins == 0 && matches!(e.status, Status::Ready(_)));
+            let evictable =
+                state.entries.values().any(|e| e.pins == 0 && matches!(e.status, Status::Ready(_)));
             let fits = self.shared.fits(&state, Some(head.bytes));
             let soon = self.shared.fits_once_released(&state, Some(head.bytes));
             if fits || (evictable && !soon) {

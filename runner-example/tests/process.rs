@@ -130,7 +130,9 @@ async fn a_disconnected_client_keeps_its_inference_slot_until_the_work_ends() {
     let orphan = runner.send_raw(r#"{"model":"a","prompt":"orphan"}"#).await;
     // Loaded (in no time) and so inferring; then some way into the inference.
     runner
-        .wait_for("the first inference", |h| field(h, "in_flight") == 1 && h["loading"] == serde_json::json!([]))
+        .wait_for("the first inference", |h| {
+            field(h, "in_flight") == 1 && h["loading"] == serde_json::json!([])
+        })
         .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let dropped_at = Instant::now();
