@@ -96,8 +96,8 @@ impl axum::serve::Listener for LimitedListener {
 
 /// Serves `runner`'s API on `listener` until `shutdown` completes, then drains: marks the
 /// runner as draining, stops accepting connections, lets the requests in progress finish
-/// (closing idle connections), and returns once they have, or once `drain_timeout` has
-/// passed since `shutdown`.
+/// (closing idle connections), and returns once they have, inferences whose client went
+/// away included, or once `drain_timeout` has passed since `shutdown`.
 ///
 /// At most [`RunnerConfig::max_connections`](crate::runner::RunnerConfig::max_connections)
 /// connections are open at once; one more is closed as soon as it is accepted.
@@ -128,13 +128,21 @@ where
     let max =
         usize::try_from(runner.config().max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
     let listener = LimitedListener { inner: listener, slots: Arc::new(Semaphore::new(max)), max };
-    let server = axum::serve(listener, router(runner)).with_graceful_shutdown(signal).into_future();
+    let server = axum::serve(listener, router(runner.clone())).with_graceful_shutdown(signal).into_future();
+    // The connections are closed; inferences whose client went away may still run.
+    let drained = async {
+        server.await?;
+        while runner.in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        io::Result::Ok(())
+    };
     let deadline = async {
         drain_started.notified().await;
         tokio::time::sleep(drain_timeout).await;
     };
     tokio::select! {
-        result = server => result.map(|()| Drained::Complete),
+        result = drained => result.map(|()| Drained::Complete),
         () = deadline => Ok(Drained::TimedOut),
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use runner_example::backend::{blocking, Backend, BackendError, BoxFuture, LoadedModel};
 use runner_example::runner::{Runner, RunnerConfig};
-use runner_example::server::serve;
+use runner_example::server::{serve, Drained};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -182,4 +182,34 @@ async fn clients_that_go_away_never_let_more_than_max_concurrency_run_or_evict_a
     assert!(finished >= 17, "only {finished} inferences ran");
     assert_eq!(running(), 0);
     server.abort();
+}
+
+/// The drain waits for an inference whose client went away, as for any request in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_waits_for_an_inference_whose_client_went_away() {
+    let backend = Arc::new(CountingBackend::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let runner = Runner::new(RunnerConfig::new(addr.to_string()), backend.clone());
+    *backend.runner.lock().unwrap() = Some(runner.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        listener,
+        runner.clone(),
+        async {
+            let _ = stopped.await;
+        },
+        PATIENCE,
+    ));
+    let orphan = send_raw(addr, "a", false).await;
+    eventually("the inference running", || backend.running.load(Ordering::SeqCst) == 1).await;
+    drop(orphan);
+    eventually("the runner noticed", || runner.hints() == ["a"] && runner.in_flight() == 1).await;
+    let stopping = Instant::now();
+    stop.send(()).unwrap();
+    let drained = tokio::time::timeout(PATIENCE, server).await.unwrap().unwrap().unwrap();
+    println!("drained after {:?}", stopping.elapsed());
+    assert_eq!(drained, Drained::Complete);
+    assert_eq!(backend.finished.load(Ordering::SeqCst), 1, "the drain ended before the inference");
+    assert_eq!(runner.in_flight(), 0);
 }
