@@ -70,6 +70,17 @@ fn when_every_runner_is_full_the_client_is_refused_at_once() {
         );
     }
     let answer = infer(&s.envoy.url(), "model-x", h("model-x"), &[]);
+    // The refusal's headers as the client sees them.
+    let refusal = client()
+        .post(s.envoy.url())
+        .header("x-fal-runner-hint", "model-x")
+        .body(r#"{"model":"model-x"}"#)
+        .send()
+        .unwrap();
+    let retry_after =
+        refusal.headers().get("retry-after").map(|v| v.to_str().unwrap_or_default().to_string());
+    eprintln!("the client sees status {} with retry-after {retry_after:?}", refusal.status());
+    assert_eq!(retry_after.as_deref(), Some("1"), "no retry-after for the client");
     let refused: u64 = s.runners.iter().map(|r| field(&hints_json(r), "refused_total")).sum();
     let in_flight: Vec<u64> = s.runners.iter().map(|r| field(&hints_json(r), "in_flight")).collect();
     eprintln!(
@@ -79,7 +90,7 @@ fn when_every_runner_is_full_the_client_is_refused_at_once() {
     );
     assert!(answer.status == 429 || answer.status == 503, "status {}: {}", answer.status, answer.body);
     assert!(answer.elapsed < Duration::from_millis(INFER_MS / 2), "took {:?}", answer.elapsed);
-    assert!(refused >= 1, "no runner counted a refusal");
+    assert!(refused >= 2, "the runners counted {refused} refusals");
     assert_eq!(in_flight, [1, 1], "the refused request ran somewhere");
     for b in busy {
         assert_eq!(b.join().unwrap().0, 200);
