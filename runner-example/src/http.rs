@@ -17,8 +17,9 @@
 //!
 //! `GET /hints` also reports, beside the core fields, `max_queue`, `running` (inferences
 //! running now), `queued` (requests in progress but not running: waiting for a load or a
-//! slot) and `refused_total` (requests answered 429 so far); routers ignore fields they do
-//! not know.
+//! slot), `refused_total` (requests answered 429 so far) and `connections_refused_total`
+//! (connections closed unread over `max_connections`); routers ignore fields they do not
+//! know.
 //!
 //! Every response, errors included, carries `x-runner-id` (the advertised address) and
 //! `x-fal-runner-hints` (the advertised hints, as in `/hints`), computed after the request's
@@ -204,6 +205,7 @@ struct HintsDocument {
     running: u32,
     queued: u32,
     refused_total: u64,
+    connections_refused_total: u64,
 }
 
 async fn hints(State(runner): State<Runner>) -> Response {
@@ -216,6 +218,7 @@ async fn hints(State(runner): State<Runner>) -> Response {
         running,
         queued,
         refused_total: runner.refused_total(),
+        connections_refused_total: runner.connections_refused_total(),
     };
     Json(document).into_response()
 }

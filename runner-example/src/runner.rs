@@ -116,6 +116,7 @@ struct Inner {
     admissions: Arc<Semaphore>,
     in_flight: Arc<AtomicU32>,
     refused: AtomicU64,
+    connections_refused: AtomicU64,
     draining: AtomicBool,
 }
 
@@ -162,6 +163,7 @@ impl Runner {
                 admissions: Arc::new(admissions),
                 in_flight: Arc::new(AtomicU32::new(0)),
                 refused: AtomicU64::new(0),
+                connections_refused: AtomicU64::new(0),
                 draining: AtomicBool::new(false),
             }),
         }
@@ -253,6 +255,16 @@ impl Runner {
     /// Requests refused by [`Runner::admit`] so far.
     pub fn refused_total(&self) -> u64 {
         self.inner.refused.load(Ordering::SeqCst)
+    }
+
+    /// Counts a connection closed unread because `max_connections` were open.
+    pub fn count_refused_connection(&self) {
+        self.inner.connections_refused.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Connections closed unread so far because `max_connections` were open.
+    pub fn connections_refused_total(&self) -> u64 {
+        self.inner.connections_refused.load(Ordering::SeqCst)
     }
 
     /// Inferences running now (holding an inference slot).

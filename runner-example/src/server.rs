@@ -32,6 +32,7 @@ struct LimitedListener {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     max: usize,
+    runner: Runner,
 }
 
 /// A connection, holding one of its listener's slots until closed.
@@ -83,6 +84,7 @@ impl axum::serve::Listener for LimitedListener {
                 Ok(slot) => return (LimitedConnection { stream, _slot: slot }, addr),
                 Err(_) => {
                     log::warn!("closing a connection from {addr}: {} connections open already", self.max);
+                    self.runner.count_refused_connection();
                     drop(stream);
                 }
             }
@@ -127,7 +129,12 @@ where
     };
     let max =
         usize::try_from(runner.config().max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
-    let listener = LimitedListener { inner: listener, slots: Arc::new(Semaphore::new(max)), max };
+    let listener = LimitedListener {
+        inner: listener,
+        slots: Arc::new(Semaphore::new(max)),
+        max,
+        runner: runner.clone(),
+    };
     let server = axum::serve(listener, router(runner.clone())).with_graceful_shutdown(signal).into_future();
     // The connections are closed; inferences whose client went away may still run.
     let drained = async {

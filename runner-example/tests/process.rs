@@ -264,4 +264,6 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let hints = runner.hints().await;
+    assert!(field(&hints, "connections_refused_total") >= 1, "{hints}");
 }
