@@ -11,7 +11,10 @@
 //! inference (kernel launches, synchronisation) are blocking work and should go through it.
 //!
 //! Dropping the last `Arc<dyn LoadedModel>` is how the cache evicts a model: a real backend
-//! frees its host or device memory in `Drop`.
+//! frees its host or device memory in `Drop`, synchronously (see
+//! [`LoadedModel::release_blocks`]), so that the memory is free once the drop returned. The
+//! runner holds a model's pin until every inference on it has really ended, even one whose
+//! client went away, so the last `Arc` never goes while the model still computes.
 
 use std::fmt;
 use std::future::Future;
@@ -71,6 +74,17 @@ pub trait Backend: Send + Sync + 'static {
         let _ = model;
         None
     }
+
+    /// Whether `model` exists, and its size when known ([`Backend::size_hint`]), asked before a
+    /// load is admitted: `Err` (normally [`BackendError::NotFound`]) means "never try loading
+    /// it", so the cache answers at once and evicts nothing for it. Must be quick and must not
+    /// block: no I/O (a manifest read at start is the way).
+    ///
+    /// The default, for a backend that cannot tell before loading, is `Ok(size_hint)`: every
+    /// name is worth a load.
+    fn lookup(&self, model: &str) -> Result<Option<u64>, BackendError> {
+        Ok(self.size_hint(model))
+    }
 }
 
 /// A model held in memory by a [`Backend`].
@@ -84,6 +98,15 @@ pub trait LoadedModel: Send + Sync + 'static {
     /// `None` leaves `resident_bytes` out of `/hints`.
     fn resident_bytes(&self) -> Option<u64> {
         None
+    }
+
+    /// Whether dropping this model blocks until its memory is really released (device memory
+    /// that is freed stream-ordered and synchronised). When `true`, the cache drops an evicted
+    /// model on tokio's blocking pool, and keeps counting its bytes (and its slot) as held
+    /// until the drop returned, so that no load is admitted into memory that is not free yet.
+    /// When `false` (the default), dropping is quick and the cache drops it inline.
+    fn release_blocks(&self) -> bool {
+        false
     }
 }
 

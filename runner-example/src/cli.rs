@@ -9,7 +9,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::backend::{Backend, SimBackend};
 use crate::cpu::CpuBackend;
-use crate::runner::RunnerConfig;
+use crate::runner::{RunnerConfig, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE};
 
 /// Example model runner for hint-router.
 ///
@@ -43,6 +43,20 @@ pub struct Args {
     #[arg(long, default_value_t = 4, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrency: u32,
+
+    /// How many requests may wait (for a model load or an inference slot) beside the
+    /// --max-concurrency running ones. A request beyond is answered at once, before its
+    /// body is read, with 429, `retry-after: 1` and `x-runner-overloaded: queue-full`;
+    /// nothing of it ran, so a router may send it to another runner. An inference whose
+    /// client went away keeps its place until it has really ended.
+    #[arg(long, default_value_t = DEFAULT_MAX_QUEUE, value_name = "N")]
+    pub max_queue: u32,
+
+    /// How many connections are open at once at most; one more is closed as soon as it is
+    /// accepted, unread.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 
     /// Model backend. `sim` simulates loads and inferences with sleeps of --load-ms and
     /// --infer-ms, and fails to load any model whose name starts with `fail-`. `cpu` serves
@@ -148,6 +162,8 @@ impl Args {
             advertise: self.advertise.clone().unwrap_or_else(|| bound.to_string()),
             capacity: self.capacity,
             max_concurrency: self.max_concurrency,
+            max_queue: self.max_queue,
+            max_connections: self.max_connections,
             load_fail_backoff: Duration::from_millis(self.load_fail_backoff_ms),
             memory_budget_bytes: self.memory_mb.map(mib),
         }
@@ -232,6 +248,8 @@ mod tests {
         assert_eq!(args.listen, "127.0.0.1:18081".parse().unwrap());
         assert_eq!(args.capacity, 3);
         assert_eq!(args.max_concurrency, 4);
+        assert_eq!(args.max_queue, 64);
+        assert_eq!(args.max_connections, 1024);
         assert_eq!(args.load_ms, 2000);
         assert_eq!(args.infer_ms, 50);
         assert_eq!(args.load_fail_backoff_ms, 1000);
@@ -308,9 +326,14 @@ mod tests {
             "3",
             "--load-fail-backoff-ms",
             "4",
+            "--max-queue",
+            "0",
+            "--max-connections",
+            "7",
         ])
         .unwrap();
         let config = args.runner_config("127.0.0.1:5".parse().unwrap());
+        assert_eq!((config.max_queue, config.max_connections), (0, 7));
         assert_eq!(config.advertise, "10.0.0.1:80");
         assert_eq!(config.capacity, 5);
         assert_eq!(config.max_concurrency, 2);
@@ -323,6 +346,8 @@ mod tests {
         for bad in [
             &["--capacity", "0"][..],
             &["--max-concurrency", "0"],
+            &["--max-queue", "-1"],
+            &["--max-connections", "0"],
             &["--backend", "gpu"],
             &["--backend", "cpu"],
             &["--backend", "cuda"],

@@ -96,6 +96,16 @@ impl Backend for CpuBackend {
     fn size_hint(&self, model: &str) -> Option<u64> {
         self.dir.entry(model).map(|e| e.weight_bytes)
     }
+
+    fn lookup(&self, model: &str) -> Result<Option<u64>, BackendError> {
+        // The manifest lists every model: one it lacks is never loaded, nothing is evicted.
+        self.dir.entry(model).map(|e| Some(e.weight_bytes)).ok_or_else(|| {
+            BackendError::NotFound(format!(
+                "no model {model} in {}",
+                self.dir.dir().join(crate::models::MANIFEST_FILE).display()
+            ))
+        })
+    }
 }
 
 /// A model whose weights are in host memory.

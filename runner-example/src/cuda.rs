@@ -13,12 +13,16 @@
 //! [`MlpWeights::forward`](crate::models::MlpWeights::forward): the matrix-vector products
 //! on the device with `cublasSgemv`, the bias added on the device, and the element-wise
 //! `tanh` between layers on the host (one vector of `W` floats each way per layer), so that
-//! no kernel compiler (NVRTC) is needed. The inferences of one model run one at a time (a
-//! cuBLAS handle must not be used by two threads at once); different models run in parallel.
+//! no kernel compiler (NVRTC) is needed. The weights are read-only once uploaded; each
+//! inference takes a workspace (stream, cuBLAS handle, scratch vectors) from a pool the models
+//! share, so inferences run in parallel, on one model as on several, up to the runner's
+//! `--max-concurrency`.
 //!
 //! Evicting a model drops its `CudaSlice`s, which frees the device memory, and synchronises
-//! its stream so that the memory goes back to the driver at once (the allocator returns freed
-//! memory at synchronisation points); this runs on a blocking thread.
+//! its stream so that the memory goes back to the driver (the allocator returns freed memory
+//! at synchronisation points) before the drop returns. The model says so
+//! ([`LoadedModel::release_blocks`]): the cache drops it on a blocking thread and counts its
+//! bytes as held until then, so the next upload never races the release.
 #![allow(unsafe_code)]
 
 use std::path::Path;
@@ -75,6 +79,8 @@ pub struct CudaBackend {
     dir: ModelDir,
     ctx: Arc<CudaContext>,
     stats: Arc<BackendStats>,
+    /// Idle inference workspaces, shared by all models.
+    workspaces: Arc<Mutex<Vec<Workspace>>>,
 }
 
 impl CudaBackend {
@@ -82,7 +88,7 @@ impl CudaBackend {
     pub fn open(dir: impl AsRef<Path>, device: usize) -> Result<Self, String> {
         let dir = ModelDir::open(dir)?;
         let ctx = open_device(device)?;
-        Ok(Self { dir, ctx, stats: Arc::default() })
+        Ok(Self { dir, ctx, stats: Arc::default(), workspaces: Arc::default() })
     }
 
     /// The GPU's name and its `(free, total)` memory in bytes.
@@ -114,7 +120,7 @@ impl Backend for CudaBackend {
             }
             let weights = self.dir.read(&model)?;
             let bytes = weights.bytes();
-            let gpu = Gpu::upload(&self.ctx, &weights).map_err(|e| {
+            let gpu = Weights::upload(&self.ctx, &weights).map_err(|e| {
                 BackendError::Failed(format!(
                     "model {model}: copying {bytes} bytes of weights to GPU {} failed: {e}",
                     self.ctx.ordinal()
@@ -126,7 +132,8 @@ impl Backend for CudaBackend {
             let loaded: Arc<dyn LoadedModel> = Arc::new(CudaModel {
                 name: model,
                 bytes,
-                gpu: Mutex::new(Some(gpu)),
+                weights: Some(gpu),
+                workspaces: Arc::clone(&self.workspaces),
                 ctx: Arc::clone(&self.ctx),
                 stats: Arc::clone(&self.stats),
             });
@@ -137,12 +144,23 @@ impl Backend for CudaBackend {
     fn size_hint(&self, model: &str) -> Option<u64> {
         self.dir.entry(model).map(|e| e.weight_bytes)
     }
+
+    fn lookup(&self, model: &str) -> Result<Option<u64>, BackendError> {
+        // The manifest lists every model: one it lacks is never loaded, nothing is evicted.
+        self.dir.entry(model).map(|e| Some(e.weight_bytes)).ok_or_else(|| {
+            BackendError::NotFound(format!(
+                "no model {model} in {}",
+                self.dir.dir().join(crate::models::MANIFEST_FILE).display()
+            ))
+        })
+    }
 }
 
-/// A model's weights and scratch vectors in device memory, with its stream and cuBLAS handle.
-struct Gpu {
+/// A model's weights in device memory: read-only once uploaded, so any number of inferences
+/// read them at once, each from its own [`Workspace`].
+struct Weights {
+    /// The stream they were uploaded (and are freed) on.
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
     width: usize,
     /// Row-major `[256, W]`.
     embed: CudaSlice<f32>,
@@ -150,13 +168,23 @@ struct Gpu {
     layers: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
     /// `(weight [OUTPUTS, W] row-major, bias [OUTPUTS])`.
     head: (CudaSlice<f32>, CudaSlice<f32>),
+}
+
+/// What one inference needs besides the weights: a stream and a cuBLAS handle of its own (a
+/// handle must not be used by two threads at once) and scratch vectors. Idle workspaces wait
+/// in the backend's pool for the next inference, of any model; there are as many as
+/// inferences ever ran at once, which the runner keeps at most `--max-concurrency`.
+struct Workspace {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
     /// Prompt features, `[256]`.
     c: CudaSlice<f32>,
-    /// Activations, `[W]` each.
+    /// Activations, `[width]` each.
     x: CudaSlice<f32>,
     y: CudaSlice<f32>,
     /// Logits, `[OUTPUTS]`.
     out: CudaSlice<f32>,
+    width: usize,
 }
 
 /// `y = op(A)·x + beta·y` for a column-major `m×n` matrix `A` (`lda = m`), checking every
@@ -190,46 +218,66 @@ fn gemv(
     cu("cublasSgemv", unsafe { blas.gemv(cfg, a, x, y) })
 }
 
-impl Gpu {
-    /// Copies `w` to the device, on a new stream of its own.
+impl Weights {
+    /// Copies `w` to the device, on a new stream of its own, and waits for the copies.
     fn upload(ctx: &Arc<CudaContext>, w: &MlpWeights) -> Result<Self, String> {
         cu("binding the CUDA context", ctx.bind_to_thread())?;
         let stream = cu("creating a stream", ctx.new_stream())?;
-        let blas = cu("creating a cuBLAS handle", CudaBlas::new(Arc::clone(&stream)))?;
         let htod = |v: &[f32]| cu("copying to the device", stream.clone_htod(v));
-        let zeros = |n: usize| cu("allocating device memory", stream.alloc_zeros::<f32>(n));
         let embed = htod(&w.embed)?;
         let mut layers = Vec::with_capacity(w.layers.len());
         for layer in &w.layers {
             layers.push((htod(&layer.weight)?, htod(&layer.bias)?));
         }
         let head = (htod(&w.head.weight)?, htod(&w.head.bias)?);
-        let (c, x, y, out) = (zeros(VOCAB)?, zeros(w.width)?, zeros(w.width)?, zeros(OUTPUTS)?);
+        // Other streams read them from now on: the copies must be over.
         cu("synchronising the stream", stream.synchronize())?;
-        Ok(Self { stream, blas, width: w.width, embed, layers, head, c, x, y, out })
+        Ok(Self { stream, width: w.width, embed, layers, head })
+    }
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workspace").field("width", &self.width).finish_non_exhaustive()
+    }
+}
+
+impl Workspace {
+    /// A workspace for models of width `width`, on a new stream of its own.
+    fn new(ctx: &Arc<CudaContext>, width: usize) -> Result<Self, String> {
+        let stream = cu("creating a stream", ctx.new_stream())?;
+        let blas = cu("creating a cuBLAS handle", CudaBlas::new(Arc::clone(&stream)))?;
+        let zeros = |n: usize| cu("allocating device memory", stream.alloc_zeros::<f32>(n));
+        let (c, x, y, out) = (zeros(VOCAB)?, zeros(width)?, zeros(width)?, zeros(OUTPUTS)?);
+        Ok(Self { stream, blas, c, x, y, out, width })
     }
 
-    /// The logits for prompt features `c`; see the module docs.
-    fn forward(&mut self, ctx: &CudaContext, c: &[f32]) -> Result<Vec<f32>, String> {
+    /// The logits of `w` for prompt features `c`; see the module docs.
+    fn forward(&mut self, w: &Weights, c: &[f32]) -> Result<Vec<f32>, String> {
         use cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-        cu("binding the CUDA context", ctx.bind_to_thread())?;
-        let w = self.width;
+        let width = w.width;
+        if self.width != width {
+            let zeros = |n: usize| cu("allocating device memory", self.stream.alloc_zeros::<f32>(n));
+            (self.x, self.y) = (zeros(width)?, zeros(width)?);
+            self.width = width;
+        }
         let stream = &self.stream;
         cu("copying the prompt to the device", stream.memcpy_htod(c, &mut self.c))?;
         // x = embedᵀ·c: row-major [256, W] is column-major W×256.
-        gemv(&self.blas, CUBLAS_OP_N, (w, VOCAB), 0.0, &self.embed, &self.c, &mut self.x)?;
-        for (weight, bias) in &self.layers {
+        gemv(&self.blas, CUBLAS_OP_N, (width, VOCAB), 0.0, &w.embed, &self.c, &mut self.x)?;
+        for (weight, bias) in &w.layers {
             cu("copying the bias", stream.memcpy_dtod(bias, &mut self.y))?;
-            gemv(&self.blas, CUBLAS_OP_T, (w, w), 1.0, weight, &self.x, &mut self.y)?;
+            gemv(&self.blas, CUBLAS_OP_T, (width, width), 1.0, weight, &self.x, &mut self.y)?;
             let mut h = cu("copying activations to the host", stream.clone_dtoh(&self.y))?;
             for v in &mut h {
                 *v = v.tanh();
             }
             cu("copying activations to the device", stream.memcpy_htod(&h, &mut self.x))?;
         }
-        cu("copying the bias", stream.memcpy_dtod(&self.head.1, &mut self.out))?;
-        gemv(&self.blas, CUBLAS_OP_T, (w, OUTPUTS), 1.0, &self.head.0, &self.x, &mut self.out)?;
+        cu("copying the bias", stream.memcpy_dtod(&w.head.1, &mut self.out))?;
+        gemv(&self.blas, CUBLAS_OP_T, (width, OUTPUTS), 1.0, &w.head.0, &self.x, &mut self.out)?;
         let logits = cu("copying the logits to the host", stream.clone_dtoh(&self.out))?;
+        // Nothing of this inference is left on the device once it returns.
         cu("synchronising the stream", stream.synchronize())?;
         Ok(logits)
     }
@@ -240,7 +288,9 @@ struct CudaModel {
     name: String,
     bytes: u64,
     /// `None` once released (in `Drop`).
-    gpu: Mutex<Option<Gpu>>,
+    weights: Option<Weights>,
+    /// The backend's idle workspaces.
+    workspaces: Arc<Mutex<Vec<Workspace>>>,
     ctx: Arc<CudaContext>,
     stats: Arc<BackendStats>,
 }
@@ -248,14 +298,23 @@ struct CudaModel {
 impl LoadedModel for CudaModel {
     fn infer(self: Arc<Self>, prompt: String) -> BoxFuture<'static, Result<String, BackendError>> {
         blocking(move || {
-            let c = prompt_features(&prompt);
-            let mut gpu = self.gpu.lock().unwrap_or_else(PoisonError::into_inner);
-            let gpu = gpu
-                .as_mut()
-                .ok_or_else(|| BackendError::Failed(format!("model {} was released", self.name)))?;
-            let logits = gpu.forward(&self.ctx, &c).map_err(|e| {
+            let failed = |e: String| {
                 BackendError::Failed(format!("model {}: inference on the GPU failed: {e}", self.name))
-            })?;
+            };
+            let c = prompt_features(&prompt);
+            let weights = self
+                .weights
+                .as_ref()
+                .ok_or_else(|| BackendError::Failed(format!("model {} was released", self.name)))?;
+            cu("binding the CUDA context", self.ctx.bind_to_thread()).map_err(failed)?;
+            let idle = self.workspaces.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let mut workspace = match idle {
+                Some(workspace) => workspace,
+                None => Workspace::new(&self.ctx, weights.width).map_err(failed)?,
+            };
+            let logits = workspace.forward(weights, &c).map_err(failed)?;
+            // Only a workspace whose inference succeeded goes back (a failed one is dropped).
+            self.workspaces.lock().unwrap_or_else(PoisonError::into_inner).push(workspace);
             Ok(format_output(&logits))
         })
     }
@@ -263,39 +322,39 @@ impl LoadedModel for CudaModel {
     fn resident_bytes(&self) -> Option<u64> {
         Some(self.bytes)
     }
+
+    /// Dropping frees the weights and waits for the memory to go back to the driver.
+    fn release_blocks(&self) -> bool {
+        true
+    }
 }
 
 impl Drop for CudaModel {
+    /// Frees the weights and synchronises their stream, so that the memory is back with the
+    /// driver when this returns: the cache calls it on a blocking thread and admits the
+    /// next load into these bytes only afterwards. No inference runs any more (the runner
+    /// holds the pin until they have all ended).
     fn drop(&mut self) {
-        let gpu = self.gpu.get_mut().unwrap_or_else(PoisonError::into_inner).take();
-        let (name, bytes) = (std::mem::take(&mut self.name), self.bytes);
-        let (ctx, stats) = (Arc::clone(&self.ctx), Arc::clone(&self.stats));
-        let release = move || {
-            if let Err(e) = ctx.bind_to_thread() {
-                log::warn!("model {name}: binding the CUDA context to free its memory failed: {e}");
+        if let Err(e) = self.ctx.bind_to_thread() {
+            log::warn!("model {}: binding the CUDA context to free its memory failed: {e}", self.name);
+        }
+        if let Some(weights) = self.weights.take() {
+            let stream = Arc::clone(&weights.stream);
+            drop(weights); // frees the weights (stream-ordered)
+            if let Err(e) = stream.synchronize() {
+                log::warn!("model {}: synchronising after freeing its GPU memory failed: {e}", self.name);
             }
-            if let Some(gpu) = gpu {
-                let stream = Arc::clone(&gpu.stream);
-                drop(gpu); // frees the weights (stream-ordered)
-                if let Err(e) = stream.synchronize() {
-                    log::warn!("model {name}: synchronising after freeing its GPU memory failed: {e}");
-                }
-            }
-            stats.dead(bytes);
-            match ctx.mem_get_info() {
-                Ok((free, total)) => log::info!(
-                    "model {name}: freed {bytes} bytes of GPU memory; GPU {} has {} MiB of {} MiB in use",
-                    ctx.ordinal(),
-                    total.saturating_sub(free) >> 20,
-                    total >> 20
-                ),
-                Err(e) => log::info!("model {name}: freed {bytes} bytes of GPU memory ({e})"),
-            }
-        };
-        // Off the async threads: freeing synchronises with the GPU.
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn_blocking(release)),
-            Err(_) => release(),
+        }
+        self.stats.dead(self.bytes);
+        let (name, bytes, ctx) = (&self.name, self.bytes, &self.ctx);
+        match ctx.mem_get_info() {
+            Ok((free, total)) => log::info!(
+                "model {name}: freed {bytes} bytes of GPU memory; GPU {} has {} MiB of {} MiB in use",
+                ctx.ordinal(),
+                total.saturating_sub(free) >> 20,
+                total >> 20
+            ),
+            Err(e) => log::info!("model {name}: freed {bytes} bytes of GPU memory ({e})"),
         }
     }
 }
@@ -344,14 +403,10 @@ mod tests {
         }
         let err = Arc::clone(&backend).load("model-9".into()).await.err().unwrap();
         assert!(matches!(err, BackendError::NotFound(_)), "{err:?}");
+        assert!(model.release_blocks());
+        // The release is done when the drop returns.
         drop(model);
-        // The release runs on a blocking thread.
-        for _ in 0..500 {
-            if backend.stats().live_models() == 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        assert_eq!(backend.stats().live_models(), 0);
         assert_eq!(backend.stats().live_bytes(), 0);
     }
 }

@@ -10,15 +10,23 @@
 //! model name, 404 for an unknown path or a model the backend does not know, 405 for a wrong
 //! method, 413 for a body over [`MAX_BODY_BYTES`], 503 for a model that failed to load
 //! (with `retry-after`; a missing weights file is a 404, a corrupt one a 503), 507 for a
-//! model bigger than the whole memory budget, 500 for a failed inference.
+//! model bigger than the whole memory budget, 500 for a failed inference, and 429 with
+//! `retry-after: 1` and [`OVERLOADED_HEADER`]`: queue-full` when `max_concurrency +
+//! max_queue` requests are in progress already: answered at once, before the body is read,
+//! and nothing was run, so a router may send the request to another runner.
+//!
+//! `GET /hints` also reports, beside the core fields, `max_queue`, `running` (inferences
+//! running now), `queued` (requests in progress but not running: waiting for a load or a
+//! slot), `refused_total` (requests answered 429 so far) and `connections_refused_total`
+//! (connections closed unread over `max_connections`); routers ignore fields they do not
+//! know.
 //!
 //! Every response, errors included, carries `x-runner-id` (the advertised address) and
 //! `x-fal-runner-hints` (the advertised hints, as in `/hints`), computed after the request's
 //! own work: a miss's response already lists its model.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +41,10 @@ use crate::runner::{InferError, Runner};
 
 /// Largest request body accepted, in bytes (1 MiB); larger ones get 413.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Response header of a refusal that ran nothing (429): routers retry such a request on
+/// another runner at once. Its value says why: `queue-full`.
+pub const OVERLOADED_HEADER: &str = "x-runner-overloaded";
 
 /// Longest model name accepted, in bytes.
 pub const MAX_MODEL_NAME_BYTES: usize = 256;
@@ -115,8 +127,13 @@ fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-async fn infer(State(runner): State<Runner>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
+async fn infer(State(runner): State<Runner>, request: Request) -> Response {
+    // Let in (or refuse) before reading the body: a full runner holds no more bodies.
+    let admission = match runner.admit() {
+        Ok(admission) => admission,
+        Err(e) => return infer_error(&e),
+    };
+    let body = match Bytes::from_request(request, &()).await {
         Ok(body) => body,
         Err(rejection) => return error(rejection.status(), rejection.body_text()),
     };
@@ -127,7 +144,7 @@ async fn infer(State(runner): State<Runner>, body: Result<Bytes, BytesRejection>
     if let Err(e) = validate_model_name(&request.model) {
         return error(StatusCode::BAD_REQUEST, e);
     }
-    match runner.infer(&request.model, request.prompt).await {
+    match runner.infer_admitted(admission, &request.model, request.prompt).await {
         Ok(done) => {
             let cache = done.cache.as_str();
             let body = InferResponse {
@@ -167,11 +184,43 @@ fn infer_error(e: &InferError) -> Response {
         InferError::Infer(BackendError::Failed(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
         InferError::Infer(BackendError::TooLarge(_)) => error(StatusCode::INSUFFICIENT_STORAGE, message),
         InferError::Closed => error(StatusCode::SERVICE_UNAVAILABLE, message),
+        InferError::Overloaded => {
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS, message);
+            let headers = response.headers_mut();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            headers
+                .insert(HeaderName::from_static(OVERLOADED_HEADER), HeaderValue::from_static("queue-full"));
+            response
+        }
     }
 }
 
+/// The `/hints` document: the core [`HintsReport`](hint_router_core::wire::HintsReport) and the
+/// runner's queue figures.
+#[derive(Serialize)]
+struct HintsDocument {
+    #[serde(flatten)]
+    report: hint_router_core::wire::HintsReport,
+    max_queue: u32,
+    running: u32,
+    queued: u32,
+    refused_total: u64,
+    connections_refused_total: u64,
+}
+
 async fn hints(State(runner): State<Runner>) -> Response {
-    Json(runner.report()).into_response()
+    let report = runner.report();
+    let running = runner.running();
+    let queued = report.in_flight.saturating_sub(running);
+    let document = HintsDocument {
+        report,
+        max_queue: runner.config().max_queue,
+        running,
+        queued,
+        refused_total: runner.refused_total(),
+        connections_refused_total: runner.connections_refused_total(),
+    };
+    Json(document).into_response()
 }
 
 async fn healthz(State(runner): State<Runner>) -> Response {

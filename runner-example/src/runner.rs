@@ -1,16 +1,22 @@
 //! The runner proper, free of HTTP: model cache, inference concurrency limit, in-flight
 //! count, draining flag, and the `/hints` report.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hint_router_core::wire::HintsReport;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::backend::{Backend, BackendError};
 use crate::cache::{CacheOutcome, LoadFailed, ModelCache};
+
+/// The default of [`RunnerConfig::max_queue`] (`--max-queue`).
+pub const DEFAULT_MAX_QUEUE: u32 = 64;
+
+/// The default of [`RunnerConfig::max_connections`] (`--max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 
 /// How a runner is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +28,13 @@ pub struct RunnerConfig {
     /// How many inferences run at once (at least 1); more requests wait, first come first
     /// served.
     pub max_concurrency: u32,
+    /// How many requests may wait (for a model load or an inference slot) beside the
+    /// `max_concurrency` running ones; a request beyond is refused at once
+    /// ([`InferError::Overloaded`]).
+    pub max_queue: u32,
+    /// How many connections the server keeps open at once (at least 1; see
+    /// [`serve`](crate::server::serve)).
+    pub max_connections: u32,
     /// After a failed load, how long requests for that model fail at once before the next
     /// one retries the load.
     pub load_fail_backoff: Duration,
@@ -37,6 +50,8 @@ impl RunnerConfig {
             advertise: advertise.into(),
             capacity: 3,
             max_concurrency: 4,
+            max_queue: DEFAULT_MAX_QUEUE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             load_fail_backoff: Duration::from_millis(1000),
             memory_budget_bytes: None,
         }
@@ -67,6 +82,9 @@ pub enum InferError {
     Infer(BackendError),
     /// The runner is shutting down and takes no more work.
     Closed,
+    /// `max_concurrency + max_queue` requests are in progress already: refused before
+    /// anything ran, so another runner may take it.
+    Overloaded,
 }
 
 impl std::fmt::Display for InferError {
@@ -75,6 +93,7 @@ impl std::fmt::Display for InferError {
             InferError::Load(e) => e.fmt(f),
             InferError::Infer(e) => write!(f, "inference failed: {e}"),
             InferError::Closed => f.write_str("the runner is shutting down"),
+            InferError::Overloaded => f.write_str("the runner's queue is full; nothing was run"),
         }
     }
 }
@@ -91,24 +110,28 @@ pub struct Runner {
 struct Inner {
     config: RunnerConfig,
     cache: ModelCache,
-    permits: Semaphore,
-    in_flight: AtomicU32,
+    /// Inference slots: `max_concurrency`.
+    permits: Arc<Semaphore>,
+    /// Request slots: `max_concurrency + max_queue`, one per [`Admission`].
+    admissions: Arc<Semaphore>,
+    in_flight: Arc<AtomicU32>,
+    refused: AtomicU64,
+    connections_refused: AtomicU64,
     draining: AtomicBool,
 }
 
-/// Counts a request in `in_flight` while alive.
-struct InFlight<'a>(&'a AtomicU32);
-
-impl<'a> InFlight<'a> {
-    fn new(counter: &'a AtomicU32) -> Self {
-        counter.fetch_add(1, Ordering::SeqCst);
-        Self(counter)
-    }
+/// A request let in: holds one of the runner's `max_concurrency + max_queue` request slots
+/// and counts in `in_flight`, until dropped. It lives as long as the request's work, not
+/// the client's patience: an inference whose client went away keeps it until it has ended.
+#[derive(Debug)]
+pub struct Admission {
+    _slot: OwnedSemaphorePermit,
+    in_flight: Arc<AtomicU32>,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for Admission {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -121,7 +144,8 @@ impl Runner {
     pub fn new(config: RunnerConfig, backend: Arc<dyn Backend>) -> Self {
         let capacity = config.capacity.max(1);
         let max_concurrency = config.max_concurrency.max(1);
-        let config = RunnerConfig { capacity, max_concurrency, ..config };
+        let max_connections = config.max_connections.max(1);
+        let config = RunnerConfig { capacity, max_concurrency, max_connections, ..config };
         let cache = ModelCache::with_memory_budget(
             backend,
             to_usize(capacity),
@@ -129,12 +153,17 @@ impl Runner {
             config.load_fail_backoff,
         );
         let permits = Semaphore::new(to_usize(max_concurrency).min(Semaphore::MAX_PERMITS));
+        let requests = max_concurrency.saturating_add(config.max_queue);
+        let admissions = Semaphore::new(to_usize(requests).min(Semaphore::MAX_PERMITS));
         Self {
             inner: Arc::new(Inner {
                 config,
                 cache,
-                permits,
-                in_flight: AtomicU32::new(0),
+                permits: Arc::new(permits),
+                admissions: Arc::new(admissions),
+                in_flight: Arc::new(AtomicU32::new(0)),
+                refused: AtomicU64::new(0),
+                connections_refused: AtomicU64::new(0),
                 draining: AtomicBool::new(false),
             }),
         }
@@ -155,28 +184,94 @@ impl Runner {
         &self.inner.cache
     }
 
-    /// Runs `prompt` on `model`: pins the model (loading it on a miss), waits for an
-    /// inference slot, runs the inference. The request counts in `in_flight` throughout.
-    ///
-    /// Loads do not hold an inference slot. Dropping the future cancels the request but not
-    /// a load it started.
-    pub async fn infer(&self, model: &str, prompt: String) -> Result<Inference, InferError> {
+    /// Lets a request in, when fewer than `max_concurrency + max_queue` are in progress;
+    /// else counts a refusal and returns [`InferError::Overloaded`]. Never waits.
+    pub fn admit(&self) -> Result<Admission, InferError> {
         let inner = &*self.inner;
-        let _in_flight = InFlight::new(&inner.in_flight);
+        match Arc::clone(&inner.admissions).try_acquire_owned() {
+            Ok(slot) => {
+                inner.in_flight.fetch_add(1, Ordering::SeqCst);
+                Ok(Admission { _slot: slot, in_flight: Arc::clone(&inner.in_flight) })
+            }
+            Err(_) => {
+                inner.refused.fetch_add(1, Ordering::SeqCst);
+                Err(InferError::Overloaded)
+            }
+        }
+    }
+
+    /// [`Runner::admit`], then [`Runner::infer_admitted`].
+    pub async fn infer(&self, model: &str, prompt: String) -> Result<Inference, InferError> {
+        let admission = self.admit()?;
+        self.infer_admitted(admission, model, prompt).await
+    }
+
+    /// Runs `prompt` on `model` for a request let in by [`Runner::admit`]: pins the model
+    /// (loading it on a miss), waits for an inference slot, runs the inference. The request
+    /// counts in `in_flight` throughout.
+    ///
+    /// Loads do not hold an inference slot. Dropping the future while the request waits
+    /// cancels it (but not a load it started). Once the inference has started it runs in a
+    /// task of its own that holds the inference slot, the model's pin and the admission
+    /// until the backend's work has really ended: dropping the future (a client that went
+    /// away) only stops waiting for the answer. So no more than `max_concurrency` inferences
+    /// ever run, and no model is evicted while one runs on it.
+    pub async fn infer_admitted(
+        &self,
+        admission: Admission,
+        model: &str,
+        prompt: String,
+    ) -> Result<Inference, InferError> {
+        let inner = &*self.inner;
         let lease = inner.cache.acquire(model).await.map_err(InferError::Load)?;
         let waited_from = Instant::now();
-        let permit = inner.permits.acquire().await.map_err(|_| InferError::Closed)?;
+        let permit = Arc::clone(&inner.permits).acquire_owned().await.map_err(|_| InferError::Closed)?;
         let started = Instant::now();
-        let output = Arc::clone(lease.model()).infer(prompt).await.map_err(InferError::Infer)?;
-        let infer = started.elapsed();
-        drop(permit);
+        let (cache, queued, load) = (lease.outcome(), lease.queued(), lease.loading());
+        let loaded = Arc::clone(lease.model());
+        let work = tokio::spawn(async move {
+            let output = loaded.infer(prompt).await;
+            let infer = started.elapsed();
+            // The slot first (the next request may start), then the pin, then the admission:
+            // in_flight counts the request until all of it is over.
+            drop(permit);
+            drop(lease);
+            drop(admission);
+            (output, infer)
+        });
+        let (output, infer) = match work.await {
+            Ok(done) => done,
+            Err(e) => (Err(BackendError::Failed(format!("inference task failed: {e}"))), started.elapsed()),
+        };
         Ok(Inference {
-            output,
-            cache: lease.outcome(),
-            queue: lease.queued() + started.saturating_duration_since(waited_from),
-            load: lease.loading(),
+            output: output.map_err(InferError::Infer)?,
+            cache,
+            queue: queued + started.saturating_duration_since(waited_from),
+            load,
             infer,
         })
+    }
+
+    /// Requests refused by [`Runner::admit`] so far.
+    pub fn refused_total(&self) -> u64 {
+        self.inner.refused.load(Ordering::SeqCst)
+    }
+
+    /// Counts a connection closed unread because `max_connections` were open.
+    pub fn count_refused_connection(&self) {
+        self.inner.connections_refused.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Connections closed unread so far because `max_connections` were open.
+    pub fn connections_refused_total(&self) -> u64 {
+        self.inner.connections_refused.load(Ordering::SeqCst)
+    }
+
+    /// Inferences running now (holding an inference slot).
+    pub fn running(&self) -> u32 {
+        let free = self.inner.permits.available_permits();
+        let all = to_usize(self.inner.config.max_concurrency).min(Semaphore::MAX_PERMITS);
+        u32::try_from(all.saturating_sub(free)).unwrap_or(u32::MAX)
     }
 
     /// Requests inside [`Runner::infer`] now, queued or running.
@@ -404,6 +499,87 @@ mod tests {
         let report = runner.report();
         assert_eq!(report.hints, ["b"]);
         assert_eq!((report.resident_bytes, report.memory_budget_bytes), (Some(40), Some(60)));
+    }
+
+    /// Issue 9, item 4: a request that goes away mid-inference (Envoy reset the stream) keeps
+    /// its inference slot and its model's pin until the backend's work has really ended.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_dropped_mid_inference_keeps_its_slot_and_its_pin_until_the_work_ends() {
+        let backend = TestBackend::new(LOAD, INFER * 10);
+        let runner = runner(&backend, 1, 1);
+        let first = tokio::spawn({
+            let runner = runner.clone();
+            async move { runner.infer("a", String::new()).await }
+        });
+        tokio::time::sleep(LOAD + INFER).await;
+        assert_eq!(backend.infers(), 1);
+        first.abort(); // the client went away; the inference goes on
+        settle().await;
+        assert_eq!(backend.infers(), 1);
+        assert_eq!(runner.in_flight(), 1, "the work still counts");
+        assert_eq!(runner.running(), 1);
+        let second = tokio::spawn({
+            let runner = runner.clone();
+            async move { runner.infer("a", String::new()).await }
+        });
+        let other = tokio::spawn({
+            let runner = runner.clone();
+            async move { runner.infer("b", String::new()).await }
+        });
+        tokio::time::sleep(INFER * 4).await;
+        assert_eq!(backend.max_infers(), 1, "more than max_concurrency inferences ran");
+        assert_eq!(backend.loads("b"), 0, "the model in use was evicted");
+        assert_eq!(runner.hints(), ["a"]);
+        let second = second.await.unwrap().unwrap();
+        // It waited for the orphaned inference: 9 INFER of it were left when it came.
+        assert_eq!(second.queue, INFER * 9);
+        other.await.unwrap().unwrap();
+        assert_eq!(backend.max_infers(), 1);
+        assert_eq!(runner.in_flight(), 0);
+    }
+
+    /// Issue 9, item 6: beyond `max_concurrency + max_queue` requests in progress, a request
+    /// is refused at once, and counted.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_runner_refuses_at_once_and_counts_it() {
+        let backend = TestBackend::new(LOAD, INFER);
+        let runner = Runner::new(
+            RunnerConfig {
+                capacity: 2,
+                max_concurrency: 2,
+                max_queue: 3,
+                ..RunnerConfig::new("127.0.0.1:1")
+            },
+            backend.clone(),
+        );
+        let tasks: Vec<_> = (0..5)
+            .map(|_| {
+                let runner = runner.clone();
+                tokio::spawn(async move { runner.infer("a", String::new()).await })
+            })
+            .collect();
+        settle().await;
+        assert_eq!(runner.in_flight(), 5);
+        let start = Instant::now();
+        assert_eq!(runner.infer("a", String::new()).await.unwrap_err(), InferError::Overloaded);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(runner.refused_total(), 1);
+        assert_eq!(runner.in_flight(), 5);
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        // Room again.
+        runner.infer("a", String::new()).await.unwrap();
+        assert_eq!(runner.refused_total(), 1);
+        // No queue at all: only max_concurrency requests at once.
+        let strict = Runner::new(
+            RunnerConfig { max_concurrency: 1, max_queue: 0, ..RunnerConfig::new("127.0.0.1:1") },
+            backend.clone(),
+        );
+        let admitted = strict.admit().unwrap();
+        assert_eq!(strict.admit().unwrap_err(), InferError::Overloaded);
+        drop(admitted);
+        assert!(strict.admit().is_ok());
     }
 
     #[test]

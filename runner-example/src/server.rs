@@ -2,11 +2,15 @@
 
 use std::future::{Future, IntoFuture};
 use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::cli::Args;
 use crate::http::router;
@@ -21,10 +25,84 @@ pub enum Drained {
     TimedOut,
 }
 
+/// A listener that holds at most `max` connections open at once: a connection accepted
+/// beyond is closed at once, unread (the peer sees the connection closed before any
+/// answer), and counted.
+struct LimitedListener {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+    max: usize,
+    runner: Runner,
+}
+
+/// A connection, holding one of its listener's slots until closed.
+struct LimitedConnection {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for LimitedConnection {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedConnection {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedConnection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            match Arc::clone(&self.slots).try_acquire_owned() {
+                Ok(slot) => return (LimitedConnection { stream, _slot: slot }, addr),
+                Err(_) => {
+                    log::warn!("closing a connection from {addr}: {} connections open already", self.max);
+                    self.runner.count_refused_connection();
+                    drop(stream);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
 /// Serves `runner`'s API on `listener` until `shutdown` completes, then drains: marks the
 /// runner as draining, stops accepting connections, lets the requests in progress finish
-/// (closing idle connections), and returns once they have, or once `drain_timeout` has
-/// passed since `shutdown`.
+/// (closing idle connections), and returns once they have, inferences whose client went
+/// away included, or once `drain_timeout` has passed since `shutdown`.
+///
+/// At most [`RunnerConfig::max_connections`](crate::runner::RunnerConfig::max_connections)
+/// connections are open at once; one more is closed as soon as it is accepted.
 pub async fn serve<F>(
     listener: TcpListener,
     runner: Runner,
@@ -49,13 +127,29 @@ where
             drain_started.notify_one();
         }
     };
-    let server = axum::serve(listener, router(runner)).with_graceful_shutdown(signal).into_future();
+    let max =
+        usize::try_from(runner.config().max_connections).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+    let listener = LimitedListener {
+        inner: listener,
+        slots: Arc::new(Semaphore::new(max)),
+        max,
+        runner: runner.clone(),
+    };
+    let server = axum::serve(listener, router(runner.clone())).with_graceful_shutdown(signal).into_future();
+    // The connections are closed; inferences whose client went away may still run.
+    let drained = async {
+        server.await?;
+        while runner.in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        io::Result::Ok(())
+    };
     let deadline = async {
         drain_started.notified().await;
         tokio::time::sleep(drain_timeout).await;
     };
     tokio::select! {
-        result = server => result.map(|()| Drained::Complete),
+        result = drained => result.map(|()| Drained::Complete),
         () = deadline => Ok(Drained::TimedOut),
     }
 }
@@ -131,10 +225,13 @@ pub async fn run(args: Args) -> io::Result<Drained> {
         }
     };
     log::info!(
-        "runner {} serving with capacity {}, max concurrency {}, memory budget {}, backend {}",
+        "runner {} serving with capacity {}, max concurrency {}, max queue {}, max connections {}, \
+         memory budget {}, backend {}",
         runner.advertise(),
         runner.config().capacity,
         runner.config().max_concurrency,
+        runner.config().max_queue,
+        runner.config().max_connections,
         runner.config().memory_budget_bytes.map_or("none".to_string(), |b| format!("{b} bytes")),
         args.backend.name()
     );

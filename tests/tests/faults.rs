@@ -489,7 +489,17 @@ fn direct(r: &Runner, model: &str, timeout: Duration) -> Result<(u16, serde_json
 
 #[test]
 fn hundred_concurrent_requests_for_an_absent_model_load_it_once() {
-    let r = Runner::start(&["--load-ms", "500", "--infer-ms", "1", "--max-concurrency", "8"]);
+    // --max-queue: all 100 wait on this one runner (the default, 64, would refuse some).
+    let r = Runner::start(&[
+        "--load-ms",
+        "500",
+        "--infer-ms",
+        "1",
+        "--max-concurrency",
+        "8",
+        "--max-queue",
+        "100",
+    ]);
     let r = std::sync::Arc::new(r);
     let handles: Vec<_> = (0..100)
         .map(|_| {
