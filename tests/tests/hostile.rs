@@ -177,7 +177,9 @@ fn runner_addresses_are_normalised_everywhere() {
 fn sixty_thousand_hints_are_read_in_one_pass() {
     let hints: Vec<String> = (0..60_000).map(|i| format!("h{i}")).collect();
     let fake = FakeRunner::start(body(serde_json::json!({"runner": "", "hints": []})));
-    fake.set_mode(body(serde_json::json!({"runner": fake.addr, "hints": hints, "capacity": 100_000})));
+    fake.set_mode(body(serde_json::json!({
+        "runner": fake.addr, "hints": hints, "capacity": 100_000, "in_flight": 0, "max_concurrency": 4
+    })));
     let opts = plugin(&[("max_hints_per_runner", "100000"), ("debug_headers", "true")]);
     let e = Envoy::start(&[fake.addr.clone()], &opts, 1);
     // Polls keep their 500 ms cadence: at 3.1 s each they could not.
