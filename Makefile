@@ -29,7 +29,7 @@ test-e2e: build
 
 ## test-faults: the fault, abuse and security suites, printing what each scenario measured
 test-faults: build
-	$(CARGO) test --locked -p hint-router-e2e --test faults --test hostile --test runner_faults -- --nocapture
+	$(CARGO) test --locked -p hint-router-e2e --test faults --test hostile --test runner_faults --test retries -- --nocapture
 
 ## bench-routing: hint-router vs Envoy's policies on a real Envoy, plus simulator and bounds
 ## (about 8 minutes; BENCH_ARGS=--quick for a smoke run; docs/bench-routing.md)
