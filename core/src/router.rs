@@ -26,6 +26,7 @@ use crate::popularity::{hint_hash, Popularity};
 use crate::rank::{rank_by, slot_cost, Outcome};
 use crate::table::{View, ViewRunner};
 use serde::Deserialize;
+use smallvec::SmallVec;
 
 /// What to do with a request whose model's holders are all busy (plugin config field
 /// `when_holders_busy`).
@@ -66,7 +67,20 @@ pub struct Decision {
     pub listed: bool,
     /// Requests in flight to the first candidate when it was chosen (for [`Router::observe`]).
     pub ahead: u32,
+    /// The hint's hash, when this request pins its model on the first candidate (until
+    /// [`Router::observe`] hears that it ended).
+    pub pin: Option<u64>,
 }
+
+/// Models with requests of this router in flight on one runner: (hint hash, requests).
+/// A runner never evicts a model in use, so these are not eviction victims.
+type Pins = SmallVec<[(u64, u32); 4]>;
+
+/// Most distinct models pinned per runner that are tracked (a runner has few slots).
+const MAX_PINS: usize = 64;
+
+/// Cost of a miss on a runner whose every listed model is in use: the load waits for a slot.
+const ALL_PINNED_COST: u32 = 1 << 16;
 
 /// Longest latency [`Router::observe`] takes as a sample (longer ones are clamped).
 const MAX_SAMPLE_US: u64 = 600_000_000;
@@ -120,6 +134,7 @@ pub struct Router {
     victims: Vec<Victim>,
     times: Vec<Times>,
     fleet: Times,
+    pins: Vec<Pins>,
 }
 
 impl Router {
@@ -161,6 +176,7 @@ impl Router {
     pub fn replace_view(&mut self, view: View) {
         self.view = view;
         self.guessed.clear();
+        self.pins.clear();
         self.reindex_all();
     }
 
@@ -168,7 +184,11 @@ impl Router {
     /// view still lists stay guesses until the runner answers the request that made them
     /// ([`Router::confirm`], [`Router::learn`]); guesses it no longer lists are dropped.
     pub fn refresh(&mut self, f: impl FnOnce(&mut View)) {
+        let before = self.view.runners().len();
         f(&mut self.view);
+        if self.view.runners().len() != before {
+            self.pins.clear(); // other runners now: what was pinned where is unknown
+        }
         let view = &self.view;
         for (i, g) in (0u32..).zip(self.guessed.iter_mut()) {
             match view.runner(i) {
@@ -185,6 +205,7 @@ impl Router {
         self.victims.clear();
         self.victims.extend((0..n as u32).map(|i| victim_of(&self.view, i)));
         self.times.resize_with(n, Times::default);
+        self.pins.resize_with(n, Pins::new);
         // TinyLFU's sample size: about ten times the cache, here every slot of the fleet.
         let slots: u64 = self.view.runners().iter().map(|r| u64::from(r.capacity.max(1))).sum();
         self.popularity.set_window(u32::try_from(slots.saturating_mul(16)).unwrap_or(u32::MAX));
@@ -227,8 +248,21 @@ impl Router {
     /// `elapsed_us` from routing to its end. A request that started a load teaches the load
     /// time (less the inference time known so far); a plain hit teaches the inference time
     /// (its latency divided by the rounds of `max_concurrency` requests ahead of it).
-    pub fn observe(&mut self, idx: u32, decision: &Decision, elapsed_us: u64) {
-        let Some(r) = self.view.runner(idx) else { return };
+    /// Call it once for every decision whose request ended, whatever its status: it also
+    /// releases the model the request pinned. `elapsed_us` is `None` for a request that got
+    /// no answer (reset, timeout): nothing is learned from it.
+    pub fn observe(&mut self, idx: u32, decision: &Decision, elapsed_us: Option<u64>) {
+        if let (Some(hash), Some(p)) = (decision.pin, self.pins.get_mut(idx as usize)) {
+            if let Some(k) = p.iter().position(|&(h, _)| h == hash) {
+                match p.get_mut(k) {
+                    Some((_, c)) if *c > 1 => *c -= 1,
+                    _ => {
+                        p.swap_remove(k);
+                    }
+                }
+            }
+        }
+        let (Some(r), Some(elapsed_us)) = (self.view.runner(idx), elapsed_us) else { return };
         let mc = r.max_concurrency.max(1);
         if decision.listed {
             let infer = self.learned_times(idx).1.unwrap_or(0);
@@ -266,7 +300,11 @@ impl Router {
             self.popularity.record(hash);
         }
         let (popularity, victims) = (&self.popularity, &self.victims);
-        let cost = |i: u32, r: &ViewRunner| victim_cost(popularity, victims, i, r);
+        let (view, pins) = (&self.view, &self.pins);
+        let cost = |i: u32, r: &ViewRunner| match pins.get(i as usize) {
+            Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
+            _ => victim_cost(popularity, victims, i, r),
+        };
         let mut outcome = rank_by(&self.view, hint, in_flight, in_flight, cost, spin, max, out);
         if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
             if let Some(holder) = self.faster_holder(h, hash, in_flight, now_us, out.first().copied()) {
@@ -277,7 +315,11 @@ impl Router {
             }
         }
         let ahead = out.first().map(|&i| in_flight.get(i as usize).copied().unwrap_or(0)).unwrap_or(0);
-        let plain = Decision { outcome, load: false, listed: false, ahead };
+        let pin = match (hint, out.first()) {
+            (Some(_), Some(&first)) => self.pin(first, hash).then_some(hash),
+            _ => None,
+        };
+        let plain = Decision { outcome, load: false, listed: false, ahead, pin };
         let (Some(h), Some(&first)) = (hint, out.first()) else {
             return plain;
         };
@@ -313,6 +355,21 @@ impl Router {
             g.truncate(keep);
         }
         Decision { load: true, listed: true, ..plain }
+    }
+
+    /// Counts a request for the hint with `hash` in flight on runner `idx`; false when not
+    /// tracked (unknown runner, or too many distinct models there already).
+    fn pin(&mut self, idx: u32, hash: u64) -> bool {
+        let Some(p) = self.pins.get_mut(idx as usize) else { return false };
+        if let Some((_, c)) = p.iter_mut().find(|(h, _)| *h == hash) {
+            *c = c.saturating_add(1);
+            return true;
+        }
+        if p.len() >= MAX_PINS {
+            return false;
+        }
+        p.push((hash, 1));
+        true
     }
 
     /// With every holder of `hint` busy and `fallback` the best other runner, a holder whose
@@ -383,6 +440,20 @@ fn victim_cost(popularity: &Popularity, victims: &[Victim], i: u32, r: &ViewRunn
     }
 }
 
+/// [`victim_cost`] for a full runner with models in use (`pins`): its victim is the least
+/// recently used listed model not in use, as a runner evicts; [`ALL_PINNED_COST`] if none.
+fn pinned_victim_cost(view: &View, popularity: &Popularity, pins: &Pins, idx: u32, r: &ViewRunner) -> u32 {
+    for h in r.hints.iter().rev() {
+        let hash = hint_hash(h);
+        if pins.iter().any(|&(p, _)| p == hash) {
+            continue;
+        }
+        let dup = view.holders(h).iter().any(|&j| j != idx && view.runner(j).is_some_and(|r| r.available));
+        return if dup { 1 } else { 2 + u32::from(popularity.estimate(hash)) };
+    }
+    ALL_PINNED_COST
+}
+
 /// Runner `idx`'s eviction victim in `view`: its last-listed hint.
 fn victim_of(view: &View, idx: u32) -> Victim {
     let Some(h) = view.runner(idx).and_then(|r| r.hints.last()) else {
@@ -438,12 +509,30 @@ mod tests {
         // (spin 0) and load alone would pick runner 0 and evict the hot model.
         let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "z"]])));
         for _ in 0..20 {
-            assert_eq!(go(&mut v, Some("c"), &[0, 0]).1[0], 0);
+            let (d, out) = go(&mut v, Some("c"), &[0, 0]);
+            assert_eq!((out[0], d.pin.is_some()), (0, true));
+            v.observe(0, &d, Some(10_000)); // ended: c is no longer in use
         }
         let (d, out) = go(&mut v, Some("new"), &[0, 0]);
         assert_eq!((d.outcome, out), (Outcome::Miss, vec![1, 0]));
         assert_eq!(v.view().runner(1).unwrap().hints, vec!["new", "x", "y"]);
         assert!(v.popularity_bytes() <= 8192);
+    }
+
+    #[test]
+    fn a_model_in_use_is_no_victim() {
+        // Runner 0's victim c is cold but in use (a request of ours in flight): the runner
+        // would evict b instead, which is hot; runner 1's victim z is cold and free.
+        let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "z"]])));
+        for _ in 0..20 {
+            let (d, _) = go(&mut v, Some("b"), &[0, 0]);
+            v.observe(0, &d, None);
+        }
+        let (busy_c, _) = go(&mut v, Some("c"), &[0, 0]);
+        let (_, out) = go(&mut v, Some("new"), &[1, 0]);
+        assert_eq!(out[0], 1);
+        v.observe(0, &busy_c, Some(10_000));
+        assert!(v.pins.iter().all(|p| p.is_empty()), "every pin released");
     }
 
     #[test]
@@ -460,10 +549,10 @@ mod tests {
 
     /// Teaches `r` that runner `idx` loads in `load_us` and infers in `infer_us`.
     fn teach(r: &mut Router, idx: u32, load_us: u64, infer_us: u64) {
-        let hit = Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 0 };
-        r.observe(idx, &hit, infer_us);
-        let load = Decision { outcome: Outcome::Miss, load: true, listed: true, ahead: 0 };
-        r.observe(idx, &load, load_us + infer_us);
+        let hit = Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 0, pin: None };
+        r.observe(idx, &hit, Some(infer_us));
+        let load = Decision { outcome: Outcome::Miss, load: true, listed: true, ahead: 0, pin: None };
+        r.observe(idx, &load, Some(load_us + infer_us));
     }
 
     #[test]
@@ -492,11 +581,13 @@ mod tests {
     fn observe_learns_inference_from_queued_hits_and_ignores_unknown_runners() {
         let mut r = Router::new(View::from_table(&table(&[&["a"]])));
         // 4 ahead with max_concurrency 2: the request waited 2 rounds, then ran (3 x 10 ms).
-        let queued = Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 4 };
-        r.observe(0, &queued, 30_000);
+        let queued = Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 4, pin: None };
+        r.observe(0, &queued, Some(30_000));
         assert_eq!(r.learned_times(0), (None, Some(10_000)));
-        r.observe(7, &queued, 1);
-        r.observe(0, &queued, u64::MAX); // clamped, no overflow
+        r.observe(7, &queued, Some(1));
+        r.observe(0, &queued, None); // no answer: nothing learned
+        assert_eq!(r.learned_times(0), (None, Some(10_000)));
+        r.observe(0, &queued, Some(u64::MAX)); // clamped, no overflow
         assert!(r.learned_times(0).1.unwrap() < 100_000_000);
     }
 
@@ -514,10 +605,8 @@ mod tests {
         let mut w = v.clone();
         assert!(w.confirm(1));
         assert!(!w.confirm(1));
-        assert_eq!(
-            go(&mut w, Some("new"), &[0, 1]).0,
-            Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 1 }
-        );
+        let d = go(&mut w, Some("new"), &[0, 1]).0;
+        assert_eq!((d.outcome, d.load, d.listed, d.ahead), (Outcome::Hit, false, false, 1));
         assert!(!v.learn(1, &HintList { hints: vec!["new".into(), "q".into()], invalid: 0, truncated: 0 }));
         let (d, _) = go(&mut v, Some("new"), &[0, 1]);
         assert_eq!((d.outcome, d.load), (Outcome::Hit, false));
