@@ -529,9 +529,10 @@ mod tests {
             v.observe(0, &d, None);
         }
         let (busy_c, _) = go(&mut v, Some("c"), &[0, 0]);
-        let (_, out) = go(&mut v, Some("new"), &[1, 0]);
+        let (miss, out) = go(&mut v, Some("new"), &[1, 0]);
         assert_eq!(out[0], 1);
         v.observe(0, &busy_c, Some(10_000));
+        v.observe(1, &miss, None);
         assert!(v.pins.iter().all(|p| p.is_empty()), "every pin released");
     }
 
