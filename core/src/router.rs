@@ -299,21 +299,7 @@ impl Router {
         if hint.is_some() {
             self.popularity.record(hash);
         }
-        let (popularity, victims) = (&self.popularity, &self.victims);
-        let (view, pins) = (&self.view, &self.pins);
-        let cost = |i: u32, r: &ViewRunner| match pins.get(i as usize) {
-            Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
-            _ => victim_cost(popularity, victims, i, r),
-        };
-        let mut outcome = rank_by(&self.view, hint, in_flight, in_flight, cost, spin, max, out);
-        if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
-            if let Some(holder) = self.faster_holder(h, hash, in_flight, now_us, out.first().copied()) {
-                out.retain(|&x| x != holder);
-                out.insert(0, holder);
-                out.truncate(max);
-                outcome = Outcome::Hit;
-            }
-        }
+        let outcome = self.rank_hashed(hint, hash, in_flight, now_us, spin, max, out);
         let ahead = out.first().map(|&i| in_flight.get(i as usize).copied().unwrap_or(0)).unwrap_or(0);
         let pin = match (hint, out.first()) {
             (Some(_), Some(&first)) => self.pin(first, hash).then_some(hash),
@@ -355,6 +341,49 @@ impl Router {
             g.truncate(keep);
         }
         Decision { load: true, listed: true, ..plain }
+    }
+
+    /// The ranking part of [`Router::route`] alone: what it would answer, without recording
+    /// the request or listing a miss (for benchmarks and diagnostics).
+    pub fn rank(
+        &self,
+        hint: Option<&str>,
+        in_flight: &[u32],
+        now_us: u64,
+        spin: u32,
+        max: usize,
+        out: &mut Vec<u32>,
+    ) -> Outcome {
+        self.rank_hashed(hint, hint.map(hint_hash).unwrap_or(0), in_flight, now_us, spin, max, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rank_hashed(
+        &self,
+        hint: Option<&str>,
+        hash: u64,
+        in_flight: &[u32],
+        now_us: u64,
+        spin: u32,
+        max: usize,
+        out: &mut Vec<u32>,
+    ) -> Outcome {
+        let (popularity, victims) = (&self.popularity, &self.victims);
+        let (view, pins) = (&self.view, &self.pins);
+        let cost = |i: u32, r: &ViewRunner| match pins.get(i as usize) {
+            Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
+            _ => victim_cost(popularity, victims, i, r),
+        };
+        let outcome = rank_by(view, hint, in_flight, in_flight, cost, spin, max, out);
+        if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
+            if let Some(holder) = self.faster_holder(h, hash, in_flight, now_us, out.first().copied()) {
+                out.retain(|&x| x != holder);
+                out.insert(0, holder);
+                out.truncate(max);
+                return Outcome::Hit;
+            }
+        }
+        outcome
     }
 
     /// Counts a request for the hint with `hash` in flight on runner `idx`; false when not

@@ -653,6 +653,9 @@ impl Sim<'_> {
         let latency = self.now.saturating_sub(at) + self.p.overhead_us;
         // The filter learns from every request that ends (its on_log).
         let routed = self.routed.get_mut(i as usize).and_then(Option::take);
+        if std::env::var_os("SIM_DEBUG").is_some() && latency > 215_000 && at >= self.trace.spec.warmup_us {
+            eprintln!("slow {i} lat {} hit {:?} status {:?} decision {:?}", latency / 1000, hit, status, routed);
+        }
         if let (Some(d), Some(r)) = (routed, self.records.get(i as usize).and_then(|rec| rec.runner)) {
             let answered = (status == Status::Ok).then_some(latency);
             self.router.observe(r, &d, answered);
