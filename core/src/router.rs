@@ -318,10 +318,36 @@ impl Router {
             return Decision { load: guessed, ..plain };
         }
         let keep = if r.capacity > 0 { r.capacity as usize } else { max_hints.max(1) };
+        // The runner makes room by evicting its least recently used models not in use; if all
+        // are in use the load waits, and the list still holds `keep` models.
+        let excess = (r.hints.len() + 1).saturating_sub(keep);
+        let in_use = |x: &String| {
+            self.pins.get(first as usize).is_some_and(|p| {
+                let hx = hint_hash(x);
+                p.iter().any(|&(ph, _)| ph == hx)
+            })
+        };
+        let mut drop: SmallVec<[usize; 4]> = SmallVec::new();
+        for pass_in_use in [false, true] {
+            for (k, x) in r.hints.iter().enumerate().rev() {
+                if drop.len() >= excess {
+                    break;
+                }
+                if in_use(x) == pass_in_use && !drop.contains(&k) {
+                    drop.push(k);
+                }
+            }
+        }
         let mut hints = Vec::with_capacity(keep.min(r.hints.len() + 1));
         hints.push(h.to_string());
-        hints.extend(r.hints.iter().take(keep.saturating_sub(1)).cloned());
-        let dropped: Vec<String> = r.hints.iter().skip(keep.saturating_sub(1)).cloned().collect();
+        let mut dropped = Vec::with_capacity(drop.len());
+        for (k, x) in r.hints.iter().enumerate() {
+            if drop.contains(&k) {
+                dropped.push(x.clone());
+            } else {
+                hints.push(x.clone());
+            }
+        }
         self.view.set_runner_hints(first, &HintList { hints, invalid: 0, truncated: 0 });
         self.reindex(first);
         // Runners that held a dropped hint too may have lost their duplicate.
@@ -371,6 +397,8 @@ impl Router {
         let (popularity, victims) = (&self.popularity, &self.victims);
         let (view, pins) = (&self.view, &self.pins);
         let cost = |i: u32, r: &ViewRunner| match pins.get(i as usize) {
+            // As many models in use as slots (some perhaps no longer listed): a load waits.
+            Some(p) if r.capacity > 0 && p.len() >= r.capacity as usize => ALL_PINNED_COST,
             Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
             _ => victim_cost(popularity, victims, i, r),
         };
