@@ -204,7 +204,8 @@ pub fn rank_by(
             }
             return Outcome::Hit;
         }
-        // Scan the fleet: tiers 1 not busy (cheapest eviction first), 3 busy holder, 4 busy other.
+        // Scan the fleet: tiers 1 not busy (cheapest eviction first), 3 busy holder, 4 busy
+        // other (cheapest eviction first: a load there still evicts).
         let holders = view.holders(h);
         let mut top = TopK::new(max);
         for (i, r) in (0u32..).zip(runners.iter()) {
@@ -215,7 +216,7 @@ pub fn rank_by(
             let key = match (busy(i), holder) {
                 (false, _) => (1, cost(i, r), load(total, i), rot(i)),
                 (true, true) => (3, 0, load(total, i), rot(i)),
-                (true, false) => (4, 0, load(total, i), rot(i)),
+                (true, false) => (4, cost(i, r), load(total, i), rot(i)),
             };
             top.offer(key, i);
         }
