@@ -22,11 +22,12 @@
 //!   (`fastest`), from load and inference times learned with [`Router::observe`].
 
 use crate::hint::HintList;
+use crate::learned::Times;
+use crate::placement::{pinned_victim_cost, victim_cost, victim_of, Pins, Victim, ALL_PINNED_COST, MAX_PINS};
 use crate::popularity::{hint_hash, Popularity};
 use crate::rank::{rank_by, slot_cost, Outcome};
 use crate::table::{View, ViewRunner};
 use serde::Deserialize;
-use smallvec::SmallVec;
 
 /// What to do with a request whose model's holders are all busy (plugin config field
 /// `when_holders_busy`).
@@ -70,54 +71,6 @@ pub struct Decision {
     /// The hint's hash, when this request pins its model on the first candidate (until
     /// [`Router::observe`] hears that it ended).
     pub pin: Option<u64>,
-}
-
-/// Models with requests of this router in flight on one runner: (hint hash, requests).
-/// A runner never evicts a model in use, so these are not eviction victims.
-type Pins = SmallVec<[(u64, u32); 4]>;
-
-/// Most distinct models pinned per runner that are tracked (a runner has few slots).
-const MAX_PINS: usize = 64;
-
-/// Cost of a miss on a runner whose every listed model is in use: the load waits for a slot.
-const ALL_PINNED_COST: u32 = 1 << 16;
-
-/// Longest latency [`Router::observe`] takes as a sample (longer ones are clamped).
-const MAX_SAMPLE_US: u64 = 600_000_000;
-
-/// An exponentially weighted mean (weight 1/8 for a new sample).
-#[derive(Debug, Clone, Copy, Default)]
-struct Ewma {
-    us: u64,
-    n: u32,
-}
-
-impl Ewma {
-    fn add(&mut self, x: u64) {
-        let x = x.min(MAX_SAMPLE_US);
-        self.us = if self.n == 0 { x } else { (self.us * 7 + x) / 8 };
-        self.n = self.n.saturating_add(1);
-    }
-
-    fn get(&self) -> Option<u64> {
-        (self.n > 0).then_some(self.us)
-    }
-}
-
-/// Learned load and inference times (of one runner, or of the fleet).
-#[derive(Debug, Clone, Copy, Default)]
-struct Times {
-    load: Ewma,
-    infer: Ewma,
-}
-
-/// A runner's eviction victim as the router last computed it.
-#[derive(Debug, Clone, Copy, Default)]
-struct Victim {
-    /// [`hint_hash`] of its least recently used hint.
-    hash: u64,
-    /// Another available runner lists that hint too.
-    dup: bool,
 }
 
 /// A worker's routing state: its [`View`] of the fleet, plus the hints it listed on runners
@@ -327,22 +280,27 @@ impl Router {
                 p.iter().any(|&(ph, _)| ph == hx)
             })
         };
-        let mut drop: SmallVec<[usize; 4]> = SmallVec::new();
+        // One mark per listed hint (a runner's list may be long: linear, not quadratic).
+        let mut drop = vec![false; r.hints.len()];
+        let mut dropping = 0;
         for pass_in_use in [false, true] {
             for (k, x) in r.hints.iter().enumerate().rev() {
-                if drop.len() >= excess {
+                if dropping >= excess {
                     break;
                 }
-                if in_use(x) == pass_in_use && !drop.contains(&k) {
-                    drop.push(k);
+                if let Some(d) = drop.get_mut(k) {
+                    if !*d && in_use(x) == pass_in_use {
+                        *d = true;
+                        dropping += 1;
+                    }
                 }
             }
         }
         let mut hints = Vec::with_capacity(keep.min(r.hints.len() + 1));
         hints.push(h.to_string());
-        let mut dropped = Vec::with_capacity(drop.len());
-        for (k, x) in r.hints.iter().enumerate() {
-            if drop.contains(&k) {
+        let mut dropped = Vec::with_capacity(dropping);
+        for (x, d) in r.hints.iter().zip(&drop) {
+            if *d {
                 dropped.push(x.clone());
             } else {
                 hints.push(x.clone());
@@ -481,45 +439,6 @@ impl Router {
     }
 }
 
-/// The eviction a miss on runner `i` causes: 0 for a free slot, 1 for a victim another
-/// runner also holds, else 2 + the victim's popularity; [`crate::rank::UNKNOWN_CAPACITY_COST`]
-/// when the capacity is unknown.
-#[inline]
-fn victim_cost(popularity: &Popularity, victims: &[Victim], i: u32, r: &ViewRunner) -> u32 {
-    let c = slot_cost(r);
-    if c != 1 {
-        return c;
-    }
-    match victims.get(i as usize) {
-        Some(v) if v.dup => 1,
-        Some(v) => 2 + u32::from(popularity.estimate(v.hash)),
-        None => 2,
-    }
-}
-
-/// [`victim_cost`] for a full runner with models in use (`pins`): its victim is the least
-/// recently used listed model not in use, as a runner evicts; [`ALL_PINNED_COST`] if none.
-fn pinned_victim_cost(view: &View, popularity: &Popularity, pins: &Pins, idx: u32, r: &ViewRunner) -> u32 {
-    for h in r.hints.iter().rev() {
-        let hash = hint_hash(h);
-        if pins.iter().any(|&(p, _)| p == hash) {
-            continue;
-        }
-        let dup = view.holders(h).iter().any(|&j| j != idx && view.runner(j).is_some_and(|r| r.available));
-        return if dup { 1 } else { 2 + u32::from(popularity.estimate(hash)) };
-    }
-    ALL_PINNED_COST
-}
-
-/// Runner `idx`'s eviction victim in `view`: its last-listed hint.
-fn victim_of(view: &View, idx: u32) -> Victim {
-    let Some(h) = view.runner(idx).and_then(|r| r.hints.last()) else {
-        return Victim::default();
-    };
-    let dup = view.holders(h).iter().any(|&j| j != idx && view.runner(j).is_some_and(|r| r.available));
-    Victim { hash: hint_hash(h), dup }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +510,20 @@ mod tests {
         v.observe(0, &busy_c, Some(10_000));
         v.observe(1, &miss, None);
         assert!(v.pins.iter().all(|p| p.is_empty()), "every pin released");
+    }
+
+    #[test]
+    fn a_miss_on_a_runner_listing_far_more_than_its_capacity_stays_linear() {
+        // A hostile runner: capacity 1, 60,000 hints listed (max_hints_per_runner allows
+        // 100,000). Listing a miss there keeps one hint; with a quadratic drop this took minutes.
+        let many: Vec<String> = (0..60_000).map(|i| format!("h{i}")).collect();
+        let mut t = table(&[&[]]);
+        t.runners[0].hints = many;
+        t.runners[0].capacity = 1;
+        let mut v = Router::new(View::from_table(&t));
+        let (d, _) = go(&mut v, Some("new"), &[0]);
+        assert!(d.listed);
+        assert_eq!(v.view().runner(0).unwrap().hints, vec!["new"]);
     }
 
     #[test]

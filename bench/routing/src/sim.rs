@@ -7,9 +7,10 @@
 //! served first come first served. A request that times out is cancelled as Envoy would reset
 //! it: it leaves any queue, frees its inference slot and unpins its model.
 //!
-//! The hint policy is the filter's own [`hint_router_core::rank::rank`] on a
-//! [`hint_router_core::table::View`]: every runner is polled every `poll_interval_us` and the
-//! hints of each response are learned when it is sent back; in-flight counts move at once. The
+//! The hint policies are the filter's own [`hint_router_core::router::Router`] (one per
+//! `when_holders_busy` mode), fed as the filter feeds it: every runner is polled every
+//! `poll_interval_us`, the hints of each response are learned when it is sent back, in-flight
+//! counts move at once, and every request that ends is reported to `Router::observe`. The
 //! Envoy policies are ports of Envoy's code ([`crate::envoy_lb`]).
 
 use crate::envoy_lb::{bounded_pick, header_hash, least_request_pick, Ring};
@@ -653,9 +654,6 @@ impl Sim<'_> {
         let latency = self.now.saturating_sub(at) + self.p.overhead_us;
         // The filter learns from every request that ends (its on_log).
         let routed = self.routed.get_mut(i as usize).and_then(Option::take);
-        if std::env::var_os("SIM_DEBUG").is_some() && latency > 215_000 && at >= self.trace.spec.warmup_us {
-            eprintln!("slow {i} lat {} hit {:?} status {:?} decision {:?}", latency / 1000, hit, status, routed);
-        }
         if let (Some(d), Some(r)) = (routed, self.records.get(i as usize).and_then(|rec| rec.runner)) {
             let answered = (status == Status::Ok).then_some(latency);
             self.router.observe(r, &d, answered);
