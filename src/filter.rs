@@ -6,7 +6,7 @@ use hint_router_core::config::Config;
 use hint_router_core::hint::{classify, parse_hint_list, HintClass};
 use hint_router_core::inflight;
 use hint_router_core::rank::Outcome;
-use hint_router_core::router::Router;
+use hint_router_core::router::{Decision, Router};
 use hint_router_core::table::{encode_header_update, encode_header_update_raw, TableRef};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -228,10 +228,11 @@ impl FilterRoot {
     /// Creates the worker state for a validated config.
     pub fn new(cfg: Config, vm_id: String) -> FilterRoot {
         let max = cfg.max_candidates;
+        let mode = cfg.when_holders_busy;
         let state = State {
             cfg,
             vm_id,
-            router: Router::default(),
+            router: Router::with_mode(Default::default(), mode),
             seen_generation: None,
             queue: None,
             spin: 0,
@@ -244,7 +245,15 @@ impl FilterRoot {
 
     /// A stream context for one request.
     pub fn new_stream(&self) -> Stream {
-        Stream { state: Rc::clone(&self.state), picked: None, load: false, outcome: None }
+        Stream {
+            state: Rc::clone(&self.state),
+            picked: None,
+            load: false,
+            outcome: None,
+            decision: None,
+            started_us: 0,
+            answered: false,
+        }
     }
 }
 
@@ -256,6 +265,13 @@ pub struct Stream {
     /// The request was routed to wait for a model load (counted in `loading` too).
     load: bool,
     outcome: Option<Outcome>,
+    /// The first candidate and the routing decision, for `Router::observe` when the request
+    /// ends (also when its in-flight increment gave up: the router's pin must be released).
+    decision: Option<(u32, Decision)>,
+    /// When it was routed (host clock, microseconds).
+    started_us: u64,
+    /// Response headers arrived.
+    answered: bool,
 }
 
 impl Context for Stream {}
@@ -284,13 +300,18 @@ impl HttpContext for Stream {
         st.spin = st.spin.wrapping_add(1);
         let mut candidates = std::mem::take(&mut st.candidates);
         let n = st.router.view().runners().len();
-        let (in_flight, loading) = st.loads.split_at(n.min(st.loads.len()));
+        let (in_flight, _loading) = st.loads.split_at(n.min(st.loads.len()));
         let (max, max_hints) = (st.cfg.max_candidates, st.cfg.max_hints_per_runner);
-        let decision = st.router.route(hint, in_flight, loading, st.spin, max, max_hints, &mut candidates);
+        let now_us = host::now_ns() / 1000;
+        let decision = st.router.route(hint, in_flight, now_us, st.spin, max, max_hints, &mut candidates);
         let outcome = decision.outcome;
         host::increment_metric(st.metrics.outcome(outcome), 1);
         self.outcome = Some(outcome);
         if let Some(&first) = candidates.first() {
+            // Whatever happens next, the router hears when this request ends (it may have
+            // pinned the model on `first`).
+            self.decision = Some((first, decision));
+            self.started_us = now_us;
             let list = st.router.view().format_candidates(&candidates);
             match host::set_header(Map::Request, &st.cfg.pick_header, list.as_bytes()) {
                 Ok(()) => {
@@ -316,6 +337,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        self.answered = true;
         let Ok(mut st) = self.state.try_borrow_mut() else { return Action::Continue };
         let st = &mut *st;
         let learn = st.cfg.learn_from_responses;
@@ -375,10 +397,17 @@ impl HttpContext for Stream {
     }
 
     fn on_log(&mut self) {
-        if let Some(idx) = self.picked.take() {
-            if let Ok(st) = self.state.try_borrow() {
-                st.adjust_inflight(idx, self.load, -1, None);
-            }
+        let (picked, decision) = (self.picked.take(), self.decision.take());
+        if picked.is_none() && decision.is_none() {
+            return;
+        }
+        let Ok(mut st) = self.state.try_borrow_mut() else { return };
+        if let Some(idx) = picked {
+            st.adjust_inflight(idx, self.load, -1, None);
+        }
+        if let Some((idx, d)) = decision {
+            let elapsed = (host::now_ns() / 1000).saturating_sub(self.started_us);
+            st.router.observe(idx, &d, self.answered.then_some(elapsed));
         }
     }
 }

@@ -61,6 +61,10 @@ pub struct Config {
     /// Inferences at once assumed for a runner whose `/hints` omits `max_concurrency`
     /// (fal's `max_multiplexing` defaults to 1).
     pub default_max_concurrency: u32,
+    /// What a request does when every runner holding its model is busy: `"any_available"`
+    /// (go at once to another runner, fal's rule) or `"fastest"` (go where it is expected to
+    /// finish first, from learned load and inference times). Any other value is rejected.
+    pub when_holders_busy: crate::router::WhenHoldersBusy,
 }
 
 impl Default for Config {
@@ -85,6 +89,7 @@ impl Default for Config {
             failure_test_hint: None,
             default_capacity: 0,
             default_max_concurrency: 1,
+            when_holders_busy: crate::router::WhenHoldersBusy::default(),
         }
     }
 }
@@ -278,6 +283,18 @@ mod tests {
         assert_eq!(field_of(r#"{"runners":["127.0.0.1:1"],"max_candidates":"3"}"#), "max_candidates");
         assert_eq!(field_of(r#"{"runners":["127.0.0.1:1", 7]}"#), "runners[1]");
         assert!(Config::parse(b"").is_err());
+        // when_holders_busy: the two modes, nothing else.
+        use crate::router::WhenHoldersBusy;
+        let mode = |v: &str| {
+            Config::parse(format!(r#"{{"runners":["127.0.0.1:1"],"when_holders_busy":{v}}}"#).as_bytes())
+        };
+        assert_eq!(mode(r#""any_available""#).unwrap().when_holders_busy, WhenHoldersBusy::AnyAvailable);
+        assert_eq!(mode(r#""fastest""#).unwrap().when_holders_busy, WhenHoldersBusy::Fastest);
+        for bad in [r#""Fastest""#, r#""""#, "1", "null"] {
+            let e = mode(bad).unwrap_err();
+            assert_eq!(e.field, "when_holders_busy", "{bad}: {e}");
+        }
+        assert!(mode(r#""nope""#).unwrap_err().message.contains("any_available"));
         assert!(Config::parse(b"\xff\xfe").is_err());
     }
 }

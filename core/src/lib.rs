@@ -12,7 +12,10 @@
 //! * [`table`]: the runner table the poller publishes, and the indexed [`table::View`] each
 //!   worker routes with.
 //! * [`rank`]: the routing decision: an ordered candidate list.
-//! * [`router`]: one decision as a worker makes it (rank, busy rule, optimistic miss listing).
+//! * [`router`]: one decision as a worker makes it (rank, busy rule, eviction-aware miss
+//!   placement, optimistic miss listing, the `when_holders_busy` modes).
+//! * [`popularity`]: a fixed-size sketch of how often each hint is requested (with the
+//!   private `placement` and `learned` modules: eviction victims, learned times).
 //! * [`poller`]: the per-runner poll state machine run by the singleton service.
 //! * [`inflight`]: the cross-worker in-flight counters' byte encoding.
 //!
@@ -27,7 +30,10 @@ pub mod config;
 mod convergence;
 pub mod hint;
 pub mod inflight;
+mod learned;
+mod placement;
 pub mod poller;
+pub mod popularity;
 pub mod rank;
 pub mod report;
 pub mod router;

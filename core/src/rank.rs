@@ -3,19 +3,49 @@
 //! The rules (fal's, plus tie-breaks):
 //! 1. With a hint, runners holding it that are not busy, fewest in flight first.
 //! 2. Otherwise (no holder, or every holder busy) any available runner that is not busy,
-//!    preferring a free cache slot, then the fewest in flight.
+//!    cheapest eviction first (a free cache slot costs nothing; see [`rank_by`]), then the
+//!    fewest in flight.
 //! 3. Without a hint, any available runner that is not busy, fewest in flight.
 //!
-//! Among holders, a runner that claims more hints than its capacity (see
-//! [`crate::table::ViewRunner::overclaims`]) comes after every honest one, so a runner that
+//! Among holders, a runner whose capacity is unknown (0) comes after every runner with a known
+//! capacity that holds the hint honestly, and a runner that claims more hints than its
+//! capacity (see [`crate::table::ViewRunner::overclaims`]) after both, so a runner that
 //! advertises everything cannot take traffic away from runners that really hold the model.
+//! For a miss, a runner of unknown capacity is never taken for one with a free slot: it comes
+//! after every runner whose capacity is known.
 //!
 //! Nothing ever waits: when every runner is busy the request still gets a list (holders
 //! first, then the least loaded), and when no runner is available the list is empty and
 //! Envoy's fallback policy picks. Ties rotate by a per-request `spin` so repeated misses do
 //! not all land on the same runner.
 
-use crate::table::View;
+use crate::table::{View, ViewRunner};
+
+/// Eviction cost of a runner whose capacity is unknown: after every known one.
+pub const UNKNOWN_CAPACITY_COST: u32 = u32::MAX;
+
+/// The eviction cost [`rank`] uses: 0 for a free slot, 1 for a full cache,
+/// [`UNKNOWN_CAPACITY_COST`] when the capacity is unknown.
+#[inline]
+pub fn slot_cost(r: &ViewRunner) -> u32 {
+    if r.capacity == 0 {
+        UNKNOWN_CAPACITY_COST
+    } else if (r.hints.len() as u64) < u64::from(r.capacity) {
+        0
+    } else {
+        1
+    }
+}
+
+/// Order of holders: honest with a known capacity, unknown capacity, over-claiming.
+#[inline]
+fn holder_class(r: &ViewRunner) -> u8 {
+    if r.overclaims() {
+        2
+    } else {
+        u8::from(r.capacity == 0)
+    }
+}
 
 /// How the first candidate was chosen (counted in Envoy stats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,10 +84,13 @@ fn load(inflight: &[u32], idx: u32) -> u32 {
     inflight.get(idx as usize).copied().unwrap_or(0)
 }
 
+/// Sort key of a candidate: (tier, eviction cost, load, rotation).
+type Key = (u8, u32, u32, u32);
+
 /// Keeps the `k` smallest `(key, idx)` pairs, sorted.
 struct TopK {
     k: usize,
-    items: Vec<((u8, u32, u32), u32)>,
+    items: Vec<(Key, u32)>,
 }
 
 impl TopK {
@@ -66,7 +99,7 @@ impl TopK {
     }
 
     #[inline]
-    fn offer(&mut self, key: (u8, u32, u32), idx: u32) {
+    fn offer(&mut self, key: Key, idx: u32) {
         if self.items.len() == self.k {
             match self.items.last() {
                 Some((worst, _)) if key >= *worst => return,
@@ -79,7 +112,7 @@ impl TopK {
     }
 
     fn first_tier(&self) -> Option<u8> {
-        self.items.first().map(|((t, _, _), _)| *t)
+        self.items.first().map(|((t, _, _, _), _)| *t)
     }
 
     fn drain_into(self, out: &mut Vec<u32>) {
@@ -103,13 +136,29 @@ pub fn rank(
 
 /// [`rank`] with two load measures: `busy[i]`, compared with the runner's
 /// `max_concurrency` and ordering holders (requests that will need an inference slot), and
-/// `total[i]`, ordering where a miss or an unhinted request goes (every request in flight,
-/// including those waiting for a model load: they hold cache slots).
+/// `total[i]`, ordering where a miss or an unhinted request goes.
 pub fn rank_loads(
     view: &View,
     hint: Option<&str>,
     busy_load: &[u32],
     total: &[u32],
+    spin: u32,
+    max: usize,
+    out: &mut Vec<u32>,
+) -> Outcome {
+    rank_by(view, hint, busy_load, total, |_, r| slot_cost(r), spin, max, out)
+}
+
+/// [`rank_loads`] with the eviction cost of a miss on each runner given by `cost(idx, runner)`
+/// (0 for a free slot; lower is better; ties go to the fewest in flight): the router passes
+/// the popularity of each runner's eviction victim.
+#[allow(clippy::too_many_arguments)]
+pub fn rank_by(
+    view: &View,
+    hint: Option<&str>,
+    busy_load: &[u32],
+    total: &[u32],
+    cost: impl Fn(u32, &ViewRunner) -> u32,
     spin: u32,
     max: usize,
     out: &mut Vec<u32>,
@@ -136,7 +185,7 @@ pub fn rank_loads(
             };
             any_holder = true;
             if !busy(i) {
-                free.offer((u8::from(r.overclaims()), load(inflight, i), rot(i)), i);
+                free.offer((holder_class(r), 0, load(inflight, i), rot(i)), i);
             }
         }
         if free.first_tier().is_some() {
@@ -155,7 +204,8 @@ pub fn rank_loads(
             }
             return Outcome::Hit;
         }
-        // Scan the fleet: tiers 1 free slot, 2 would evict, 3 busy holder, 4 busy other.
+        // Scan the fleet: tiers 1 not busy (cheapest eviction first), 3 busy holder, 4 busy
+        // other (cheapest eviction first: a load there still evicts).
         let holders = view.holders(h);
         let mut top = TopK::new(max);
         for (i, r) in (0u32..).zip(runners.iter()) {
@@ -163,18 +213,17 @@ pub fn rank_loads(
                 continue;
             }
             let holder = any_holder && holders.contains(&i);
-            let tier = match (busy(i), holder, r.has_free_slot()) {
-                (false, _, true) => 1,
-                (false, _, false) => 2,
-                (true, true, _) => 3,
-                (true, false, _) => 4,
+            let key = match (busy(i), holder) {
+                (false, _) => (1, cost(i, r), load(total, i), rot(i)),
+                (true, true) => (3, 0, load(total, i), rot(i)),
+                (true, false) => (4, cost(i, r), load(total, i), rot(i)),
             };
-            top.offer((tier, load(total, i), rot(i)), i);
+            top.offer(key, i);
         }
         let outcome = match top.first_tier() {
             None => Outcome::NoCandidates,
-            Some(1 | 2) if any_holder => Outcome::BusyFallback,
-            Some(1 | 2) => Outcome::Miss,
+            Some(1) if any_holder => Outcome::BusyFallback,
+            Some(1) => Outcome::Miss,
             Some(_) => Outcome::Saturated,
         };
         top.drain_into(out);
@@ -184,7 +233,7 @@ pub fn rank_loads(
     let mut top = TopK::new(max);
     for (i, r) in (0u32..).zip(runners.iter()) {
         if r.available {
-            top.offer((u8::from(busy(i)), load(total, i), rot(i)), i);
+            top.offer((u8::from(busy(i)), 0, load(total, i), rot(i)), i);
         }
     }
     let outcome = if top.first_tier().is_some() { Outcome::NoHint } else { Outcome::NoCandidates };
@@ -227,6 +276,20 @@ mod tests {
         assert_eq!(run(&v, Some("a"), &[1, 0], 0, 2), (Outcome::Hit, vec![0, 1]));
         // The overclaiming holder still serves when the honest one is busy.
         assert_eq!(run(&v, Some("a"), &[2, 0], 0, 2), (Outcome::Hit, vec![1]));
+    }
+
+    #[test]
+    fn unknown_capacity_ranks_after_known_capacity() {
+        // Runner 1 reports capacity 0 (unknown) and lists a and b: it may hold them, or lie.
+        let mut t = table(&[&["a"], &["a", "b"], &["x", "y", "z"], &[]]);
+        t.runners[1].capacity = 0;
+        let v = View::from_table(&t);
+        // As a holder: after the honest holder of known capacity, even a more loaded one.
+        assert_eq!(run(&v, Some("a"), &[1, 0, 0, 0], 0, 2), (Outcome::Hit, vec![0, 1]));
+        // It still serves when it is the only free holder.
+        assert_eq!(run(&v, Some("a"), &[2, 0, 0, 0], 0, 1), (Outcome::Hit, vec![1]));
+        // A miss never takes it for a free slot: after full runners of known capacity too.
+        assert_eq!(run(&v, Some("new"), &[0, 0, 0, 0], 0, 4), (Outcome::Miss, vec![0, 3, 2, 1]));
     }
 
     #[test]

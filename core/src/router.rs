@@ -1,23 +1,58 @@
-//! One routing decision as a worker makes it: [`rank_loads`] plus two rules that keep a busy fleet
-//! from thrashing its caches (both found with the routing benchmark's simulator, see
-//! `docs/bench-routing.md`):
+//! One routing decision as a worker makes it: [`rank_by`] plus the rules that make the fleet's
+//! separate caches behave like one (found and measured with the routing benchmark's
+//! simulator, see `docs/bench-routing.md`):
 //!
-//! * **Loads are not busy.** A request sent to a runner that does not list its hint waits for
-//!   a model load, which on `runner-example` holds no inference slot. Counting it as busy made
-//!   every miss hide its runner for the length of a load, so holders were skipped, the model
-//!   was loaded again elsewhere, evicting others: a collapse past ~60 % load. The caller keeps
-//!   a second counter of such requests (`loading`) and the busy test uses
-//!   `in_flight - loading`. Where a miss goes is still decided on all of `in_flight`: loads
-//!   hold cache slots, and a runner whose slots are all pinned makes a new load wait.
+//! * **Busy is honest.** A runner is busy when the requests in flight to it, including those
+//!   waiting there for a model load, reach its `max_concurrency`: every one of them will need
+//!   an inference slot. (An earlier rule did not count requests routed to wait for a load, so
+//!   40 requests for a cold model all went to one runner.)
+//! * **Misses evict the coldest model.** A miss goes to the runner whose eviction victim (the
+//!   last model in its hint list, which runners send most recently used first) costs least
+//!   fleet-wide: a free slot first, then a model another runner also holds (a duplicate), then
+//!   the victim with the lowest [`Popularity`] estimate (a fixed-size sketch of recent request
+//!   frequencies), then the fewest in flight. Capacity 0 ("unknown") ranks after every runner
+//!   of known capacity.
 //! * **A miss lists its hint at once.** The runner a miss is sent to is treated as holding the
 //!   model from that moment (most recently used first, the least recently used dropped if the
 //!   cache is full, as `runner-example` evicts), so the next requests for it follow and join
 //!   the load instead of starting another one elsewhere. The runner's response header or next
 //!   poll replaces the guess with the truth.
+//! * **Busy holders** are handled as [`WhenHoldersBusy`] says: go at once to another available
+//!   runner (`any_available`, fal's rule), or go where the request is expected to finish first
+//!   (`fastest`), from load and inference times learned with [`Router::observe`].
 
 use crate::hint::HintList;
-use crate::rank::{rank_loads, Outcome};
-use crate::table::View;
+use crate::learned::Times;
+use crate::placement::{pinned_victim_cost, victim_cost, victim_of, Pins, Victim, ALL_PINNED_COST, MAX_PINS};
+use crate::popularity::{hint_hash, Popularity};
+use crate::rank::{rank_by, slot_cost, Outcome};
+use crate::table::{View, ViewRunner};
+use serde::Deserialize;
+
+/// What to do with a request whose model's holders are all busy (plugin config field
+/// `when_holders_busy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenHoldersBusy {
+    /// Go at once to another available runner (which loads the model): fal's documented rule.
+    AnyAvailable,
+    /// Go where the request is expected to finish first: a busy holder's queue
+    /// (`requests ahead / max_concurrency x inference time`) against a load elsewhere (load
+    /// time + inference, plus the cost of the eviction it causes). Until load and inference
+    /// times have been observed it behaves as `AnyAvailable`.
+    #[default]
+    Fastest,
+}
+
+impl WhenHoldersBusy {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WhenHoldersBusy::AnyAvailable => "any_available",
+            WhenHoldersBusy::Fastest => "fastest",
+        }
+    }
+}
 
 /// What [`Router::route`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,22 +66,41 @@ pub struct Decision {
     /// This decision listed the hint on the first candidate (a guess): other workers should
     /// hear of it (the filter forwards the runner's new list to the poller).
     pub listed: bool,
+    /// Requests in flight to the first candidate when it was chosen (for [`Router::observe`]).
+    pub ahead: u32,
+    /// The hint's hash, when this request pins its model on the first candidate (until
+    /// [`Router::observe`] hears that it ended).
+    pub pin: Option<u64>,
 }
 
 /// A worker's routing state: its [`View`] of the fleet, plus the hints it listed on runners
-/// itself when it sent them a miss (not yet confirmed by the runner).
+/// itself when it sent them a miss (not yet confirmed by the runner), the popularity
+/// estimate, each runner's eviction victim and the learned times.
 #[derive(Debug, Default, Clone)]
 pub struct Router {
     view: View,
-    /// Per runner: hints listed by [`Router::route`] and not yet confirmed.
-    guessed: Vec<Vec<String>>,
-    busy: Vec<u32>,
+    mode: WhenHoldersBusy,
+    /// Per runner: hints listed by [`Router::route`] and not yet confirmed, with the time
+    /// (microseconds, the caller's clock) they were listed.
+    guessed: Vec<Vec<(String, u64)>>,
+    popularity: Popularity,
+    victims: Vec<Victim>,
+    times: Vec<Times>,
+    fleet: Times,
+    pins: Vec<Pins>,
 }
 
 impl Router {
-    /// A router over `view`.
+    /// A router over `view` (busy holders handled the default way).
     pub fn new(view: View) -> Router {
-        Router { view, ..Router::default() }
+        Router::with_mode(view, WhenHoldersBusy::default())
+    }
+
+    /// A router over `view` handling busy holders as `mode` says.
+    pub fn with_mode(view: View, mode: WhenHoldersBusy) -> Router {
+        let mut r = Router { view, mode, ..Router::default() };
+        r.reindex_all();
+        r
     }
 
     /// The current view.
@@ -54,23 +108,66 @@ impl Router {
         &self.view
     }
 
+    /// How busy holders are handled.
+    pub fn mode(&self) -> WhenHoldersBusy {
+        self.mode
+    }
+
+    /// Bytes of the popularity estimate (fixed, whatever the number of distinct hints).
+    pub fn popularity_bytes(&self) -> usize {
+        self.popularity.bytes()
+    }
+
+    /// The learned (load, inference) times of runner `idx` in microseconds, falling back to
+    /// the fleet's; `None` until observed.
+    pub fn learned_times(&self, idx: u32) -> (Option<u64>, Option<u64>) {
+        let own = self.times.get(idx as usize).copied().unwrap_or_default();
+        (own.load.get().or(self.fleet.load.get()), own.infer.get().or(self.fleet.infer.get()))
+    }
+
     /// Replaces the view (a newly published table); drops all guesses.
     pub fn replace_view(&mut self, view: View) {
         self.view = view;
         self.guessed.clear();
+        self.pins.clear();
+        self.reindex_all();
     }
 
     /// Refreshes the view in place (from a newly published table) with `f`. Guesses the new
     /// view still lists stay guesses until the runner answers the request that made them
     /// ([`Router::confirm`], [`Router::learn`]); guesses it no longer lists are dropped.
     pub fn refresh(&mut self, f: impl FnOnce(&mut View)) {
+        let before = self.view.runners().len();
         f(&mut self.view);
+        if self.view.runners().len() != before {
+            self.pins.clear(); // other runners now: what was pinned where is unknown
+        }
         let view = &self.view;
         for (i, g) in (0u32..).zip(self.guessed.iter_mut()) {
             match view.runner(i) {
-                Some(r) => g.retain(|h| r.hints.iter().any(|x| x == h)),
+                Some(r) => g.retain(|(h, _)| r.hints.iter().any(|x| x == h)),
                 None => g.clear(),
             }
+        }
+        self.reindex_all();
+    }
+
+    /// Sizes the per-runner state for the view and recomputes every victim.
+    fn reindex_all(&mut self) {
+        let n = self.view.runners().len();
+        self.victims.clear();
+        self.victims.extend((0..n as u32).map(|i| victim_of(&self.view, i)));
+        self.times.resize_with(n, Times::default);
+        self.pins.resize_with(n, Pins::new);
+        // TinyLFU's sample size: about ten times the cache, here every slot of the fleet.
+        let slots: u64 = self.view.runners().iter().map(|r| u64::from(r.capacity.max(1))).sum();
+        self.popularity.set_window(u32::try_from(slots.saturating_mul(16)).unwrap_or(u32::MAX));
+    }
+
+    fn reindex(&mut self, idx: u32) {
+        let v = victim_of(&self.view, idx);
+        if let Some(slot) = self.victims.get_mut(idx as usize) {
+            *slot = v;
         }
     }
 
@@ -93,55 +190,252 @@ impl Router {
         if let Some(g) = self.guessed.get_mut(idx as usize) {
             g.clear();
         }
-        self.view.set_runner_hints(idx, hints)
+        let changed = self.view.set_runner_hints(idx, hints);
+        if changed {
+            self.reindex(idx);
+        }
+        changed
+    }
+
+    /// Learns from a request that ended: `decision` routed it to runner `idx`, and it took
+    /// `elapsed_us` from routing to its end. A request that started a load teaches the load
+    /// time (less the inference time known so far); a plain hit teaches the inference time
+    /// (its latency divided by the rounds of `max_concurrency` requests ahead of it).
+    /// Call it once for every decision whose request ended, whatever its status: it also
+    /// releases the model the request pinned. `elapsed_us` is `None` for a request that got
+    /// no answer (reset, timeout): nothing is learned from it.
+    pub fn observe(&mut self, idx: u32, decision: &Decision, elapsed_us: Option<u64>) {
+        if let (Some(hash), Some(p)) = (decision.pin, self.pins.get_mut(idx as usize)) {
+            if let Some(k) = p.iter().position(|&(h, _)| h == hash) {
+                match p.get_mut(k) {
+                    Some((_, c)) if *c > 1 => *c -= 1,
+                    _ => {
+                        p.swap_remove(k);
+                    }
+                }
+            }
+        }
+        let (Some(r), Some(elapsed_us)) = (self.view.runner(idx), elapsed_us) else { return };
+        let mc = r.max_concurrency.max(1);
+        if decision.listed {
+            let infer = self.learned_times(idx).1.unwrap_or(0);
+            let sample = elapsed_us.saturating_sub(infer);
+            self.fleet.load.add(sample);
+            if let Some(t) = self.times.get_mut(idx as usize) {
+                t.load.add(sample);
+            }
+        } else if !decision.load && decision.outcome == Outcome::Hit {
+            let sample = elapsed_us / (u64::from(decision.ahead / mc) + 1);
+            self.fleet.infer.add(sample);
+            if let Some(t) = self.times.get_mut(idx as usize) {
+                t.infer.add(sample);
+            }
+        }
     }
 
     /// Ranks candidates for a request with `hint` into `out` (best first, at most `max`),
-    /// where `in_flight[i]` counts the requests in flight to runner `i` and `loading[i]` those
-    /// of them that were routed with [`Decision::load`]. `max_hints` caps a runner's list
-    /// when its capacity is unknown.
+    /// where `in_flight[i]` counts the requests in flight to runner `i` (all of them,
+    /// including those waiting for a model load) and `now_us` is the caller's clock in
+    /// microseconds. `max_hints` caps a runner's list when its capacity is unknown.
     #[allow(clippy::too_many_arguments)]
     pub fn route(
         &mut self,
         hint: Option<&str>,
         in_flight: &[u32],
-        loading: &[u32],
+        now_us: u64,
         spin: u32,
         max: usize,
         max_hints: usize,
         out: &mut Vec<u32>,
     ) -> Decision {
-        self.busy.clear();
-        self.busy.extend(
-            in_flight.iter().enumerate().map(|(i, f)| f.saturating_sub(loading.get(i).copied().unwrap_or(0))),
-        );
-        let outcome = rank_loads(&self.view, hint, &self.busy, in_flight, spin, max, out);
+        let hash = hint.map(hint_hash).unwrap_or(0);
+        if hint.is_some() {
+            self.popularity.record(hash);
+        }
+        let outcome = self.rank_hashed(hint, hash, in_flight, now_us, spin, max, out);
+        let ahead = out.first().map(|&i| in_flight.get(i as usize).copied().unwrap_or(0)).unwrap_or(0);
+        let pin = match (hint, out.first()) {
+            (Some(_), Some(&first)) => self.pin(first, hash).then_some(hash),
+            _ => None,
+        };
+        let plain = Decision { outcome, load: false, listed: false, ahead, pin };
         let (Some(h), Some(&first)) = (hint, out.first()) else {
-            return Decision { outcome, load: false, listed: false };
+            return plain;
         };
         let Some(r) = self.view.runner(first) else {
-            return Decision { outcome, load: false, listed: false };
+            return plain;
         };
         if r.hints.iter().any(|x| x == h) {
             // A hit, unless the hint is only our own guess: then it joins a load.
-            let guessed = self.guessed.get(first as usize).is_some_and(|g| g.iter().any(|x| x == h));
-            return Decision { outcome, load: guessed, listed: false };
+            let guessed = self.guessed.get(first as usize).is_some_and(|g| g.iter().any(|(x, _)| x == h));
+            return Decision { load: guessed, ..plain };
         }
         let keep = if r.capacity > 0 { r.capacity as usize } else { max_hints.max(1) };
-        let mut hints = Vec::with_capacity(keep);
+        // The runner makes room by evicting its least recently used models not in use; if all
+        // are in use the load waits, and the list still holds `keep` models.
+        let excess = (r.hints.len() + 1).saturating_sub(keep);
+        let in_use = |x: &String| {
+            self.pins.get(first as usize).is_some_and(|p| {
+                let hx = hint_hash(x);
+                p.iter().any(|&(ph, _)| ph == hx)
+            })
+        };
+        // One mark per listed hint (a runner's list may be long: linear, not quadratic).
+        let mut drop = vec![false; r.hints.len()];
+        let mut dropping = 0;
+        for pass_in_use in [false, true] {
+            for (k, x) in r.hints.iter().enumerate().rev() {
+                if dropping >= excess {
+                    break;
+                }
+                if let Some(d) = drop.get_mut(k) {
+                    if !*d && in_use(x) == pass_in_use {
+                        *d = true;
+                        dropping += 1;
+                    }
+                }
+            }
+        }
+        let mut hints = Vec::with_capacity(keep.min(r.hints.len() + 1));
         hints.push(h.to_string());
-        hints.extend(r.hints.iter().take(keep.saturating_sub(1)).cloned());
+        let mut dropped = Vec::with_capacity(dropping);
+        for (x, d) in r.hints.iter().zip(&drop) {
+            if *d {
+                dropped.push(x.clone());
+            } else {
+                hints.push(x.clone());
+            }
+        }
         self.view.set_runner_hints(first, &HintList { hints, invalid: 0, truncated: 0 });
+        self.reindex(first);
+        // Runners that held a dropped hint too may have lost their duplicate.
+        for d in &dropped {
+            let holders: Vec<u32> = self.view.holders(d).to_vec();
+            for j in holders {
+                self.reindex(j);
+            }
+        }
         let n = self.view.runners().len();
         if self.guessed.len() < n {
             self.guessed.resize_with(n, Vec::new);
         }
         if let Some(g) = self.guessed.get_mut(first as usize) {
-            g.retain(|x| x != h);
-            g.insert(0, h.to_string());
+            g.retain(|(x, _)| x != h);
+            g.insert(0, (h.to_string(), now_us));
             g.truncate(keep);
         }
-        Decision { outcome, load: true, listed: true }
+        Decision { load: true, listed: true, ..plain }
+    }
+
+    /// The ranking part of [`Router::route`] alone: what it would answer, without recording
+    /// the request or listing a miss (for benchmarks and diagnostics).
+    pub fn rank(
+        &self,
+        hint: Option<&str>,
+        in_flight: &[u32],
+        now_us: u64,
+        spin: u32,
+        max: usize,
+        out: &mut Vec<u32>,
+    ) -> Outcome {
+        self.rank_hashed(hint, hint.map(hint_hash).unwrap_or(0), in_flight, now_us, spin, max, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rank_hashed(
+        &self,
+        hint: Option<&str>,
+        hash: u64,
+        in_flight: &[u32],
+        now_us: u64,
+        spin: u32,
+        max: usize,
+        out: &mut Vec<u32>,
+    ) -> Outcome {
+        let (popularity, victims) = (&self.popularity, &self.victims);
+        let (view, pins) = (&self.view, &self.pins);
+        let cost = |i: u32, r: &ViewRunner| match pins.get(i as usize) {
+            // As many models in use as slots (some perhaps no longer listed): a load waits.
+            Some(p) if r.capacity > 0 && p.len() >= r.capacity as usize => ALL_PINNED_COST,
+            Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
+            _ => victim_cost(popularity, victims, i, r),
+        };
+        let outcome = rank_by(view, hint, in_flight, in_flight, cost, spin, max, out);
+        if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
+            if let Some(holder) = self.faster_holder(h, hash, in_flight, now_us, out.first().copied()) {
+                out.retain(|&x| x != holder);
+                out.insert(0, holder);
+                out.truncate(max);
+                return Outcome::Hit;
+            }
+        }
+        outcome
+    }
+
+    /// Counts a request for the hint with `hash` in flight on runner `idx`; false when not
+    /// tracked (unknown runner, or too many distinct models there already).
+    fn pin(&mut self, idx: u32, hash: u64) -> bool {
+        let Some(p) = self.pins.get_mut(idx as usize) else { return false };
+        if let Some((_, c)) = p.iter_mut().find(|(h, _)| *h == hash) {
+            *c = c.saturating_add(1);
+            return true;
+        }
+        if p.len() >= MAX_PINS {
+            return false;
+        }
+        p.push((hash, 1));
+        true
+    }
+
+    /// With every holder of `hint` busy and `fallback` the best other runner, a holder whose
+    /// queue is expected to finish the request before a load on `fallback` would, if any
+    /// (`None` while load or inference times are unknown).
+    fn faster_holder(
+        &self,
+        hint: &str,
+        hash: u64,
+        in_flight: &[u32],
+        now_us: u64,
+        fallback: Option<u32>,
+    ) -> Option<u32> {
+        let f = fallback?;
+        let fr = self.view.runner(f)?;
+        let (load_f, infer_f) = self.learned_times(f);
+        let (load_f, infer_f) = (load_f?, infer_f?);
+        let rounds = |i: u32, r: &ViewRunner| {
+            u64::from(in_flight.get(i as usize).copied().unwrap_or(0) / r.max_concurrency.max(1)) + 1
+        };
+        // The eviction a load causes: the victim's popularity relative to the requested
+        // model's, in loads (a victim as popular as the request costs one load later).
+        let penalty = match (slot_cost(fr), self.victims.get(f as usize)) {
+            (1, Some(v)) if !v.dup => {
+                let (pv, ph) = (
+                    u64::from(self.popularity.estimate(v.hash)),
+                    u64::from(self.popularity.estimate(hash)).max(1),
+                );
+                load_f * pv.min(ph) / ph
+            }
+            _ => 0,
+        };
+        let by_load = load_f + rounds(f, fr) * infer_f + penalty;
+        let mut best: Option<(u64, u32)> = None;
+        for &i in self.view.holders(hint) {
+            let Some(r) = self.view.runner(i).filter(|r| r.available) else { continue };
+            let (load_i, infer_i) = self.learned_times(i);
+            let Some(infer_i) = infer_i else { continue };
+            // A load of ours still under way there: what is left of it.
+            let loading = self
+                .guessed
+                .get(i as usize)
+                .and_then(|g| g.iter().find(|(x, _)| x == hint))
+                .map(|&(_, at)| load_i.unwrap_or(0).saturating_sub(now_us.saturating_sub(at)))
+                .unwrap_or(0);
+            let t = loading + rounds(i, r) * infer_i;
+            if best.map_or(true, |(b, _)| t < b) {
+                best = Some((t, i));
+            }
+        }
+        best.filter(|&(t, _)| t <= by_load).map(|(_, i)| i)
     }
 }
 
@@ -152,56 +446,173 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    fn go(r: &mut Router, hint: Option<&str>, inf: &[u32], loading: &[u32]) -> (Decision, Vec<u32>) {
+    fn go(r: &mut Router, hint: Option<&str>, inf: &[u32]) -> (Decision, Vec<u32>) {
         let mut out = Vec::new();
-        let d = r.route(hint, inf, loading, 0, 2, 64, &mut out);
+        let d = r.route(hint, inf, 0, 0, 2, 64, &mut out);
         (d, out)
     }
 
+    /// Routes `n` concurrent requests for `hint` (none ends), counting them in `inf`.
+    fn burst(r: &mut Router, hint: &str, inf: &mut [u32], n: u32) {
+        let mut out = Vec::new();
+        for k in 0..n {
+            r.route(Some(hint), inf, 0, k, 2, 64, &mut out);
+            inf[out[0] as usize] += 1;
+        }
+    }
+
     #[test]
-    fn requests_waiting_for_loads_do_not_make_a_holder_busy() {
-        // Runner 0 holds a; it has 2 in flight (= max_concurrency), both waiting for loads.
-        let mut v = Router::new(View::from_table(&table(&[&["a"], &[]])));
-        let (d, out) = go(&mut v, Some("a"), &[2, 0], &[2, 0]);
-        assert_eq!((d.outcome, d.load, out[0]), (Outcome::Hit, false, 0));
-        // Without that knowledge it is busy and the request goes elsewhere.
-        let (d, out) = go(&mut v, Some("a"), &[2, 0], &[0, 0]);
+    fn requests_waiting_for_a_load_count_as_busy() {
+        // 40 concurrent requests for a cold model over 4 idle runners (max_concurrency 2):
+        // the router used to count the ones joining the load as not busy, for their whole
+        // life, and sent all 40 to one runner ([40, 0, 0, 0]).
+        for mode in [WhenHoldersBusy::AnyAvailable, WhenHoldersBusy::Fastest] {
+            let mut r = Router::with_mode(View::from_table(&table(&[&[], &[], &[], &[]])), mode);
+            let mut inf = vec![0u32; 4];
+            burst(&mut r, "cold", &mut inf, 40);
+            assert_eq!(inf, vec![10, 10, 10, 10], "{mode:?}");
+            // Once the first runner confirmed the load, its waiters still make it busy: the
+            // next request goes to another holder.
+            assert!(r.confirm(0));
+            let (d, out) = go(&mut r, Some("cold"), &[2, 0, 0, 0]);
+            assert_eq!((d.outcome, out[0]), (Outcome::Hit, 1), "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn a_miss_evicts_the_coldest_victim_fleet_wide() {
+        // Both runners are full; runner 0's victim (c) is hot, runner 1's (z) cold. Rotation
+        // (spin 0) and load alone would pick runner 0 and evict the hot model.
+        let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "z"]])));
+        for _ in 0..20 {
+            let (d, out) = go(&mut v, Some("c"), &[0, 0]);
+            assert_eq!((out[0], d.pin.is_some()), (0, true));
+            v.observe(0, &d, Some(10_000)); // ended: c is no longer in use
+        }
+        let (d, out) = go(&mut v, Some("new"), &[0, 0]);
+        assert_eq!((d.outcome, out), (Outcome::Miss, vec![1, 0]));
+        assert_eq!(v.view().runner(1).unwrap().hints, vec!["new", "x", "y"]);
+        assert!(v.popularity_bytes() <= 8192);
+    }
+
+    #[test]
+    fn a_model_in_use_is_no_victim() {
+        // Runner 0's victim c is cold but in use (a request of ours in flight): the runner
+        // would evict b instead, which is hot; runner 1's victim z is cold and free.
+        let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "z"]])));
+        for _ in 0..20 {
+            let (d, _) = go(&mut v, Some("b"), &[0, 0]);
+            v.observe(0, &d, None);
+        }
+        let (busy_c, _) = go(&mut v, Some("c"), &[0, 0]);
+        let (miss, out) = go(&mut v, Some("new"), &[1, 0]);
+        assert_eq!(out[0], 1);
+        v.observe(0, &busy_c, Some(10_000));
+        v.observe(1, &miss, None);
+        assert!(v.pins.iter().all(|p| p.is_empty()), "every pin released");
+    }
+
+    #[test]
+    fn a_miss_on_a_runner_listing_far_more_than_its_capacity_stays_linear() {
+        // A hostile runner: capacity 1, 60,000 hints listed (max_hints_per_runner allows
+        // 100,000). Listing a miss there keeps one hint; with a quadratic drop this took minutes.
+        let many: Vec<String> = (0..60_000).map(|i| format!("h{i}")).collect();
+        let mut t = table(&[&[]]);
+        t.runners[0].hints = many;
+        t.runners[0].capacity = 1;
+        let mut v = Router::new(View::from_table(&t));
+        let (d, _) = go(&mut v, Some("new"), &[0]);
+        assert!(d.listed);
+        assert_eq!(v.view().runner(0).unwrap().hints, vec!["new"]);
+    }
+
+    #[test]
+    fn a_duplicate_copy_is_evicted_before_a_single_one() {
+        // Runner 1's victim (a) is also held by runner 0: evicting it loses no model.
+        let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "a"]])));
+        let (d, out) = go(&mut v, Some("new"), &[0, 0]);
+        assert_eq!((d.outcome, out[0]), (Outcome::Miss, 1));
+        assert_eq!(v.view().holders("a"), &[0]);
+        // Runner 0's victim (c) is now the only copy: ranked as such from now on.
+        let (_, out) = go(&mut v, Some("new2"), &[0, 0]);
+        assert_eq!(out[0], 0, "z-less tie: the least popular single victim");
+    }
+
+    /// Teaches `r` that runner `idx` loads in `load_us` and infers in `infer_us`.
+    fn teach(r: &mut Router, idx: u32, load_us: u64, infer_us: u64) {
+        let hit = Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 0, pin: None };
+        r.observe(idx, &hit, Some(infer_us));
+        let load = Decision { outcome: Outcome::Miss, load: true, listed: true, ahead: 0, pin: None };
+        r.observe(idx, &load, Some(load_us + infer_us));
+    }
+
+    #[test]
+    fn fastest_waits_for_a_short_queue_any_available_does_not() {
+        let t = table(&[&["a"], &["q"]]);
+        let mut any = Router::with_mode(View::from_table(&t), WhenHoldersBusy::AnyAvailable);
+        let mut fast = Router::with_mode(View::from_table(&t), WhenHoldersBusy::Fastest);
+        // Nothing learned yet: fastest behaves as any_available.
+        assert_eq!(go(&mut fast.clone(), Some("a"), &[2, 0]).0.outcome, Outcome::BusyFallback);
+        for r in [&mut any, &mut fast] {
+            teach(r, 0, 200_000, 10_000);
+            assert_eq!(r.learned_times(0), (Some(200_000), Some(10_000)));
+            assert_eq!(r.learned_times(1), (Some(200_000), Some(10_000)), "the fleet's");
+        }
+        // Holder 0 is busy (2 in flight, max_concurrency 2): one round of 10 ms ahead.
+        let (d, out) = go(&mut any, Some("a"), &[2, 0]);
         assert_eq!((d.outcome, d.load, out[0]), (Outcome::BusyFallback, true, 1));
+        let (d, out) = go(&mut fast, Some("a"), &[2, 0]);
+        assert_eq!((d.outcome, d.load, d.ahead, out[0]), (Outcome::Hit, false, 2, 0));
+        // A queue longer than a load (30 rounds of 10 ms > 200 + 10 ms): load elsewhere.
+        let (d, out) = go(&mut fast, Some("a"), &[60, 0]);
+        assert_eq!((d.outcome, out[0]), (Outcome::BusyFallback, 1));
+    }
+
+    #[test]
+    fn observe_learns_inference_from_queued_hits_and_ignores_unknown_runners() {
+        let mut r = Router::new(View::from_table(&table(&[&["a"]])));
+        // 4 ahead with max_concurrency 2: the request waited 2 rounds, then ran (3 x 10 ms).
+        let queued = Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 4, pin: None };
+        r.observe(0, &queued, Some(30_000));
+        assert_eq!(r.learned_times(0), (None, Some(10_000)));
+        r.observe(7, &queued, Some(1));
+        r.observe(0, &queued, None); // no answer: nothing learned
+        assert_eq!(r.learned_times(0), (None, Some(10_000)));
+        r.observe(0, &queued, Some(u64::MAX)); // clamped, no overflow
+        assert!(r.learned_times(0).1.unwrap() < 100_000_000);
     }
 
     #[test]
     fn a_miss_lists_its_hint_on_the_chosen_runner_at_once() {
         let mut v = Router::new(View::from_table(&table(&[&["x", "y", "z"], &["q"]])));
-        let (d, out) = go(&mut v, Some("new"), &[0, 0], &[]);
+        let (d, out) = go(&mut v, Some("new"), &[0, 0]);
         assert_eq!((d.outcome, d.load, d.listed, out[0]), (Outcome::Miss, true, true, 1));
         assert_eq!(v.view().runner(1).unwrap().hints, vec!["new", "q"]);
         assert_eq!(v.view().holders("new"), &[1]);
         // The next request for it follows, as a hit, but joins the load: counted as one.
-        let (d, out) = go(&mut v, Some("new"), &[0, 1], &[0, 1]);
+        let (d, out) = go(&mut v, Some("new"), &[0, 1]);
         assert_eq!((d.outcome, d.load, d.listed, out[0]), (Outcome::Hit, true, false, 1));
         // Once the runner confirms it (same list, or a new one), requests are plain hits.
         let mut w = v.clone();
         assert!(w.confirm(1));
         assert!(!w.confirm(1));
-        assert_eq!(
-            go(&mut w, Some("new"), &[0, 1], &[0, 0]).0,
-            Decision { outcome: Outcome::Hit, load: false, listed: false }
-        );
+        let d = go(&mut w, Some("new"), &[0, 1]).0;
+        assert_eq!((d.outcome, d.load, d.listed, d.ahead), (Outcome::Hit, false, false, 1));
         assert!(!v.learn(1, &HintList { hints: vec!["new".into(), "q".into()], invalid: 0, truncated: 0 }));
-        let (d, _) = go(&mut v, Some("new"), &[0, 1], &[0, 0]);
+        let (d, _) = go(&mut v, Some("new"), &[0, 1]);
         assert_eq!((d.outcome, d.load), (Outcome::Hit, false));
     }
 
     #[test]
     fn guesses_survive_a_refresh_that_still_lists_them() {
         let mut v = Router::new(View::from_table(&table(&[&["x"], &["q"]])));
-        go(&mut v, Some("new"), &[0, 0], &[]);
-        let (d, _) = go(&mut v, Some("new"), &[0, 0], &[0, 0]);
+        go(&mut v, Some("new"), &[0, 0]);
+        let (d, _) = go(&mut v, Some("new"), &[0, 0]);
         assert!(d.load, "joining a guessed load");
         // A table that lists it (another worker forwarded the guess) keeps it a guess.
         let listed = table(&[&["new", "x"], &["q"]]);
         v.refresh(|view| *view = View::from_table(&listed));
-        assert!(go(&mut v, Some("new"), &[0, 0], &[0, 0]).0.load);
+        assert!(go(&mut v, Some("new"), &[0, 0]).0.load);
         // A table that does not list it drops the guess.
         v.refresh(|view| *view = View::from_table(&table(&[&["x"], &["q"]])));
         assert!(!v.confirm(0) && !v.confirm(1));
@@ -211,7 +622,7 @@ mod tests {
     fn a_full_runner_drops_its_least_recently_used_hint() {
         // Runner 0 is the only one: full (capacity 3), the new model evicts the last-listed.
         let mut v = Router::new(View::from_table(&table(&[&["x", "y", "z"]])));
-        let (d, _) = go(&mut v, Some("new"), &[0], &[]);
+        let (d, _) = go(&mut v, Some("new"), &[0]);
         assert!(d.load);
         assert_eq!(v.view().runner(0).unwrap().hints, vec!["new", "x", "y"]);
         assert!(v.view().holders("z").is_empty());
@@ -220,10 +631,10 @@ mod tests {
     #[test]
     fn no_hint_and_no_candidates_change_nothing() {
         let mut v = Router::new(View::from_table(&table(&[&["x"]])));
-        let (d, out) = go(&mut v, None, &[0], &[]);
+        let (d, out) = go(&mut v, None, &[0]);
         assert_eq!((d.outcome, d.load, out), (Outcome::NoHint, false, vec![0]));
         let mut empty = Router::default();
-        let (d, out) = go(&mut empty, Some("a"), &[], &[]);
+        let (d, out) = go(&mut empty, Some("a"), &[]);
         assert_eq!((d.outcome, d.load, out), (Outcome::NoCandidates, false, vec![]));
         assert_eq!(v.view().runner(0).unwrap().hints, vec!["x"]);
     }

@@ -2,6 +2,10 @@
 //! and 1,000 runners with 100 hints each (`cargo bench -p hint-router-bench-overhead`).
 //!
 //! * `rank/{hit,miss,no_hint}/N`: the decision (`hint_router_core::rank::rank`).
+//! * `router/{hit,miss,miss_full}/N`: the same decision as the filter makes it
+//!   (`Router::route` on a hit, including the popularity count and the pin `Router::observe`
+//!   releases; `Router::rank` on a miss, the eviction-aware placement, with free slots
+//!   everywhere or every cache full so each runner's victim is priced).
 //! * `inflight/{decode,adjust}/N`: the per-request in-flight counter work (decode the shared
 //!   array for ranking; one counter update).
 //! * `response/{parse_unchanged,compare_unchanged}/N`: what `on_http_response_headers` does
@@ -24,6 +28,7 @@ use hint_router_bench_overhead::memory;
 use hint_router_core::hint::parse_hint_list;
 use hint_router_core::inflight;
 use hint_router_core::rank::{rank, Outcome};
+use hint_router_core::router::{Router, WhenHoldersBusy};
 use hint_router_core::table::{Table, TableRef, View};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,6 +58,56 @@ fn bench_rank(c: &mut Criterion) {
                 b.iter(|| {
                     spin = spin.wrapping_add(1);
                     rank(black_box(&view), black_box(hint), black_box(&loads), spin, MAX_CANDIDATES, &mut out)
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn bench_router(c: &mut Criterion) {
+    let mut g = c.benchmark_group("router");
+    for n in SIZES {
+        let free = fixture::table(n, HINTS_PER_RUNNER);
+        let mut full = free.clone();
+        for r in &mut full.runners {
+            r.capacity = r.hints.len() as u32;
+        }
+        let loads = fixture::loads(n);
+        let (hit, miss) = (fixture::hit_hint(), fixture::miss_hint());
+        let mut out = Vec::with_capacity(MAX_CANDIDATES);
+        let mut router = Router::with_mode(View::from_table(&free), WhenHoldersBusy::Fastest);
+        let d = router.route(Some(hit.as_str()), &loads, 0, 1, MAX_CANDIDATES, 64, &mut out);
+        assert_eq!(d.outcome, Outcome::Hit, "n={n}");
+        let mut spin = 0u32;
+        g.bench_with_input(BenchmarkId::new("hit", n), &n, |b, _| {
+            b.iter(|| {
+                spin = spin.wrapping_add(1);
+                let d = router.route(
+                    black_box(Some(hit.as_str())),
+                    &loads,
+                    0,
+                    spin,
+                    MAX_CANDIDATES,
+                    64,
+                    &mut out,
+                );
+                if let Some(&first) = out.first() {
+                    router.observe(first, &d, Some(10_000));
+                }
+                d
+            })
+        });
+        for (case, table) in [("miss", &free), ("miss_full", &full)] {
+            let router = Router::with_mode(View::from_table(table), WhenHoldersBusy::Fastest);
+            assert_eq!(
+                router.rank(Some(miss.as_str()), &loads, 0, 1, MAX_CANDIDATES, &mut out),
+                Outcome::Miss
+            );
+            g.bench_with_input(BenchmarkId::new(case, n), &n, |b, _| {
+                b.iter(|| {
+                    spin = spin.wrapping_add(1);
+                    router.rank(black_box(Some(miss.as_str())), &loads, 0, spin, MAX_CANDIDATES, &mut out)
                 })
             });
         }
@@ -165,6 +220,7 @@ fn main() {
         .sample_size(50)
         .configure_from_args();
     bench_rank(&mut c);
+    bench_router(&mut c);
     bench_inflight(&mut c);
     bench_response(&mut c);
     bench_refresh(&mut c);
@@ -177,6 +233,9 @@ fn main() {
         ("rank", "hit"),
         ("rank", "miss"),
         ("rank", "no_hint"),
+        ("router", "hit"),
+        ("router", "miss"),
+        ("router", "miss_full"),
         ("inflight", "decode"),
         ("inflight", "adjust"),
         ("response", "parse_unchanged"),

@@ -10,6 +10,7 @@ use std::path::Path;
 fn color(p: Policy) -> RGBColor {
     match p {
         Policy::Hint => RGBColor(214, 39, 40),
+        Policy::HintFastest => RGBColor(140, 20, 20),
         Policy::RoundRobin => RGBColor(31, 119, 180),
         Policy::LeastRequest => RGBColor(44, 160, 44),
         Policy::RingHash => RGBColor(148, 103, 189),

@@ -100,7 +100,13 @@ pub fn config_edits(
     if shipped.contains(hide) {
         edits.push((hide.to_string(), String::new()));
     }
-    if policy == Policy::Hint {
+    if policy.is_hint() {
+        let anchor = "            \"poll_cluster\": \"hint_router_poll\",\n";
+        if shipped.matches(anchor).count() != 1 {
+            bail!("the plugin configuration is not where expected in the shipped config");
+        }
+        let mode = policy.when_holders_busy().as_str();
+        edits.push((anchor.to_string(), format!("{anchor}            \"when_holders_busy\": \"{mode}\",\n")));
         return Ok(edits);
     }
     // Drop the wasm HTTP filter (the poller service stays; it only polls /hints).
@@ -130,7 +136,7 @@ pub fn config_edits(
                 "            consistent_hashing_lb_config: {{hash_balance_factor: {hash_balance_factor}}}\n"
             ),
         ),
-        Policy::Hint => String::new(),
+        Policy::Hint | Policy::HintFastest => String::new(),
     };
     if shipped.matches(lb.as_str()).count() != 1 {
         bail!("the runners cluster's load_balancing_policy block is not unique in the shipped config");
@@ -197,7 +203,7 @@ impl Stack {
             replace: config_edits(&shipped, policy, hash_balance_factor)?,
             ..opts
         };
-        let expect = if policy == Policy::Hint { n as u64 } else { 0 };
+        let expect = if policy.is_hint() { n as u64 } else { 0 };
         // The harness panics (with Envoy's log) when Envoy does not come up; turn that into
         // an error so the runners already started are dropped in order.
         let envoy =
@@ -372,10 +378,14 @@ mod tests {
                 t = t.replace(from.as_str(), to);
             }
             let has_wasm = t.contains("envoy.filters.http.wasm");
-            assert_eq!(has_wasm, policy == Policy::Hint, "{policy}");
+            assert_eq!(has_wasm, policy.is_hint(), "{policy}");
             assert!(!t.contains("response_headers_to_remove: [x-runner-id]"));
             match policy {
-                Policy::Hint => assert!(t.contains("override_host_sources:\n            - metadata:")),
+                Policy::Hint | Policy::HintFastest => {
+                    assert!(t.contains("override_host_sources:\n            - metadata:"));
+                    let mode = format!("\"when_holders_busy\": \"{}\",", policy.when_holders_busy().as_str());
+                    assert!(t.contains(&mode), "{policy}");
+                }
                 Policy::RoundRobin => assert!(t.contains("round_robin.v3.RoundRobin\n\n")),
                 Policy::LeastRequest => assert!(t.contains("least_request.v3.LeastRequest\n\n")),
                 Policy::RingHash | Policy::RingHashBounded => {

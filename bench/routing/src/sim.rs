@@ -7,9 +7,10 @@
 //! served first come first served. A request that times out is cancelled as Envoy would reset
 //! it: it leaves any queue, frees its inference slot and unpins its model.
 //!
-//! The hint policy is the filter's own [`hint_router_core::rank::rank`] on a
-//! [`hint_router_core::table::View`]: every runner is polled every `poll_interval_us` and the
-//! hints of each response are learned when it is sent back; in-flight counts move at once. The
+//! The hint policies are the filter's own [`hint_router_core::router::Router`] (one per
+//! `when_holders_busy` mode), fed as the filter feeds it: every runner is polled every
+//! `poll_interval_us`, the hints of each response are learned when it is sent back, in-flight
+//! counts move at once, and every request that ends is reported to `Router::observe`. The
 //! Envoy policies are ports of Envoy's code ([`crate::envoy_lb`]).
 
 use crate::envoy_lb::{bounded_pick, header_hash, least_request_pick, Ring};
@@ -18,6 +19,7 @@ use crate::rng::Rng;
 use crate::workload::{model_name, Trace};
 use hint_router_core::hint::HintList;
 use hint_router_core::rank::{rank, Outcome};
+use hint_router_core::router::{Decision, Router, WhenHoldersBusy};
 use hint_router_core::table::{Table, TableRunner, View};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
@@ -28,8 +30,10 @@ use std::str::FromStr;
 /// A routing policy under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Policy {
-    /// The hint-router filter (`rank`).
+    /// The hint-router filter with `when_holders_busy: "any_available"`.
     Hint,
+    /// The hint-router filter with `when_holders_busy: "fastest"`.
+    HintFastest,
     /// Envoy `round_robin`.
     RoundRobin,
     /// Envoy `least_request` (two random choices).
@@ -42,13 +46,33 @@ pub enum Policy {
 
 impl Policy {
     /// Every policy, the filter first.
-    pub const ALL: [Policy; 5] =
-        [Policy::Hint, Policy::RoundRobin, Policy::LeastRequest, Policy::RingHash, Policy::RingHashBounded];
+    pub const ALL: [Policy; 6] = [
+        Policy::Hint,
+        Policy::HintFastest,
+        Policy::RoundRobin,
+        Policy::LeastRequest,
+        Policy::RingHash,
+        Policy::RingHashBounded,
+    ];
+
+    /// The hint-router policies.
+    pub fn is_hint(self) -> bool {
+        matches!(self, Policy::Hint | Policy::HintFastest)
+    }
+
+    /// The filter's `when_holders_busy` for a hint-router policy.
+    pub fn when_holders_busy(self) -> WhenHoldersBusy {
+        match self {
+            Policy::HintFastest => WhenHoldersBusy::Fastest,
+            _ => WhenHoldersBusy::AnyAvailable,
+        }
+    }
 
     /// Short name.
     pub fn name(self) -> &'static str {
         match self {
             Policy::Hint => "hint",
+            Policy::HintFastest => "hint_fastest",
             Policy::RoundRobin => "round_robin",
             Policy::LeastRequest => "least_request",
             Policy::RingHash => "ring_hash",
@@ -201,14 +225,12 @@ struct Sim<'a> {
     inflight: Vec<u32>,
     waiting_load: Vec<u32>,
     busy_view: Vec<u32>,
-    /// The filter's `loading` counters: requests it routed as misses, per runner.
-    filter_loading: Vec<u32>,
-    /// Per request: counted in `filter_loading`.
-    routed_load: Vec<bool>,
-    /// Whether the last `pick` routed a miss.
-    last_load: bool,
+    /// Per request: the filter's decision, for [`Router::observe`] when it ends.
+    routed: Vec<Option<Decision>>,
+    /// The last `pick`'s decision.
+    last_decision: Option<Decision>,
     /// The filter's routing state (its view of the fleet lives in it).
-    router: hint_router_core::router::Router,
+    router: Router,
     total_inflight: u32,
     states: Vec<ReqState>,
     hit: Vec<bool>,
@@ -263,10 +285,9 @@ pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
         inflight: vec![0; p.runners],
         waiting_load: vec![0; p.runners],
         busy_view: vec![0; p.runners],
-        filter_loading: vec![0; p.runners],
-        routed_load: vec![false; n],
-        last_load: false,
-        router: hint_router_core::router::Router::new(View::from_table(&table)),
+        routed: vec![None; n],
+        last_decision: None,
+        router: Router::with_mode(View::from_table(&table), policy.when_holders_busy()),
         total_inflight: 0,
         states: vec![ReqState::Pending; n],
         hit: vec![false; n],
@@ -297,7 +318,7 @@ impl Sim<'_> {
 
     fn run(&mut self) {
         let mut next_arrival = 0usize;
-        if self.policy == Policy::Hint {
+        if self.policy.is_hint() {
             let mut rng = Rng::new(self.p.seed ^ 0x5eed);
             for r in 0..self.p.runners as u32 {
                 let phase = rng.below(self.p.poll_interval_us.max(1));
@@ -341,20 +362,12 @@ impl Sim<'_> {
 
     fn pick(&mut self, model: u32) -> Option<u32> {
         match self.policy {
-            Policy::Hint if !self.p.plain_rank => {
+            Policy::Hint | Policy::HintFastest if !self.p.plain_rank => {
                 // Exactly what the filter does per request (src/filter.rs).
                 self.spin = self.spin.wrapping_add(1);
                 let hint = self.names.get(model as usize).map(String::as_str);
-                let d = self.router.route(
-                    hint,
-                    &self.inflight,
-                    &self.filter_loading,
-                    self.spin,
-                    3,
-                    64,
-                    &mut self.out,
-                );
-                self.last_load = d.load;
+                let d = self.router.route(hint, &self.inflight, self.now, self.spin, 3, 64, &mut self.out);
+                self.last_decision = Some(d);
                 if self.now >= self.trace.spec.warmup_us {
                     *self.decisions.entry(d.outcome.as_str()).or_default() += 1;
                 }
@@ -363,7 +376,7 @@ impl Sim<'_> {
                     None => least_request_pick(&mut self.rng, &self.inflight),
                 }
             }
-            Policy::Hint => {
+            Policy::Hint | Policy::HintFastest => {
                 self.spin = self.spin.wrapping_add(1);
                 let hint = self.names.get(model as usize).map(String::as_str);
                 let loads: &[u32] = if self.p.what_if_loading_not_busy {
@@ -425,13 +438,8 @@ impl Sim<'_> {
         if let Some(c) = self.inflight.get_mut(r as usize) {
             *c += 1;
         }
-        if std::mem::take(&mut self.last_load) {
-            if let (Some(c), Some(l)) =
-                (self.filter_loading.get_mut(r as usize), self.routed_load.get_mut(i as usize))
-            {
-                *c += 1;
-                *l = true;
-            }
+        if let Some(d) = self.routed.get_mut(i as usize) {
+            *d = self.last_decision.take();
         }
         self.total_inflight += 1;
         if let Some(rec) = self.records.get_mut(i as usize) {
@@ -642,17 +650,14 @@ impl Sim<'_> {
     }
 
     fn finish(&mut self, i: u32, hit: Option<bool>, status: Status) {
-        if self.routed_load.get(i as usize).copied() == Some(true) {
-            if let Some(l) = self.routed_load.get_mut(i as usize) {
-                *l = false;
-            }
-            let r = self.records.get(i as usize).and_then(|rec| rec.runner);
-            if let Some(c) = r.and_then(|r| self.filter_loading.get_mut(r as usize)) {
-                *c = c.saturating_sub(1);
-            }
-        }
         let at = self.trace.reqs.get(i as usize).map(|q| q.at_us).unwrap_or(0);
         let latency = self.now.saturating_sub(at) + self.p.overhead_us;
+        // The filter learns from every request that ends (its on_log).
+        let routed = self.routed.get_mut(i as usize).and_then(Option::take);
+        if let (Some(d), Some(r)) = (routed, self.records.get(i as usize).and_then(|rec| rec.runner)) {
+            let answered = (status == Status::Ok).then_some(latency);
+            self.router.observe(r, &d, answered);
+        }
         self.set_state(i, ReqState::Done);
         if let Some(rec) = self.records.get_mut(i as usize) {
             rec.latency_us = latency;
@@ -666,7 +671,7 @@ impl Sim<'_> {
     /// `poll`: as the filter gets a poll (through a published table, which keeps our
     /// guesses it still lists); else as a response header (which confirms them).
     fn learn(&mut self, r: u32, poll: bool) {
-        if self.policy != Policy::Hint {
+        if !self.policy.is_hint() {
             return;
         }
         let Some(run) = self.runners.get(r as usize) else { return };

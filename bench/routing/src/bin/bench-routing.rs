@@ -298,17 +298,18 @@ fn print_targets(results: &[PointResult]) {
     println!("\ntargets (hint p99 <= 0.5 x best Envoy p99, zero errors, hit >= every Envoy policy, gap closed >= 0.85):");
     for pr in results {
         for (label, list) in [("real", &pr.real), ("sim", &pr.sim)] {
-            let Some(h) = list.iter().find(|r| r.policy == Policy::Hint) else { continue };
-            let others: Vec<&PolicyResult> = list.iter().filter(|r| r.policy != Policy::Hint).collect();
-            let Some(best) = others.iter().min_by(|x, y| x.summary.p99_ms.total_cmp(&y.summary.p99_ms))
-            else {
-                continue;
-            };
-            let best_hit = others.iter().map(|r| r.summary.hit_rate).fold(0.0, f64::max);
-            let gap = h.summary.gap_closed.unwrap_or(f64::NAN);
-            let yes = |b: bool| if b { "met" } else { "MISSED" };
-            println!(
-                "  {:<12} {label:<4} p99 {:.0} ms vs best Envoy {:.0} ms ({}) [{}]; errors {} [{}]; hit {:.1}% vs best Envoy {:.1}% [{}]; gap closed {:.2} [{}]",
+            let others: Vec<&PolicyResult> = list.iter().filter(|r| !r.policy.is_hint()).collect();
+            for h in list.iter().filter(|r| r.policy.is_hint()) {
+                let Some(best) = others.iter().min_by(|x, y| x.summary.p99_ms.total_cmp(&y.summary.p99_ms))
+                else {
+                    continue;
+                };
+                let mode = h.policy.name();
+                let best_hit = others.iter().map(|r| r.summary.hit_rate).fold(0.0, f64::max);
+                let gap = h.summary.gap_closed.unwrap_or(f64::NAN);
+                let yes = |b: bool| if b { "met" } else { "MISSED" };
+                println!(
+                "  {:<12} {label:<4} {mode:<12} p99 {:.0} ms vs best Envoy {:.0} ms ({}) [{}]; errors {} [{}]; hit {:.1}% vs best Envoy {:.1}% [{}]; gap closed {:.2} [{}]",
                 pr.name,
                 h.summary.p99_ms,
                 best.summary.p99_ms,
@@ -322,6 +323,7 @@ fn print_targets(results: &[PointResult]) {
                 gap,
                 yes(gap >= 0.85),
             );
+            }
         }
     }
 }
