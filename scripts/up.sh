@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make up`: starts three runners (127.0.0.1:18081-18083) and Envoy (127.0.0.1:10000, admin
-# 127.0.0.1:9901) with envoy/envoy.yaml and keeps them running until Ctrl-C.
+# 127.0.0.1:9901) with the demo config envoy/demo.yaml (debug headers on: responses say which
+# runner answered; production uses envoy/envoy.yaml) and keeps them running until Ctrl-C.
 # Runner flags can be changed with RUNNER_ARGS, e.g. RUNNER_ARGS="--load-ms 500".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ for port in 18081 18082 18083; do
   ./target/release/runner-example --listen "127.0.0.1:$port" "${extra[@]}" >".run/runner-$port.log" 2>&1 &
   pids+=($!)
 done
-.venv/bin/envoy -c envoy/envoy.yaml --concurrency 2 --log-path .run/envoy.log &
+.venv/bin/envoy -c envoy/demo.yaml --concurrency 2 --log-path .run/envoy.log &
 pids+=($!)
 
 deadline=$((SECONDS + 60))
@@ -29,7 +30,7 @@ until curl -sf http://127.0.0.1:9901/ready >/dev/null 2>&1; do
 done
 cat <<'MSG'
 Stack up: Envoy on http://127.0.0.1:10000 (admin http://127.0.0.1:9901), runners on 18081-18083.
-Logs in .run/. Try:
+Logs in .run/. (Demo config: responses carry x-hint-router-upstream/-decision and x-cache.) Try:
   curl -si http://127.0.0.1:10000/ -H 'x-fal-runner-hint: llama' -d '{"model":"llama","prompt":"hi"}'
   curl -s http://127.0.0.1:9901/stats | grep hint_router
 Ctrl-C stops everything.

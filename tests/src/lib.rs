@@ -1,6 +1,14 @@
-//! Test harness: starts real runner processes and a real Envoy (with the shipped
-//! `envoy/envoy.yaml`, ports rewritten) on 127.0.0.1, waits for readiness with deadlines,
-//! dumps Envoy's log when a test fails, and kills every process it started on drop.
+//! Test harness: starts real runner processes and a real Envoy (with a shipped config, ports
+//! rewritten) on 127.0.0.1, waits for readiness with deadlines, dumps Envoy's log when a test
+//! fails, and kills every process it started on drop.
+//!
+//! Two configs ship: `envoy/envoy.yaml` (production: no debug headers, runner headers stripped
+//! from responses) and `envoy/demo.yaml` (the same plus [`DEMO_EDITS`]: debug headers on,
+//! `x-cache` and `x-fal-runner-hints` left on responses). Tests render the demo config by
+//! default because they need to see where each request went ([`Answer::upstream`],
+//! [`Answer::cache`]); [`EnvoyOptions::production`] renders the production one. Setting
+//! `E2E_ENVOY_CONFIG=FILE` makes every test render FILE instead (e.g. an older config, to
+//! check that a regression test fails against it).
 //!
 //! Used by the end-to-end tests in `tests/tests/` and by the benchmarks.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -172,7 +180,8 @@ pub struct EnvoyOptions {
     /// Extra plugin config members, e.g. `("debug_headers", "false")` (JSON values);
     /// they replace members of the same name in the shipped config.
     pub plugin: Vec<(String, String)>,
-    /// Replace the shipped config file (relative to the repo root).
+    /// The config file to render (relative to the repo root): `envoy/demo.yaml` by default,
+    /// `envoy/envoy.yaml` with [`EnvoyOptions::production`]. `$E2E_ENVOY_CONFIG` overrides it.
     pub config_file: String,
     /// Text replacements applied after the standard rewrites.
     pub replace: Vec<(String, String)>,
@@ -185,19 +194,78 @@ impl Default for EnvoyOptions {
         EnvoyOptions {
             concurrency: 2,
             plugin: Vec::new(),
-            config_file: "envoy/envoy.yaml".into(),
+            config_file: DEMO_CONFIG.into(),
             replace: Vec::new(),
             shipped_ports: false,
         }
     }
 }
 
+impl EnvoyOptions {
+    /// The production config (`envoy/envoy.yaml`): no debug headers, and no runner header
+    /// (`x-cache`, `x-fal-runner-hints`, `x-runner-id`) reaches clients, so [`Answer::upstream`]
+    /// and [`Answer::cache`] stay empty.
+    pub fn production() -> EnvoyOptions {
+        EnvoyOptions { config_file: PRODUCTION_CONFIG.into(), ..EnvoyOptions::default() }
+    }
+
+    /// The file actually rendered: `$E2E_ENVOY_CONFIG` when set, else [`Self::config_file`].
+    pub fn effective_config_file(&self) -> PathBuf {
+        match std::env::var_os("E2E_ENVOY_CONFIG") {
+            Some(f) => repo_root().join(PathBuf::from(f)),
+            None => repo_root().join(&self.config_file),
+        }
+    }
+}
+
+/// The production config, relative to the repo root.
+pub const PRODUCTION_CONFIG: &str = "envoy/envoy.yaml";
+
+/// The demo config, relative to the repo root: [`PRODUCTION_CONFIG`] with [`DEMO_EDITS`].
+pub const DEMO_CONFIG: &str = "envoy/demo.yaml";
+
+/// How the demo config differs from the production one: `(production text, demo text)`, each
+/// found exactly once. A unit test checks that applying them to `envoy/envoy.yaml` gives
+/// `envoy/demo.yaml` byte for byte, so retries, health checks and routing cannot drift apart.
+pub const DEMO_EDITS: [(&str, &str); 4] = [
+    (
+        "# hint-router production config: Envoy on 127.0.0.1:10000 in front of three runners
+# (127.0.0.1:18081-18083). Run from the repository root: `envoy -c envoy/envoy.yaml`.
+",
+        "# hint-router DEMO config: `envoy/envoy.yaml` plus debug headers, and runner headers
+# (x-cache, x-fal-runner-hints) left on responses, so the demo (`make demo`, `make up`) can
+# show where each request went. It reveals runner addresses and every runner's models to
+# clients: never use it in production. Run from the repository root.
+",
+    ),
+    ("            \"debug_headers\": false\n", "            \"debug_headers\": true\n"),
+    (
+        "              domains: [\"*\"]\n",
+        "              domains: [\"*\"]
+              # Demo: x-cache, x-fal-runner-hints and the debug headers reach clients.
+              response_headers_to_remove: [x-runner-id]
+",
+    ),
+    (
+        "                response_mutations:
+                - remove: x-fal-runner-hints
+                - remove: x-cache
+                - remove: x-runner-id
+                - remove: x-runner-overloaded
+                - remove: x-hint-router-decision
+                - remove: x-hint-router-upstream
+",
+        "",
+    ),
+];
+
 /// Shipped demo addresses that the harness rewrites.
 const SHIPPED_RUNNERS: [&str; 3] = ["127.0.0.1:18081", "127.0.0.1:18082", "127.0.0.1:18083"];
 
 /// Renders the shipped config for these runners and ports.
 pub fn render_config(runners: &[String], listen: u16, admin: u16, opts: &EnvoyOptions) -> String {
-    let mut text = fs::read_to_string(repo_root().join(&opts.config_file)).expect("read envoy config");
+    let file = opts.effective_config_file();
+    let mut text = fs::read_to_string(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
     // Endpoints: the shipped config lists three; generate as many as there are runners.
     let endpoint_line = |addr: &str| {
         let sa: SocketAddr = addr.parse().expect("runner addr");
@@ -209,7 +277,7 @@ pub fn render_config(runners: &[String], listen: u16, admin: u16, opts: &EnvoyOp
     };
     let shipped: String = SHIPPED_RUNNERS.iter().map(|a| endpoint_line(a)).collect();
     let ours: String = runners.iter().map(|a| endpoint_line(a)).collect();
-    assert!(text.contains(&shipped), "shipped endpoint block not found in {}", opts.config_file);
+    assert!(text.contains(&shipped), "shipped endpoint block not found in {}", file.display());
     text = text.replace(&shipped, &ours);
     let shipped_list = SHIPPED_RUNNERS.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
     let our_list = runners.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
@@ -500,5 +568,32 @@ impl SteadyLoad {
     pub fn stop(self) -> Vec<(Instant, Answer)> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_config_is_the_production_config_plus_the_demo_edits() {
+        let prod = fs::read_to_string(repo_root().join(PRODUCTION_CONFIG)).unwrap();
+        let demo = fs::read_to_string(repo_root().join(DEMO_CONFIG)).unwrap();
+        let mut t = prod.clone();
+        for (from, to) in DEMO_EDITS {
+            assert_eq!(t.matches(from).count(), 1, "{from:?} not exactly once in {PRODUCTION_CONFIG}");
+            t = t.replace(from, to);
+        }
+        assert!(t == demo, "{DEMO_CONFIG} is not {PRODUCTION_CONFIG} + DEMO_EDITS: update one of them");
+    }
+
+    #[test]
+    fn the_production_config_leaks_no_runner_header_and_has_no_per_try_timeout() {
+        let prod = fs::read_to_string(repo_root().join(PRODUCTION_CONFIG)).unwrap();
+        assert!(prod.contains("\"debug_headers\": false"));
+        assert!(!prod.lines().any(|l| l.trim_start().starts_with("per_try_timeout")));
+        for h in ["x-fal-runner-hints", "x-cache", "x-runner-id", "x-hint-router-upstream"] {
+            assert!(prod.contains(&format!("                - remove: {h}\n")), "{h} not stripped");
+        }
     }
 }

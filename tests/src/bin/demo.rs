@@ -1,6 +1,7 @@
-//! `make demo`: starts three runners (127.0.0.1:18081-18083) and Envoy with
-//! `envoy/envoy.yaml` (127.0.0.1:10000), sends a short hinted workload, prints which runner
-//! served each request and whether its model was already loaded, then stops everything.
+//! `make demo`: starts three runners (127.0.0.1:18081-18083) and Envoy with the demo config
+//! `envoy/demo.yaml` (127.0.0.1:10000; its debug headers say where requests went), sends a
+//! short hinted workload, prints which runner served each request and whether its model was
+//! already loaded, then stops everything.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use hint_router_e2e::{infer, Answer, Envoy, EnvoyOptions, Runner};
@@ -17,6 +18,7 @@ fn main() {
         .map(|a| Runner::start_at(a, &args))
         .collect();
     let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
+    // The demo config (the default): its debug headers say where each request went.
     let opts = EnvoyOptions { shipped_ports: true, ..EnvoyOptions::default() };
     let envoy = Envoy::start(&addrs, &opts, 3);
     let url = envoy.url();
