@@ -14,6 +14,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 pub mod fake;
+pub mod python;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
@@ -292,7 +293,13 @@ pub fn render_config(runners: &[String], listen: u16, admin: u16, opts: &EnvoyOp
 
 /// [`render_config`] with the TLS listener (shipped on 10443) on `tls`, and the development
 /// certificate's paths made absolute.
-pub fn render_config_tls(runners: &[String], listen: u16, admin: u16, tls: u16, opts: &EnvoyOptions) -> String {
+pub fn render_config_tls(
+    runners: &[String],
+    listen: u16,
+    admin: u16,
+    tls: u16,
+    opts: &EnvoyOptions,
+) -> String {
     let file = opts.effective_config_file();
     let mut text = fs::read_to_string(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
     // Endpoints: the shipped config lists three; generate as many as there are runners.
