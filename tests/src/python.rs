@@ -123,7 +123,9 @@ impl Drop for FalApp {
 /// `FAL_KEY`); one JSON answer per call.
 pub fn fal_client_calls(envoy: &Envoy, app: &str, calls: &serde_json::Value) -> Vec<serde_json::Value> {
     check_fal_installed();
-    let out = Command::new(python_bin())
+    let dir = crate::scratch_dir("fal-client");
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    let mut child = Command::new(python_bin())
         .arg(repo_root().join("tests/fal/client.py"))
         .arg(app)
         .arg(calls.to_string())
@@ -131,14 +133,29 @@ pub fn fal_client_calls(envoy: &Envoy, app: &str, calls: &serde_json::Value) -> 
         .env("SSL_CERT_FILE", crate::dev_tls_dir().join("cert.pem"))
         .env("FAL_KEY", "test-key-id:test-key-secret")
         .env_remove("FAL_QUEUE_RUN_HOST")
-        .output()
+        .stdout(fs::File::create(&out_path).expect("stdout file"))
+        .stderr(fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
         .expect("run fal_client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // fal_client retries connection errors with backoff for minutes: bound the whole run.
+    let limit = Duration::from_secs(90);
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break Some(st);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = fs::read_to_string(&err_path).unwrap_or_default();
     assert!(
-        out.status.success(),
-        "fal_client driver failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        status.is_some_and(|s| s.success()),
+        "fal_client driver failed or ran over {limit:?} ({status:?}):\n{stdout}\n{stderr}"
     );
     stdout
         .lines()
