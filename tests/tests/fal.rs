@@ -200,6 +200,26 @@ fn a_mixed_pool_of_runner_example_and_fal_apps_routes_by_hint_in_both() {
         let (kn, kh) = per_kind.get(k).copied().unwrap_or_default();
         assert!(kn > 0 && kh as f64 >= 0.9 * kn as f64, "{k}: {kh} hits of {kn}");
     }
+
+    // Envoy's active health check (`GET /health`, what the fallback policy trusts) passes on
+    // both kinds: with `/healthz`, every fal app stayed `failed_active_hc`.
+    let flags = |addr: &str| {
+        let text =
+            client().get(format!("http://127.0.0.1:{}/clusters", e.admin)).send().unwrap().text().unwrap();
+        let key = format!("runners::{addr}::health_flags::");
+        text.lines().find_map(|l| l.strip_prefix(&key).map(str::to_string)).unwrap_or_default()
+    };
+    let end = Instant::now() + Duration::from_secs(15);
+    while pool.iter().any(|a| flags(a) != "healthy") && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seen: Vec<(String, String)> = pool.iter().map(|a| (kind(a), flags(a))).collect();
+    let hc: Vec<String> = ["attempt", "success", "failure", "network_failure"]
+        .iter()
+        .map(|s| format!("{s} {}", e.stat(&format!("cluster.runners.health_check.{s}")).unwrap_or(0)))
+        .collect();
+    eprintln!("mixed pool health flags: {seen:?}; health checks: {hc:?}");
+    assert!(seen.iter().all(|(_, f)| f == "healthy"), "{seen:?}");
 }
 
 #[test]
