@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `POST /` `{"model": M, "prompt": P}` | 200 `{"model", "output", "cache", "queue_ms", "load_ms", "infer_ms"}` and `x-cache: hit\|miss` |
 //! | `GET /hints` | 200 [`HintsReport`](hint_router_core::wire::HintsReport); hints most recently used first |
-//! | `GET /healthz` | 200 `ok`, or 503 `draining` |
+//! | `GET /healthz`, `GET /health` | 200 `ok`, or 503 `draining` (`/health` is the path fal apps serve, which the shipped Envoy health check uses) |
 //!
 //! Errors are JSON `{"error": "..."}`: 400 for a body that is not the JSON above or a bad
 //! model name, 404 for an unknown path or a model the backend does not know, 405 for a wrong
@@ -111,6 +111,7 @@ pub fn router(runner: Runner) -> Router {
         .route("/", post(infer))
         .route("/hints", get(hints))
         .route("/healthz", get(healthz))
+        .route("/health", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

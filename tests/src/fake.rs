@@ -154,7 +154,7 @@ fn serve(mut c: TcpStream, s: &Shared, addr: &str) {
                 }
                 HintsMode::Close => false,
             }
-        } else if path == "/healthz" {
+        } else if path == "/healthz" || path == "/health" {
             respond(&mut c, 200, "", b"ok")
         } else {
             s.inference.fetch_add(1, Ordering::Relaxed);

@@ -14,6 +14,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 pub mod fake;
+pub mod python;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
@@ -227,7 +228,7 @@ pub const DEMO_CONFIG: &str = "envoy/demo.yaml";
 /// How the demo config differs from the production one: `(production text, demo text)`, each
 /// found exactly once. A unit test checks that applying them to `envoy/envoy.yaml` gives
 /// `envoy/demo.yaml` byte for byte, so retries, health checks and routing cannot drift apart.
-pub const DEMO_EDITS: [(&str, &str); 4] = [
+pub const DEMO_EDITS: [(&str, &str); 5] = [
     (
         "# hint-router production config: Envoy on 127.0.0.1:10000 in front of three runners
 # (127.0.0.1:18081-18083). Run from the repository root: `envoy -c envoy/envoy.yaml`.
@@ -240,9 +241,17 @@ pub const DEMO_EDITS: [(&str, &str); 4] = [
     ),
     ("            \"debug_headers\": false\n", "            \"debug_headers\": true\n"),
     (
-        "              domains: [\"*\"]\n",
-        "              domains: [\"*\"]
+        "            - name: runners\n              domains: [\"*\"]\n",
+        "            - name: runners
+              domains: [\"*\"]
               # Demo: x-cache, x-fal-runner-hints and the debug headers reach clients.
+              response_headers_to_remove: [x-runner-id]
+",
+    ),
+    (
+        "            - name: fal\n              domains: [\"*\"]\n",
+        "            - name: fal
+              domains: [\"*\"]
               response_headers_to_remove: [x-runner-id]
 ",
     ),
@@ -259,11 +268,38 @@ pub const DEMO_EDITS: [(&str, &str); 4] = [
     ),
 ];
 
+/// Where `scripts/dev-tls.sh` (run by setup) writes the development certificate.
+pub fn dev_tls_dir() -> PathBuf {
+    repo_root().join("target/dev-tls")
+}
+
+/// Writes the development certificate if it is missing (a test run without `scripts/setup.sh`):
+/// the shipped configs' TLS listener does not start without it.
+pub fn ensure_dev_tls() {
+    if dev_tls_dir().join("cert.pem").exists() && dev_tls_dir().join("key.pem").exists() {
+        return;
+    }
+    let st = Command::new(repo_root().join("scripts/dev-tls.sh")).status().expect("run scripts/dev-tls.sh");
+    assert!(st.success(), "scripts/dev-tls.sh failed: {st}");
+}
+
 /// Shipped demo addresses that the harness rewrites.
 const SHIPPED_RUNNERS: [&str; 3] = ["127.0.0.1:18081", "127.0.0.1:18082", "127.0.0.1:18083"];
 
 /// Renders the shipped config for these runners and ports.
 pub fn render_config(runners: &[String], listen: u16, admin: u16, opts: &EnvoyOptions) -> String {
+    render_config_tls(runners, listen, admin, 10443, opts)
+}
+
+/// [`render_config`] with the TLS listener (shipped on 10443) on `tls`, and the development
+/// certificate's paths made absolute.
+pub fn render_config_tls(
+    runners: &[String],
+    listen: u16,
+    admin: u16,
+    tls: u16,
+    opts: &EnvoyOptions,
+) -> String {
     let file = opts.effective_config_file();
     let mut text = fs::read_to_string(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
     // Endpoints: the shipped config lists three; generate as many as there are runners.
@@ -285,6 +321,8 @@ pub fn render_config(runners: &[String], listen: u16, admin: u16, opts: &EnvoyOp
     text = text.replace(&shipped_list, &our_list);
     text = text.replace("port_value: 10000", &format!("port_value: {listen}"));
     text = text.replace("port_value: 9901", &format!("port_value: {admin}"));
+    text = text.replace("port_value: 10443", &format!("port_value: {tls}"));
+    text = text.replace("filename: target/dev-tls/", &format!("filename: {}/", dev_tls_dir().display()));
     text = text.replace(
         "filename: target/wasm32-wasip1/release/hint_router.wasm",
         &format!("filename: {}", wasm_path().display()),
@@ -327,6 +365,8 @@ pub struct Envoy {
     pub port: u16,
     /// Admin port.
     pub admin: u16,
+    /// HTTPS listener port (fal_client's door; shipped as 10443).
+    pub tls_port: u16,
     log: PathBuf,
     /// Directory holding the config and log.
     pub dir: PathBuf,
@@ -339,10 +379,12 @@ impl Envoy {
         let bin = envoy_bin();
         assert!(bin.exists(), "{} missing: run `scripts/setup.sh` (or `make test`) first", bin.display());
         assert!(wasm_path().exists(), "{} missing: run `make build` first", wasm_path().display());
-        let (port, admin) = if opts.shipped_ports { (10000, 9901) } else { (free_port(), free_port()) };
+        let (port, admin, tls_port) =
+            if opts.shipped_ports { (10000, 9901, 10443) } else { (free_port(), free_port(), free_port()) };
+        ensure_dev_tls();
         let dir = scratch_dir("envoy");
         let cfg = dir.join("envoy.yaml");
-        fs::write(&cfg, render_config(runners, port, admin, opts)).expect("write config");
+        fs::write(&cfg, render_config_tls(runners, port, admin, tls_port, opts)).expect("write config");
         let log = dir.join("envoy.log");
         let child = Command::new(&bin)
             .arg("-c")
@@ -355,7 +397,7 @@ impl Envoy {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn envoy");
-        let mut e = Envoy { child, port, admin, log, dir };
+        let mut e = Envoy { child, port, admin, tls_port, log, dir };
         e.wait_ready(Duration::from_secs(60));
         if expect_available > 0 {
             e.wait_stat("wasmcustom.hint_router.runners_available", Duration::from_secs(30), |v| {

@@ -300,7 +300,7 @@ impl Fake {
             }
             let (status, extra, body) = match path.as_str() {
                 "/hints" => (200, String::new(), report_body(&self.addr, hints)),
-                "/healthz" => (200, String::new(), b"ok".to_vec()),
+                "/healthz" | "/health" => (200, String::new(), b"ok".to_vec()),
                 _ => {
                     self.inference.fetch_add(1, Ordering::Relaxed);
                     self.seen_headers.lock().unwrap().push(headers);

@@ -1,0 +1,197 @@
+"""hint-router runner kit: make a Python model server (a fal.App, FastAPI, any ASGI app) a full
+hint-router runner. One file, standard library only; copy it next to your app.
+
+What it adds (docs/fal.md):
+- `x-fal-runner-hints: a,b` on every HTTP response (fal's header; what a plain fal.App sends
+  from `provide_hints()`), so the router learns a load the moment it answers;
+- `GET /hints` with the runner's real `capacity`, `max_concurrency` and `in_flight` (HTTP
+  requests it is serving, control paths excluded), so the router never has to guess them;
+- `SingleFlight`: concurrent requests for one model share one load (a plain fal.App loads the
+  model once per concurrent request).
+
+    from hint_runner import HintRunner, SingleFlight
+
+    loads = SingleFlight()
+    models = {}                              # your cache: model -> weights
+
+    def get_model(name):                     # call this in your endpoint
+        return loads.get(name, lambda: models.setdefault(name, load_weights(name)))
+
+    asgi = HintRunner(app, hints=lambda: list(models), capacity=2, max_concurrency=1)
+    uvicorn.run(asgi, host="127.0.0.1", port=8000)
+
+For a fal.App served by uvicorn: `HintRunner(MyApp(_allow_init=True)._build_app(), ...)`
+(`serve_fal` does this). Hints must be 1-256 bytes of visible ASCII without commas (the
+router's rule); others are left out of the header and `/hints` instead of breaking either.
+"""
+
+import json
+import threading
+from typing import Callable, Dict, List, Optional
+
+__all__ = ["HintRunner", "SingleFlight", "serve_fal", "clean_hints"]
+
+HINTS_HEADER = b"x-fal-runner-hints"
+MAX_HINT_BYTES = 256
+
+
+def clean_hints(hints) -> List[str]:
+    """The hints the router accepts, in order, repeats dropped."""
+    out, seen = [], set()
+    for h in hints:
+        if not isinstance(h, str) or h in seen:
+            continue
+        if 0 < len(h) <= MAX_HINT_BYTES and all("!" <= c <= "~" and c != "," for c in h):
+            seen.add(h)
+            out.append(h)
+    return out
+
+
+class SingleFlight:
+    """Runs `load` once per key while it is in progress: concurrent callers of `get` for the
+    same key wait for the first one's result (or its exception). Thread-safe, for the
+    worker threads fal and FastAPI run sync endpoints in; from async code, call it through
+    `await asyncio.to_thread(flight.get, key, load)`. Keys being loaded are `loading()`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._calls: Dict[str, "_Call"] = {}
+
+    def get(self, key: str, load: Callable[[], object]):
+        with self._lock:
+            call = self._calls.get(key)
+            leader = call is None
+            if leader:
+                call = self._calls[key] = _Call()
+        if leader:
+            try:
+                call.result = load()
+            except BaseException as e:  # handed to every waiter, then re-raised
+                call.error = e
+            finally:
+                with self._lock:
+                    del self._calls[key]
+                call.done.set()
+        else:
+            call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def loading(self) -> List[str]:
+        with self._lock:
+            return list(self._calls)
+
+
+class _Call:
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+        self.error: Optional[BaseException] = None
+
+
+class HintRunner:
+    """ASGI middleware: the hints header on every HTTP response, `GET /hints`, in-flight count.
+
+    `hints()` returns the models the runner serves now (resident and loading), most recently
+    used first; `loading()` (optional) the ones still loading. `capacity` is how many models it
+    keeps, `max_concurrency` how many requests it runs at once (fal's `max_multiplexing`).
+    Paths in `control_paths` (`/hints`, `/health`, `/healthz`) do not count as in flight.
+    """
+
+    def __init__(
+        self,
+        app,
+        *,
+        hints: Callable[[], List[str]],
+        capacity: int,
+        max_concurrency: int = 1,
+        loading: Optional[Callable[[], List[str]]] = None,
+        hints_path: str = "/hints",
+        control_paths=("/health", "/healthz"),
+    ):
+        self.app = app
+        self.hints = hints
+        self.loading = loading or (lambda: [])
+        self.capacity = int(capacity)
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.hints_path = hints_path
+        self.control_paths = set(control_paths) | {hints_path}
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    def _current_hints(self) -> List[str]:
+        try:
+            return clean_hints(self.hints())
+        except Exception:  # a failing hints() must not fail the request; say "none"
+            return []
+
+    def report(self) -> dict:
+        hints = self._current_hints()
+        return {
+            "hints": hints,
+            "loading": [h for h in clean_hints(self.loading()) if h in hints],
+            "capacity": self.capacity,
+            "max_concurrency": self.max_concurrency,
+            "in_flight": self.in_flight,
+        }
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if path == self.hints_path and scope.get("method") == "GET":
+            report = self.report()
+            body = json.dumps(report).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (HINTS_HEADER, ",".join(report["hints"]).encode()),
+                    ],
+                }
+            )
+            return await send({"type": "http.response.body", "body": body})
+        counted = path not in self.control_paths
+        if counted:
+            with self._lock:
+                self.in_flight += 1
+
+        async def send_with_hints(message):
+            if message["type"] == "http.response.start":
+                # Computed when the response starts, after the request's own work: a miss's
+                # answer already lists its model. Replaces the app's own header, if any.
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HINTS_HEADER]
+                headers.append((HINTS_HEADER, ",".join(self._current_hints()).encode()))
+                message = dict(message, headers=headers)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_hints)
+        finally:
+            if counted:
+                with self._lock:
+                    self.in_flight -= 1
+
+
+def serve_fal(app_cls, *, host: str, port: int, capacity: int, max_concurrency: Optional[int] = None, **kw):
+    """Serves a fal.App class on `host:port` under uvicorn as a full runner, its hints from
+    `provide_hints()`. Uses fal's private `_allow_init`/`_build_app` (fal 1.83.0): on fal's own
+    platform the app is served by fal, and this kit is for running fal apps yourself."""
+    import uvicorn
+
+    instance = app_cls(_allow_init=True)
+    asgi = instance._build_app()
+    conc = max_concurrency or getattr(app_cls, "max_multiplexing", None) or 1
+
+    def hints():
+        try:
+            return instance.provide_hints()
+        except NotImplementedError:
+            return []
+
+    runner = HintRunner(asgi, hints=hints, capacity=capacity, max_concurrency=conc, **kw)
+    uvicorn.run(runner, host=host, port=port, log_level="warning")
