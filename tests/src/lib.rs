@@ -15,6 +15,7 @@
 
 pub mod fake;
 pub mod python;
+pub mod util;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hint_router_e2e::fake::{report_body, FakeRunner, HintsMode};
+use hint_router_e2e::util::{envoy_allocated, wait_until};
 use hint_router_e2e::{client, infer, Answer, Envoy, EnvoyOptions, Runner, Stack};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -21,17 +22,6 @@ fn opts(extra_plugin: &[(&str, &str)]) -> EnvoyOptions {
     }
 }
 
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if f() {
-            return Some(t.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
 /// Sends raw bytes as one HTTP/1.1 request and returns the status code (0 = no answer).
 fn raw_status(port: u16, request: &[u8]) -> u16 {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -45,14 +35,6 @@ fn raw_status(port: u16, request: &[u8]) -> u16 {
 fn stat_names(e: &Envoy) -> std::collections::BTreeSet<String> {
     let text = client().get(format!("http://127.0.0.1:{}/stats", e.admin)).send().unwrap().text().unwrap();
     text.lines().filter_map(|l| l.split(':').next()).map(str::to_string).collect()
-}
-
-fn envoy_allocated(e: &Envoy) -> u64 {
-    let m: serde_json::Value = serde_json::from_str(
-        &client().get(format!("http://127.0.0.1:{}/memory", e.admin)).send().unwrap().text().unwrap(),
-    )
-    .unwrap();
-    m["allocated"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 // 2. A frozen runner (SIGSTOP).

@@ -6,19 +6,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hint_router_e2e::fake::{FakeRunner, HintsMode};
+use hint_router_e2e::util::{envoy_allocated, wait_until};
 use hint_router_e2e::{client, infer, Envoy, EnvoyOptions, Runner};
 use std::time::{Duration, Instant};
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if f() {
-            return Some(t.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
 
 fn plugin(members: &[(&str, &str)]) -> EnvoyOptions {
     EnvoyOptions {
@@ -29,14 +19,6 @@ fn plugin(members: &[(&str, &str)]) -> EnvoyOptions {
 
 fn stat(e: &Envoy, name: &str) -> u64 {
     e.stat(&format!("wasmcustom.hint_router.{name}")).unwrap_or(0)
-}
-
-fn envoy_allocated(e: &Envoy) -> u64 {
-    let m: serde_json::Value = serde_json::from_str(
-        &client().get(format!("http://127.0.0.1:{}/memory", e.admin)).send().unwrap().text().unwrap(),
-    )
-    .unwrap();
-    m["allocated"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 fn body(v: serde_json::Value) -> HintsMode {
@@ -142,7 +124,11 @@ fn runner_addresses_are_normalised_everywhere() {
     let r = Runner::start(&["--load-ms", "5", "--infer-ms", "2"]);
     let port = r.addr.rsplit(':').next().unwrap().to_string();
     let spelled = format!("[\"127.0.0.1:0{port}\"]");
-    let e = Envoy::start(&[r.addr.clone()], &plugin(&[("runners", &spelled), ("debug_headers", "true")]), 1);
+    let e = Envoy::start(
+        std::slice::from_ref(&r.addr),
+        &plugin(&[("runners", &spelled), ("debug_headers", "true")]),
+        1,
+    );
     let first = infer(&e.url(), "m", Some(b"m"), &[]);
     let second = infer(&e.url(), "m", Some(b"m"), &[]);
     eprintln!(
@@ -157,17 +143,10 @@ fn runner_addresses_are_normalised_everywhere() {
 
     // Two spellings of one runner are one runner: the config is refused, naming the entry.
     let dup = format!("[\"{}\", \"127.0.0.1:0{port}\"]", r.addr);
-    let dir = hint_router_e2e::scratch_dir("dupaddr");
-    let cfg = dir.join("dup.yaml");
-    let text = hint_router_e2e::render_config(&[r.addr.clone()], 1, 2, &plugin(&[("runners", &dup)]));
-    std::fs::write(&cfg, text).unwrap();
-    let out = std::process::Command::new(hint_router_e2e::envoy_bin())
-        .args(["--mode", "validate", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "a duplicate spelling was accepted:\n{log}");
+    let text =
+        hint_router_e2e::render_config(std::slice::from_ref(&r.addr), 1, 2, &plugin(&[("runners", &dup)]));
+    let (accepted, log) = hint_router_e2e::util::validate_config("dupaddr", &text);
+    assert!(!accepted, "a duplicate spelling was accepted:\n{log}");
     assert!(log.contains("field `runners[1]`") && log.contains("twice"), "{log}");
 }
 
@@ -181,7 +160,7 @@ fn sixty_thousand_hints_are_read_in_one_pass() {
         "runner": fake.addr, "hints": hints, "capacity": 100_000, "in_flight": 0, "max_concurrency": 4
     })));
     let opts = plugin(&[("max_hints_per_runner", "100000"), ("debug_headers", "true")]);
-    let e = Envoy::start(&[fake.addr.clone()], &opts, 1);
+    let e = Envoy::start(std::slice::from_ref(&fake.addr), &opts, 1);
     // Polls keep their 500 ms cadence: at 3.1 s each they could not.
     let (polls0, t0) = (fake.poll_count(), Instant::now());
     let steady = wait_until(Duration::from_secs(10), || fake.poll_count() >= polls0 + 6);

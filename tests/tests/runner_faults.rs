@@ -4,6 +4,7 @@
 //! (`cargo test -p hint-router-e2e --test runner_faults -- --nocapture`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use hint_router_e2e::util::wait_until;
 use hint_router_e2e::{client, infer, runner_bin, scratch_dir, EnvoyOptions, Runner, Stack};
 use std::time::{Duration, Instant};
 
@@ -20,17 +21,6 @@ fn hints_json(r: &Runner) -> serde_json::Value {
 
 fn field(v: &serde_json::Value, name: &str) -> u64 {
     v[name].as_u64().unwrap_or_else(|| panic!("no {name} in {v}"))
-}
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if f() {
-            return Some(t.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
 }
 
 /// Posts straight to a runner (bypassing Envoy), on a thread; the answer's JSON body.
