@@ -71,6 +71,19 @@ pub trait Backend: Send + Sync + 'static {
         let _ = model;
         None
     }
+
+    /// Models not resident that the backend can load cheaply (from host memory, no disk read:
+    /// the warm tier, `--host-cache-mb`), most recently used first; reported as `warm` in
+    /// `/hints`. Must be quick and must not block.
+    fn warm(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl fmt::Debug for dyn Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dyn Backend")
+    }
 }
 
 /// A model held in memory by a [`Backend`].
@@ -98,6 +111,32 @@ where
         match tokio::task::spawn_blocking(f).await {
             Ok(result) => result,
             Err(e) => Err(BackendError::Failed(format!("backend task failed: {e}"))),
+        }
+    })
+}
+
+/// Runs a model load `f` on a thread of its own, as a [`BoxFuture`] a backend can return.
+/// A panic inside `f` becomes [`BackendError::Failed`].
+///
+/// Not tokio's blocking pool: a load is long (seconds for big models) and the pool is where
+/// inferences run, so loads there could, with many at once, hold threads that hits wait for
+/// (the pool is bounded); a thread per load costs a few microseconds next to that.
+pub fn loading<T, F>(f: F) -> BoxFuture<'static, Result<T, BackendError>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("model-load".into()).spawn(move || {
+        let _ = tx.send(f());
+    });
+    Box::pin(async move {
+        if let Err(e) = spawned {
+            return Err(BackendError::Failed(format!("cannot start a load thread: {e}")));
+        }
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::Failed("the load thread panicked".to_string())),
         }
     })
 }
@@ -232,6 +271,15 @@ mod tests {
         assert_ne!(sim_output("a", "b"), sim_output("b", "b"));
         assert_ne!(sim_output("ab", ""), sim_output("a", "b"));
         assert_eq!(sim_output("a", "b").len(), "sim-".len() + 16);
+    }
+
+    #[tokio::test]
+    async fn loading_runs_off_the_runtime_and_maps_panics_to_failed() {
+        let name = loading(|| Ok(std::thread::current().name().map(str::to_string))).await;
+        assert_eq!(name, Ok(Some("model-load".to_string())));
+        #[allow(clippy::panic)]
+        let err = loading::<(), _>(|| panic!("boom")).await;
+        assert!(matches!(err, Err(BackendError::Failed(_))), "{err:?}");
     }
 
     #[tokio::test]

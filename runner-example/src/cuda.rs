@@ -7,9 +7,14 @@
 //! (`LD_LIBRARY_PATH`). [`CudaBackend::open`] checks both, and the device, up front: a machine
 //! without them fails at start with a message, not at the first request.
 //!
-//! A load reads and checks the file exactly as the `cpu` backend does (on the host), then
-//! copies every tensor to the device (`cuMemcpyHtoD` into a `CudaSlice` each) on a stream of
-//! the model's own, and keeps nothing on the host. Inference runs the same network as
+//! A load reads and checks the file as the `cpu` backend does ([`crate::weights`]: straight
+//! into a host buffer, chunk by chunk), and copies each chunk to the device (`cuMemcpyHtoDAsync`
+//! into one `CudaSlice` per tensor) on a stream of the model's own as soon as it is checked,
+//! while the next chunk is read. Without a warm tier the host buffer is pageable memory with
+//! huge pages, dropped after the load (the driver stages pageable copies, so these copies do
+//! not overlap the reads); with one (`--host-cache-mb`) it is pinned memory that the
+//! [`WarmTier`] keeps, so the copies overlap the reads, and a later load of the same model
+//! is one pinned host-to-device copy, no disk read. Inference runs the same network as
 //! [`MlpWeights::forward`](crate::models::MlpWeights::forward): the matrix-vector products
 //! on the device with `cublasSgemv`, the bias added on the device, and the element-wise
 //! `tanh` between layers on the host (one vector of `W` floats each way per layer), so that
@@ -28,9 +33,15 @@ use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemv, GemvConfig};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
-use crate::backend::{blocking, Backend, BackendError, BoxFuture, LoadedModel};
+use std::ops::Range;
+
+use cudarc::driver::PinnedHostSlice;
+
+use crate::backend::{blocking, loading, Backend, BackendError, BoxFuture, LoadedModel};
 use crate::cpu::BackendStats;
-use crate::models::{format_output, prompt_features, MlpWeights, ModelDir, OUTPUTS, VOCAB};
+use crate::models::{expected_tensors, format_output, prompt_features, ModelDir, ModelEntry, OUTPUTS, VOCAB};
+use crate::warm::WarmTier;
+use crate::weights::{Checked, HostBuf};
 
 /// Where the libraries the backend loads at run time come from, for error messages.
 const LIBRARY_HELP: &str = "the cuda backend needs the NVIDIA driver (libcuda.so.1) and cuBLAS 12 \
@@ -75,6 +86,22 @@ pub struct CudaBackend {
     dir: ModelDir,
     ctx: Arc<CudaContext>,
     stats: Arc<BackendStats>,
+    tier: Option<Arc<WarmTier<PinnedWeights>>>,
+}
+
+/// A model's verified weights in pinned host memory: the warm tier's copies.
+#[derive(Debug)]
+pub struct PinnedWeights {
+    floats: PinnedHostSlice<f32>,
+    ranges: Vec<Range<usize>>,
+}
+
+/// Page-locked host memory for `floats` f32s: not write-combined (the loader reads what it
+/// writes there, to hash it), so ordinary cached memory the GPU can DMA from.
+pub fn alloc_pinned(ctx: &Arc<CudaContext>, floats: usize) -> Result<PinnedHostSlice<f32>, String> {
+    // SAFETY: the memory is uninitialised; f32 has no invalid bit patterns, and every caller
+    // fills it before reading it.
+    cu("allocating pinned host memory", unsafe { ctx.alloc_pinned_with_flags::<f32>(floats, 0) })
 }
 
 impl CudaBackend {
@@ -82,7 +109,87 @@ impl CudaBackend {
     pub fn open(dir: impl AsRef<Path>, device: usize) -> Result<Self, String> {
         let dir = ModelDir::open(dir)?;
         let ctx = open_device(device)?;
-        Ok(Self { dir, ctx, stats: Arc::default() })
+        Ok(Self { dir, ctx, stats: Arc::default(), tier: None })
+    }
+
+    /// The same backend with a warm tier of `budget` bytes of pinned host memory (`None` or
+    /// 0: none); see the module docs.
+    pub fn with_host_cache(self, budget: Option<u64>) -> Self {
+        let tier = budget.filter(|&b| b > 0).map(|b| Arc::new(WarmTier::new(b)));
+        Self { tier, ..self }
+    }
+
+    /// The CUDA context (for benchmarks).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Loads `model` now, on this thread: from the warm tier when it holds the model, else
+    /// from disk, each checked chunk copied to the device as it arrives.
+    pub fn load_blocking(&self, model: &str) -> Result<CudaModel, BackendError> {
+        let entry = self.dir.known(model)?;
+        let bytes = entry.weight_bytes;
+        let failed = |e: String| {
+            BackendError::Failed(format!(
+                "model {model}: copying {bytes} bytes of weights to GPU {} failed: {e}",
+                self.ctx.ordinal()
+            ))
+        };
+        let mut gpu = Gpu::alloc(&self.ctx, entry).map_err(failed)?;
+        let warm = self.tier.as_ref().and_then(|t| t.get(model));
+        if let Some(host) = warm {
+            self.stats.warm_load();
+            let floats = cu("reading pinned memory", host.floats.as_slice()).map_err(failed)?;
+            gpu.copy_floats(&host.ranges, 0..floats.len(), floats).map_err(failed)?;
+        } else {
+            self.stats.read();
+            let floats = usize::try_from(bytes / 4).unwrap_or(usize::MAX);
+            let checked = match &self.tier {
+                Some(tier) => {
+                    let mut pinned = alloc_pinned(&self.ctx, floats).map_err(failed)?;
+                    let dst = cu("writing pinned memory", pinned.as_mut_slice()).map_err(failed)?;
+                    let loaded = self.read_and_copy(model, bytemuck::cast_slice_mut(dst), &mut gpu)?;
+                    let host = Arc::new(PinnedWeights { floats: pinned, ranges: loaded.ranges });
+                    tier.insert(model, bytes, host);
+                    loaded.checked
+                }
+                None => {
+                    let mut buf = HostBuf::zeroed(floats * 4).map_err(|e| failed(e.to_string()))?;
+                    self.read_and_copy(model, buf.bytes_mut(), &mut gpu)?.checked
+                }
+            };
+            self.stats.checked(checked);
+        }
+        // The host buffer may go (or be reused) only once the copies from it are done.
+        cu("synchronising the stream", gpu.stream.synchronize()).map_err(failed)?;
+        self.stats.alive(bytes);
+        if let Some(tier) = &self.tier {
+            tier.resident(model);
+        }
+        log::info!("model {model}: {bytes} bytes of weights in GPU {} memory", self.ctx.ordinal());
+        Ok(CudaModel {
+            name: model.to_string(),
+            bytes,
+            gpu: Mutex::new(Some(gpu)),
+            ctx: Arc::clone(&self.ctx),
+            stats: Arc::clone(&self.stats),
+            tier: self.tier.clone(),
+        })
+    }
+
+    /// Reads `model` into `dst`, copying each checked chunk to `gpu` as it arrives.
+    fn read_and_copy(&self, model: &str, dst: &mut [u8], gpu: &mut Gpu) -> Result<crate::weights::Loaded, BackendError> {
+        let mut started = false;
+        self.dir.read_into(model, dst, &mut |ranges, chunk, bytes| {
+            if chunk.start == 0 && started {
+                // Read again (the file changed while being read): let the copies of the first
+                // pass finish before their source is overwritten.
+                cu("synchronising the stream", gpu.stream.synchronize())?;
+            }
+            started = true;
+            let floats: &[f32] = bytemuck::try_cast_slice(bytes).map_err(|e| format!("unaligned chunk: {e}"))?;
+            gpu.copy_floats(ranges, chunk.start / 4..chunk.end / 4, floats)
+        })
     }
 
     /// The GPU's name and its `(free, total)` memory in bytes.
@@ -108,34 +215,18 @@ impl Backend for CudaBackend {
         self: Arc<Self>,
         model: String,
     ) -> BoxFuture<'static, Result<Arc<dyn LoadedModel>, BackendError>> {
-        blocking(move || {
-            if self.dir.entry(&model).is_some() {
-                self.stats.read();
-            }
-            let weights = self.dir.read(&model)?;
-            let bytes = weights.bytes();
-            let gpu = Gpu::upload(&self.ctx, &weights).map_err(|e| {
-                BackendError::Failed(format!(
-                    "model {model}: copying {bytes} bytes of weights to GPU {} failed: {e}",
-                    self.ctx.ordinal()
-                ))
-            })?;
-            drop(weights);
-            self.stats.alive(bytes);
-            log::info!("model {model}: {bytes} bytes of weights in GPU {} memory", self.ctx.ordinal());
-            let loaded: Arc<dyn LoadedModel> = Arc::new(CudaModel {
-                name: model,
-                bytes,
-                gpu: Mutex::new(Some(gpu)),
-                ctx: Arc::clone(&self.ctx),
-                stats: Arc::clone(&self.stats),
-            });
+        loading(move || {
+            let loaded: Arc<dyn LoadedModel> = Arc::new(self.load_blocking(&model)?);
             Ok(loaded)
         })
     }
 
     fn size_hint(&self, model: &str) -> Option<u64> {
         self.dir.entry(model).map(|e| e.weight_bytes)
+    }
+
+    fn warm(&self) -> Vec<String> {
+        self.tier.as_ref().map(|t| t.warm()).unwrap_or_default()
     }
 }
 
@@ -191,22 +282,56 @@ fn gemv(
 }
 
 impl Gpu {
-    /// Copies `w` to the device, on a new stream of its own.
-    fn upload(ctx: &Arc<CudaContext>, w: &MlpWeights) -> Result<Self, String> {
+    /// Device memory for `entry`'s tensors (zeroed) and scratch vectors, on a new stream of
+    /// its own.
+    fn alloc(ctx: &Arc<CudaContext>, entry: &ModelEntry) -> Result<Self, String> {
         cu("binding the CUDA context", ctx.bind_to_thread())?;
         let stream = cu("creating a stream", ctx.new_stream())?;
         let blas = cu("creating a cuBLAS handle", CudaBlas::new(Arc::clone(&stream)))?;
-        let htod = |v: &[f32]| cu("copying to the device", stream.clone_htod(v));
         let zeros = |n: usize| cu("allocating device memory", stream.alloc_zeros::<f32>(n));
-        let embed = htod(&w.embed)?;
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for layer in &w.layers {
-            layers.push((htod(&layer.weight)?, htod(&layer.bias)?));
+        let mut tensors = Vec::new();
+        for t in expected_tensors(entry.width) {
+            tensors.push(zeros(t.shape.iter().product())?);
         }
-        let head = (htod(&w.head.weight)?, htod(&w.head.bias)?);
-        let (c, x, y, out) = (zeros(VOCAB)?, zeros(w.width)?, zeros(w.width)?, zeros(OUTPUTS)?);
-        cu("synchronising the stream", stream.synchronize())?;
-        Ok(Self { stream, blas, width: w.width, embed, layers, head, c, x, y, out })
+        let mut tensors = tensors.into_iter();
+        let mut next = || tensors.next().ok_or_else(|| "fewer tensors than a model has".to_string());
+        let embed = next()?;
+        let mut layers = Vec::with_capacity(crate::models::LAYERS);
+        for _ in 0..crate::models::LAYERS {
+            layers.push((next()?, next()?));
+        }
+        let head = (next()?, next()?);
+        let w = entry.width;
+        let (c, x, y, out) = (zeros(VOCAB)?, zeros(w)?, zeros(w)?, zeros(OUTPUTS)?);
+        Ok(Self { stream, blas, width: w, embed, layers, head, c, x, y, out })
+    }
+
+    /// Tensor `i` (manifest order).
+    fn tensor_mut(&mut self, i: usize) -> Option<&mut CudaSlice<f32>> {
+        match i {
+            0 => Some(&mut self.embed),
+            i if i == 2 * self.layers.len() + 1 => Some(&mut self.head.0),
+            i if i == 2 * self.layers.len() + 2 => Some(&mut self.head.1),
+            i => self.layers.get_mut((i - 1) / 2).map(|(w, b)| if i % 2 == 1 { w } else { b }),
+        }
+    }
+
+    /// Starts copying `floats`, the f32s `at` of the model's flat weights (`ranges`: where
+    /// each tensor is in them), into the tensors they belong to. Asynchronous on this model's
+    /// stream: `floats` must stay untouched until the stream is synchronised.
+    fn copy_floats(&mut self, ranges: &[Range<usize>], at: Range<usize>, floats: &[f32]) -> Result<(), String> {
+        for (i, r) in ranges.iter().enumerate() {
+            let (start, end) = (r.start.max(at.start), r.end.min(at.end));
+            if start >= end {
+                continue;
+            }
+            let src = floats.get(start - at.start..end - at.start).ok_or("chunk out of range")?;
+            let stream = Arc::clone(&self.stream);
+            let tensor = self.tensor_mut(i).ok_or("more tensors than a model has")?;
+            let mut dst = tensor.try_slice_mut(start - r.start..end - r.start).ok_or("tensor out of range")?;
+            cu("copying to the device", stream.memcpy_htod(src, &mut dst))?;
+        }
+        Ok(())
     }
 
     /// The logits for prompt features `c`; see the module docs.
@@ -236,13 +361,14 @@ impl Gpu {
 }
 
 /// A model whose weights are in GPU memory.
-struct CudaModel {
+pub struct CudaModel {
     name: String,
     bytes: u64,
     /// `None` once released (in `Drop`).
     gpu: Mutex<Option<Gpu>>,
     ctx: Arc<CudaContext>,
     stats: Arc<BackendStats>,
+    tier: Option<Arc<WarmTier<PinnedWeights>>>,
 }
 
 impl LoadedModel for CudaModel {
@@ -268,6 +394,9 @@ impl LoadedModel for CudaModel {
 impl Drop for CudaModel {
     fn drop(&mut self) {
         let gpu = self.gpu.get_mut().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(tier) = &self.tier {
+            tier.released(&self.name);
+        }
         let (name, bytes) = (std::mem::take(&mut self.name), self.bytes);
         let (ctx, stats) = (Arc::clone(&self.ctx), Arc::clone(&self.stats));
         let release = move || {

@@ -91,6 +91,8 @@ pub struct Runner {
 struct Inner {
     config: RunnerConfig,
     cache: ModelCache,
+    /// For its `warm` list (the cache holds it for loads).
+    backend: Arc<dyn Backend>,
     permits: Semaphore,
     in_flight: AtomicU32,
     draining: AtomicBool,
@@ -123,7 +125,7 @@ impl Runner {
         let max_concurrency = config.max_concurrency.max(1);
         let config = RunnerConfig { capacity, max_concurrency, ..config };
         let cache = ModelCache::with_memory_budget(
-            backend,
+            Arc::clone(&backend),
             to_usize(capacity),
             config.memory_budget_bytes,
             config.load_fail_backoff,
@@ -133,6 +135,7 @@ impl Runner {
             inner: Arc::new(Inner {
                 config,
                 cache,
+                backend,
                 permits,
                 in_flight: AtomicU32::new(0),
                 draining: AtomicBool::new(false),
@@ -219,6 +222,7 @@ impl Runner {
             draining,
             resident_bytes: snap.resident_bytes,
             memory_budget_bytes: self.inner.cache.memory_budget(),
+            warm: if draining { Vec::new() } else { self.inner.backend.warm() },
         }
     }
 }
