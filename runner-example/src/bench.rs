@@ -155,13 +155,20 @@ pub fn open_backend(
         }
         BackendKind::Cpu => Ok(Arc::new(CpuBackend::open(dir)?.with_host_cache(host_cache))),
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => Ok(Arc::new(crate::cuda::CudaBackend::open(dir, device)?.with_host_cache(host_cache))),
+        BackendKind::Cuda => {
+            Ok(Arc::new(crate::cuda::CudaBackend::open(dir, device)?.with_host_cache(host_cache)))
+        }
         #[cfg(not(feature = "cuda"))]
         BackendKind::Cuda => Err("built without the cuda feature".to_string()),
     }
 }
 
-async fn open(kind: BackendKind, dir: &Path, device: usize, host_cache: Option<u64>) -> Result<Arc<dyn Backend>, String> {
+async fn open(
+    kind: BackendKind,
+    dir: &Path,
+    device: usize,
+    host_cache: Option<u64>,
+) -> Result<Arc<dyn Backend>, String> {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || open_backend(kind, &dir, device, host_cache))
         .await
@@ -212,7 +219,12 @@ async fn time_hits(loaded: &Arc<dyn LoadedModel>, infers: usize) -> Result<Sprea
 }
 
 /// Measures one backend at one size.
-pub async fn measure(kind: BackendKind, size_mb: u64, dir: &Path, config: &BenchConfig) -> Result<LoadRow, String> {
+pub async fn measure(
+    kind: BackendKind,
+    size_mb: u64,
+    dir: &Path,
+    config: &BenchConfig,
+) -> Result<LoadRow, String> {
     let (first, loaded) = time_loads(kind, dir, config, None, true).await?;
     let weight_bytes = loaded.resident_bytes().unwrap_or(0);
     let hit = time_hits(&loaded, config.infers).await?;
@@ -258,7 +270,13 @@ pub fn measure_floor(size_mb: u64, path: &Path, reps: usize) -> Result<Floor, St
         fresh.push(start.elapsed());
         drop(new);
     }
-    Ok(Floor { size_mb, file_bytes: len, read: Spread::of(read), read_fresh: Spread::of(fresh), pinned_copy: None })
+    Ok(Floor {
+        size_mb,
+        file_bytes: len,
+        read: Spread::of(read),
+        read_fresh: Spread::of(fresh),
+        pinned_copy: None,
+    })
 }
 
 /// A bare host-to-device copy of `bytes` bytes from pinned memory, `reps` times. Blocking.
@@ -284,11 +302,18 @@ pub fn measure_pinned_copy(device: usize, bytes: u64, reps: usize) -> Result<Spr
 
 /// Hits on `model-0` of `dir` through a cpu runner, alone, then while the same backend loads
 /// `model-1` again and again (each load checked in full).
-pub async fn measure_hits_during_loads(dir: &Path, hits: usize, hit_mb: u64, load_mb: u64) -> Result<HitsDuringLoads, String> {
+pub async fn measure_hits_during_loads(
+    dir: &Path,
+    hits: usize,
+    hit_mb: u64,
+    load_mb: u64,
+) -> Result<HitsDuringLoads, String> {
     let backend = {
         let dir = dir.to_path_buf();
         Arc::new(
-            tokio::task::spawn_blocking(move || CpuBackend::open(&dir)).await.map_err(|e| e.to_string())??,
+            tokio::task::spawn_blocking(move || CpuBackend::open(&dir))
+                .await
+                .map_err(|e| e.to_string())??,
         )
     };
     let config = RunnerConfig { capacity: 2, max_concurrency: 4, ..RunnerConfig::new("127.0.0.1:1") };
@@ -411,7 +436,9 @@ pub async fn run(config: &BenchConfig, mut progress: impl FnMut(&str)) -> Result
 async fn make_in(dir: &Path, sizes: Vec<u64>) -> Result<(), String> {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        make_model_set(&dir, &sizes, 0).map(drop).map_err(|e| format!("making models in {}: {e}", dir.display()))
+        make_model_set(&dir, &sizes, 0)
+            .map(drop)
+            .map_err(|e| format!("making models in {}: {e}", dir.display()))
     })
     .await
     .map_err(|e| e.to_string())?

@@ -169,7 +169,8 @@ impl Args {
                     .with_model_bytes(self.sim_model_mb.map(mib)),
             )),
             BackendKind::Cpu => {
-                let backend = CpuBackend::open(self.models_dir()?)?.with_host_cache(self.host_cache_mb.map(mib));
+                let backend =
+                    CpuBackend::open(self.models_dir()?)?.with_host_cache(self.host_cache_mb.map(mib));
                 log::info!(
                     "cpu backend: {} model(s) in {}",
                     backend.models().len(),

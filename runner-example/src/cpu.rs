@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crate::backend::{blocking, loading, Backend, BackendError, BoxFuture, LoadedModel};
 use crate::models::{format_output, ModelDir};
 use crate::warm::WarmTier;
-use crate::weights::{Checked, HostWeights};
+use crate::weights::{BufferPool, Checked, HostWeights};
 
 /// What a real backend has done, for tests, benchmarks and logs.
 #[derive(Debug, Default)]
@@ -103,12 +103,13 @@ pub struct CpuBackend {
     dir: ModelDir,
     stats: Arc<BackendStats>,
     tier: Option<Arc<WarmTier<HostWeights>>>,
+    pool: Arc<BufferPool>,
 }
 
 impl CpuBackend {
     /// Opens the models directory `dir`: reads and checks its `manifest.json`. Blocking.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, String> {
-        Ok(Self { dir: ModelDir::open(dir)?, stats: Arc::default(), tier: None })
+        Ok(Self { dir: ModelDir::open(dir)?, stats: Arc::default(), tier: None, pool: Arc::default() })
     }
 
     /// The same backend with a warm tier of `budget` bytes (`None` or 0: none), modelling a
@@ -138,9 +139,9 @@ impl CpuBackend {
         self.dir.known(model)?;
         let Some(tier) = &self.tier else {
             self.stats.read();
-            let (weights, checked) = self.dir.read_host(model)?;
+            let (weights, checked) = self.dir.read_host(model, Some(&self.pool))?;
             self.stats.checked(checked);
-            return Ok(CpuModel::new(model, weights, Arc::clone(&self.stats), None));
+            return Ok(CpuModel::new(model, weights, self, None));
         };
         let host = match tier.get(model) {
             Some(host) => {
@@ -149,7 +150,8 @@ impl CpuBackend {
             }
             None => {
                 self.stats.read();
-                let (weights, checked) = self.dir.read_host(model)?;
+                // Not from the pool: host copies stay (the pool recycles device copies).
+                let (weights, checked) = self.dir.read_host(model, None)?;
                 self.stats.checked(checked);
                 let host = Arc::new(weights);
                 tier.insert(model, host.bytes(), Arc::clone(&host));
@@ -157,11 +159,14 @@ impl CpuBackend {
             }
         };
         // The stand-in for the copy to the device: a separate allocation.
-        let device = host.duplicate().map_err(|e| {
-            BackendError::Failed(format!("model {model}: cannot allocate {} bytes of device memory: {e}", host.bytes()))
+        let device = host.duplicate(Some(&self.pool)).map_err(|e| {
+            BackendError::Failed(format!(
+                "model {model}: cannot allocate {} bytes of device memory: {e}",
+                host.bytes()
+            ))
         })?;
         self.stats.device_copy();
-        Ok(CpuModel::new(model, device, Arc::clone(&self.stats), Some(Arc::clone(tier))))
+        Ok(CpuModel::new(model, device, self, Some(Arc::clone(tier))))
     }
 }
 
@@ -189,36 +194,51 @@ impl Backend for CpuBackend {
 /// memory).
 pub struct CpuModel {
     name: String,
-    weights: HostWeights,
+    /// `None` only once dropped (its buffer goes back to the pool).
+    weights: Option<HostWeights>,
+    bytes: u64,
     stats: Arc<BackendStats>,
     tier: Option<Arc<WarmTier<HostWeights>>>,
+    pool: Arc<BufferPool>,
 }
 
 impl CpuModel {
     fn new(
         name: &str,
         weights: HostWeights,
-        stats: Arc<BackendStats>,
+        backend: &CpuBackend,
         tier: Option<Arc<WarmTier<HostWeights>>>,
     ) -> Self {
         let bytes = weights.bytes();
-        stats.alive(bytes);
+        backend.stats.alive(bytes);
         if let Some(tier) = &tier {
             tier.resident(name);
         }
         log::debug!("model {name}: {bytes} bytes of weights in memory");
-        Self { name: name.to_string(), weights, stats, tier }
+        Self {
+            name: name.to_string(),
+            weights: Some(weights),
+            bytes,
+            stats: Arc::clone(&backend.stats),
+            tier,
+            pool: Arc::clone(&backend.pool),
+        }
     }
 
     /// One inference, on this thread.
     pub fn infer_blocking(&self, prompt: &str) -> String {
-        format_output(&self.weights.view().forward(prompt))
+        let logits = self.weights.as_ref().map(|w| w.view().forward(prompt)).unwrap_or_default();
+        format_output(&logits)
     }
 }
 
 impl Drop for CpuModel {
     fn drop(&mut self) {
-        self.stats.dead(self.weights.bytes());
+        if let Some(weights) = self.weights.take() {
+            // For the next load to fill: see BufferPool.
+            self.pool.give(weights.buf);
+        }
+        self.stats.dead(self.bytes);
         if let Some(tier) = &self.tier {
             tier.released(&self.name);
         }
@@ -231,6 +251,6 @@ impl LoadedModel for CpuModel {
     }
 
     fn resident_bytes(&self) -> Option<u64> {
-        Some(self.weights.bytes())
+        Some(self.bytes)
     }
 }

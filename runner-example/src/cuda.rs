@@ -41,7 +41,7 @@ use crate::backend::{blocking, loading, Backend, BackendError, BoxFuture, Loaded
 use crate::cpu::BackendStats;
 use crate::models::{expected_tensors, format_output, prompt_features, ModelDir, ModelEntry, OUTPUTS, VOCAB};
 use crate::warm::WarmTier;
-use crate::weights::{Checked, HostBuf};
+use crate::weights::HostBuf;
 
 /// Where the libraries the backend loads at run time come from, for error messages.
 const LIBRARY_HELP: &str = "the cuda backend needs the NVIDIA driver (libcuda.so.1) and cuBLAS 12 \
@@ -136,11 +136,15 @@ impl CudaBackend {
             ))
         };
         let mut gpu = Gpu::alloc(&self.ctx, entry).map_err(failed)?;
+        // The pinned copy being copied from: asynchronous copies read it until the stream is
+        // synchronised, so it must outlive that even if the tier drops it meanwhile.
+        let mut source: Option<Arc<PinnedWeights>> = None;
         let warm = self.tier.as_ref().and_then(|t| t.get(model));
         if let Some(host) = warm {
             self.stats.warm_load();
             let floats = cu("reading pinned memory", host.floats.as_slice()).map_err(failed)?;
             gpu.copy_floats(&host.ranges, 0..floats.len(), floats).map_err(failed)?;
+            source = Some(host);
         } else {
             self.stats.read();
             let floats = usize::try_from(bytes / 4).unwrap_or(usize::MAX);
@@ -148,12 +152,22 @@ impl CudaBackend {
                 Some(tier) => {
                     let mut pinned = alloc_pinned(&self.ctx, floats).map_err(failed)?;
                     let dst = cu("writing pinned memory", pinned.as_mut_slice()).map_err(failed)?;
-                    let loaded = self.read_and_copy(model, bytemuck::cast_slice_mut(dst), &mut gpu)?;
+                    let loaded = match self.read_and_copy(model, bytemuck::cast_slice_mut(dst), &mut gpu) {
+                        Ok(loaded) => loaded,
+                        Err(e) => {
+                            // Copies of the chunks before the failure may still read `pinned`.
+                            let _ = gpu.stream.synchronize();
+                            return Err(e);
+                        }
+                    };
                     let host = Arc::new(PinnedWeights { floats: pinned, ranges: loaded.ranges });
-                    tier.insert(model, bytes, host);
+                    tier.insert(model, bytes, Arc::clone(&host));
+                    source = Some(host);
                     loaded.checked
                 }
                 None => {
+                    // Pageable: each copy returns once the driver has staged it, so the buffer
+                    // may go when the read is done.
                     let mut buf = HostBuf::zeroed(floats * 4).map_err(|e| failed(e.to_string()))?;
                     self.read_and_copy(model, buf.bytes_mut(), &mut gpu)?.checked
                 }
@@ -161,7 +175,14 @@ impl CudaBackend {
             self.stats.checked(checked);
         }
         // The host buffer may go (or be reused) only once the copies from it are done.
-        cu("synchronising the stream", gpu.stream.synchronize()).map_err(failed)?;
+        let synced = cu("synchronising the stream", gpu.stream.synchronize()).map_err(failed);
+        if synced.is_err() {
+            // The copies may still be running: let the source go only with the device memory.
+            drop(gpu);
+            let _ = self.ctx.synchronize();
+        }
+        synced?;
+        drop(source);
         self.stats.alive(bytes);
         if let Some(tier) = &self.tier {
             tier.resident(model);
@@ -178,7 +199,12 @@ impl CudaBackend {
     }
 
     /// Reads `model` into `dst`, copying each checked chunk to `gpu` as it arrives.
-    fn read_and_copy(&self, model: &str, dst: &mut [u8], gpu: &mut Gpu) -> Result<crate::weights::Loaded, BackendError> {
+    fn read_and_copy(
+        &self,
+        model: &str,
+        dst: &mut [u8],
+        gpu: &mut Gpu,
+    ) -> Result<crate::weights::Loaded, BackendError> {
         let mut started = false;
         self.dir.read_into(model, dst, &mut |ranges, chunk, bytes| {
             if chunk.start == 0 && started {
@@ -187,7 +213,8 @@ impl CudaBackend {
                 cu("synchronising the stream", gpu.stream.synchronize())?;
             }
             started = true;
-            let floats: &[f32] = bytemuck::try_cast_slice(bytes).map_err(|e| format!("unaligned chunk: {e}"))?;
+            let floats: &[f32] =
+                bytemuck::try_cast_slice(bytes).map_err(|e| format!("unaligned chunk: {e}"))?;
             gpu.copy_floats(ranges, chunk.start / 4..chunk.end / 4, floats)
         })
     }
@@ -319,7 +346,12 @@ impl Gpu {
     /// Starts copying `floats`, the f32s `at` of the model's flat weights (`ranges`: where
     /// each tensor is in them), into the tensors they belong to. Asynchronous on this model's
     /// stream: `floats` must stay untouched until the stream is synchronised.
-    fn copy_floats(&mut self, ranges: &[Range<usize>], at: Range<usize>, floats: &[f32]) -> Result<(), String> {
+    fn copy_floats(
+        &mut self,
+        ranges: &[Range<usize>],
+        at: Range<usize>,
+        floats: &[f32],
+    ) -> Result<(), String> {
         for (i, r) in ranges.iter().enumerate() {
             let (start, end) = (r.start.max(at.start), r.end.min(at.end));
             if start >= end {
@@ -328,7 +360,8 @@ impl Gpu {
             let src = floats.get(start - at.start..end - at.start).ok_or("chunk out of range")?;
             let stream = Arc::clone(&self.stream);
             let tensor = self.tensor_mut(i).ok_or("more tensors than a model has")?;
-            let mut dst = tensor.try_slice_mut(start - r.start..end - r.start).ok_or("tensor out of range")?;
+            let mut dst =
+                tensor.try_slice_mut(start - r.start..end - r.start).ok_or("tensor out of range")?;
             cu("copying to the device", stream.memcpy_htod(src, &mut dst))?;
         }
         Ok(())

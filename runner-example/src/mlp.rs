@@ -221,7 +221,7 @@ pub fn tensor_values(seed: u64, index: usize, width: usize, tensor: usize) -> Ve
     let layer_scale = (3.0 / width as f32).sqrt();
     let scale = match tensor {
         0 => 1.0,
-        t if t == 2 * LAYERS + 2 => 0.1, // head.bias
+        t if t == 2 * LAYERS + 2 => 0.1,           // head.bias
         t if t <= 2 * LAYERS && t % 2 == 0 => 0.1, // layers.i.bias
         _ => layer_scale,
     };

@@ -33,7 +33,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, Read as _};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -43,9 +42,10 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::BackendError;
 pub use crate::mlp::{
-    format_output, generate_weights, prompt_features, tensor_values, to_safetensors, Linear, MlpView, MlpWeights,
+    format_output, generate_weights, prompt_features, tensor_values, to_safetensors, Linear, MlpView,
+    MlpWeights,
 };
-pub use crate::weights::{parse_weights, Checked, HostWeights, Loaded, VerifiedRecords};
+pub use crate::weights::{parse_weights, BufferPool, Checked, HostWeights, Loaded, VerifiedRecords};
 
 /// The manifest's file name inside a models directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -193,9 +193,14 @@ impl ModelDir {
         &self.records
     }
 
-    /// Reads and checks `model`'s weights into a new host buffer; see [`crate::weights`].
-    pub fn read_host(&self, model: &str) -> Result<(HostWeights, Checked), BackendError> {
-        crate::weights::read_host(&self.dir, self.known(model)?, Some(&self.records))
+    /// Reads and checks `model`'s weights into a host buffer (`pool`'s spare one when it
+    /// fits, else a new one); see [`crate::weights`].
+    pub fn read_host(
+        &self,
+        model: &str,
+        pool: Option<&BufferPool>,
+    ) -> Result<(HostWeights, Checked), BackendError> {
+        crate::weights::read_host(&self.dir, self.known(model)?, Some(&self.records), pool)
     }
 
     /// Reads and checks `model`'s weights into `dst` (its `weight_bytes` long), calling
@@ -204,14 +209,14 @@ impl ModelDir {
         &self,
         model: &str,
         dst: &mut [u8],
-        on_chunk: &mut dyn FnMut(&[Range<usize>], Range<usize>, &[u8]) -> Result<(), String>,
+        on_chunk: &mut crate::weights::OnChunk<'_>,
     ) -> Result<Loaded, BackendError> {
         crate::weights::read_into(&self.dir, self.known(model)?, Some(&self.records), dst, on_chunk)
     }
 
     /// Reads and checks `model`'s weights, one `Vec` per tensor.
     pub fn read(&self, model: &str) -> Result<MlpWeights, BackendError> {
-        Ok(self.read_host(model)?.0.to_mlp())
+        Ok(self.read_host(model, None)?.0.to_mlp())
     }
 }
 
@@ -273,7 +278,8 @@ fn check_entry(entry: &ModelEntry) -> Result<(), String> {
             weight_count(entry.width) * 4
         ));
     }
-    let is_hex = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let is_hex =
+        |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if !is_hex(&entry.sha256) {
         return Err("sha256 is not 64 lowercase hex digits".to_string());
     }
@@ -453,7 +459,7 @@ mod tests {
         let models = ModelDir::open(dir.path()).unwrap();
         assert_eq!(models.entry("model-0").unwrap().blake3, None);
         // ... and load, checked against the SHA-256.
-        let (weights, checked) = models.read_host("model-0").unwrap();
+        let (weights, checked) = models.read_host("model-0", None).unwrap();
         assert_eq!(checked, Checked::Full);
         assert_eq!(weights.to_mlp(), generate_weights(1, 0, manifest.models[0].width));
     }

@@ -106,7 +106,13 @@ impl<T> WarmTier<T> {
     /// Most recently used first.
     pub fn warm(&self) -> Vec<String> {
         let inner = self.lock();
-        inner.entries.iter().rev().filter(|e| !inner.resident.contains_key(&e.model)).map(|e| e.model.clone()).collect()
+        inner
+            .entries
+            .iter()
+            .rev()
+            .filter(|e| !inner.resident.contains_key(&e.model))
+            .map(|e| e.model.clone())
+            .collect()
     }
 
     /// Marks one more live copy of `model` on the device.

@@ -59,7 +59,7 @@ pub struct HostBuf {
 impl HostBuf {
     /// `len` zero bytes. `len` must be a multiple of 4 (a whole number of f32).
     pub fn zeroed(len: usize) -> io::Result<Self> {
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             return Err(io::Error::other(format!("a buffer of {len} bytes does not hold whole f32s")));
         }
         let map = memmap2::MmapOptions::new().len(len.max(4)).map_anon()?;
@@ -71,9 +71,9 @@ impl HostBuf {
         Ok(Self { map, len })
     }
 
-    /// A copy of `bytes` (a multiple of 4 long).
-    pub fn copy_of(bytes: &[u8]) -> io::Result<Self> {
-        let mut buf = Self::zeroed(bytes.len())?;
+    /// A copy of `bytes` (a multiple of 4 long), in a buffer from `pool` when it has one.
+    pub fn copy_of(bytes: &[u8], pool: Option<&BufferPool>) -> io::Result<Self> {
+        let mut buf = BufferPool::take_or_alloc(pool, bytes.len())?;
         buf.bytes_mut().copy_from_slice(bytes);
         Ok(buf)
     }
@@ -106,6 +106,48 @@ impl HostBuf {
     }
 }
 
+/// The buffer of the model evicted last, kept for the next load to fill: fresh memory costs
+/// the kernel zeroing and mapping every page before the read can fill it (here about as long
+/// as the read itself), memory already mapped does not. Holds at most one buffer; a load
+/// takes it when it is big enough (and at most twice the size needed), else it is freed then.
+#[derive(Debug, Default)]
+pub struct BufferPool {
+    spare: Mutex<Option<HostBuf>>,
+}
+
+impl BufferPool {
+    /// Keeps `buf` for the next load (freeing the one kept before, if any).
+    pub fn give(&self, buf: HostBuf) {
+        let old = self.spare.lock().unwrap_or_else(PoisonError::into_inner).replace(buf);
+        drop(old); // outside the lock
+    }
+
+    /// The spare buffer, resized to `len` bytes, when it fits; its contents are stale.
+    pub fn take(&self, len: usize) -> Option<HostBuf> {
+        let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).take()?;
+        let room = spare.map.len();
+        if len.is_multiple_of(4) && room >= len && room / 2 <= len.max(4) {
+            Some(HostBuf { map: spare.map, len })
+        } else {
+            drop(spare); // does not fit: free it, a fresh buffer is allocated instead
+            None
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.spare.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map_or(0, |b| b.map.len())
+    }
+
+    /// A buffer of `len` bytes: `pool`'s spare when it fits, else a new one.
+    pub fn take_or_alloc(pool: Option<&BufferPool>, len: usize) -> io::Result<HostBuf> {
+        match pool.and_then(|p| p.take(len)) {
+            Some(buf) => Ok(buf),
+            None => HostBuf::zeroed(len),
+        }
+    }
+}
+
 /// A model's weights in one host buffer, as read from its file.
 #[derive(Debug)]
 pub struct HostWeights {
@@ -128,9 +170,13 @@ impl HostWeights {
         MlpView::from_flat(self.width, self.buf.floats(), &self.ranges)
     }
 
-    /// A copy in a new buffer (the cpu backend's stand-in for a copy to a device).
-    pub fn duplicate(&self) -> io::Result<Self> {
-        Ok(Self { width: self.width, buf: HostBuf::copy_of(self.buf.bytes())?, ranges: self.ranges.clone() })
+    /// A copy in another buffer (the cpu backend's stand-in for a copy to a device).
+    pub fn duplicate(&self, pool: Option<&BufferPool>) -> io::Result<Self> {
+        Ok(Self {
+            width: self.width,
+            buf: HostBuf::copy_of(self.buf.bytes(), pool)?,
+            ranges: self.ranges.clone(),
+        })
     }
 
     /// The weights as one `Vec` per tensor.
@@ -186,7 +232,9 @@ impl FileIdentity {
 
     /// Whether the file had been left alone for `settle` at `now`.
     fn settled(&self, now: SystemTime, settle: Duration) -> bool {
-        let secs = |t: (i64, i64)| Duration::new(u64::try_from(t.0).unwrap_or(u64::MAX), t.1.clamp(0, 999_999_999) as u32);
+        let secs = |t: (i64, i64)| {
+            Duration::new(u64::try_from(t.0).unwrap_or(u64::MAX), t.1.clamp(0, 999_999_999) as u32)
+        };
         let Ok(now) = now.duration_since(SystemTime::UNIX_EPOCH) else { return false };
         let last = secs(self.mtime).max(secs(self.ctime));
         now.checked_sub(last).is_some_and(|age| age >= settle)
@@ -260,6 +308,10 @@ pub struct Loaded {
     pub checked: Checked,
 }
 
+/// What a load does with each chunk once it is read and checked: gets the tensors' f32
+/// ranges (manifest order), the chunk's byte range in the buffer, and its bytes.
+pub type OnChunk<'a> = dyn FnMut(&[Range<usize>], Range<usize>, &[u8]) -> Result<(), String> + 'a;
+
 /// Why a read failed.
 #[derive(Debug)]
 enum Failure {
@@ -293,11 +345,12 @@ pub fn read_into(
     entry: &ModelEntry,
     records: Option<&VerifiedRecords>,
     dst: &mut [u8],
-    on_chunk: &mut dyn FnMut(&[Range<usize>], Range<usize>, &[u8]) -> Result<(), String>,
+    on_chunk: &mut OnChunk<'_>,
 ) -> Result<Loaded, BackendError> {
     let path = dir.join(&entry.file);
-    let cannot_read =
-        |e: io::Error| BackendError::Failed(format!("model {}: cannot read {}: {e}", entry.name, path.display()));
+    let cannot_read = |e: io::Error| {
+        BackendError::Failed(format!("model {}: cannot read {}: {e}", entry.name, path.display()))
+    };
     let mut file = File::open(&path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => BackendError::NotFound(format!(
             "model {}: weights file {} does not exist",
@@ -352,16 +405,21 @@ pub fn read_into(
     }
 }
 
-/// Reads `entry`'s file from `dir` into a new [`HostBuf`]; see [`read_into`].
+/// Reads `entry`'s file from `dir` into a [`HostBuf`] (`pool`'s spare one when it fits, else
+/// a new one); see [`read_into`].
 pub fn read_host(
     dir: &Path,
     entry: &ModelEntry,
     records: Option<&VerifiedRecords>,
+    pool: Option<&BufferPool>,
 ) -> Result<(HostWeights, Checked), BackendError> {
     let bytes = usize::try_from(entry.weight_bytes)
         .map_err(|_| BackendError::Failed(format!("model {}: too large for this host", entry.name)))?;
-    let mut buf = HostBuf::zeroed(bytes).map_err(|e| {
-        BackendError::Failed(format!("model {}: cannot allocate {bytes} bytes of host memory: {e}", entry.name))
+    let mut buf = BufferPool::take_or_alloc(pool, bytes).map_err(|e| {
+        BackendError::Failed(format!(
+            "model {}: cannot allocate {bytes} bytes of host memory: {e}",
+            entry.name
+        ))
     })?;
     let read = read_into(dir, entry, records, buf.bytes_mut(), &mut |_, _, _| Ok(()))?;
     Ok((HostWeights { width: entry.width, buf, ranges: read.ranges }, read.checked))
@@ -372,11 +430,12 @@ pub fn parse_weights(data: &[u8], entry: &ModelEntry) -> Result<MlpWeights, Stri
     let bytes = usize::try_from(entry.weight_bytes).map_err(|e| e.to_string())?;
     let mut buf = HostBuf::zeroed(bytes).map_err(|e| e.to_string())?;
     let mut src = data;
-    let ranges = read_checked(&mut src, data.len() as u64, entry, true, buf.bytes_mut(), &mut |_, _, _| Ok(()))
-        .map_err(|f| match f {
-            Failure::Corrupt(why) => why,
-            Failure::Io(e) => e.to_string(),
-        })?;
+    let ranges =
+        read_checked(&mut src, data.len() as u64, entry, true, buf.bytes_mut(), &mut |_, _, _| Ok(()))
+            .map_err(|f| match f {
+                Failure::Corrupt(why) => why,
+                Failure::Io(e) => e.to_string(),
+            })?;
     Ok(HostWeights { width: entry.width, buf, ranges }.to_mlp())
 }
 
@@ -439,7 +498,7 @@ fn read_checked(
     entry: &ModelEntry,
     full: bool,
     dst: &mut [u8],
-    on_chunk: &mut dyn FnMut(&[Range<usize>], Range<usize>, &[u8]) -> Result<(), String>,
+    on_chunk: &mut OnChunk<'_>,
 ) -> Result<Vec<Range<usize>>, Failure> {
     let mut hasher = full.then(|| Hasher::for_entry(entry));
     // 1. The header.
@@ -492,7 +551,9 @@ fn read_checked(
                     .zip(&entry.tensors)
                     .find(|(r, _)| r.contains(&at))
                     .map_or(("?", at), |(r, t)| (t.name.as_str(), at - r.start));
-                return Err(Failure::Corrupt(format!("tensor {name} holds a non-finite value at index {index}")));
+                return Err(Failure::Corrupt(format!(
+                    "tensor {name} holds a non-finite value at index {index}"
+                )));
             }
         }
         #[cfg(target_endian = "big")]
@@ -532,7 +593,10 @@ fn check_tensors(metadata: &Metadata, entry: &ModelEntry) -> Result<Vec<Range<us
             .info(&expected.name)
             .ok_or_else(|| Failure::Corrupt(format!("tensor {} is missing", expected.name)))?;
         if info.dtype != Dtype::F32 {
-            return Err(Failure::Corrupt(format!("tensor {} is {:?}, expected F32", expected.name, info.dtype)));
+            return Err(Failure::Corrupt(format!(
+                "tensor {} is {:?}, expected F32",
+                expected.name, info.dtype
+            )));
         }
         if info.shape != expected.shape {
             return Err(Failure::Corrupt(format!(

@@ -67,7 +67,10 @@ async fn an_evicted_model_comes_back_from_the_warm_tier_without_a_disk_read() {
     assert_eq!(backend.stats().warm_loads(), 1);
     assert_eq!(backend.stats().device_copies(), 3);
     let report = runner.report();
-    assert_eq!((report.hints.as_slice(), report.warm.as_slice()), (&["model-0".to_string()][..], &["model-1".to_string()][..]));
+    assert_eq!(
+        (report.hints.as_slice(), report.warm.as_slice()),
+        (&["model-0".to_string()][..], &["model-1".to_string()][..])
+    );
 }
 
 #[test]
@@ -160,9 +163,10 @@ async fn hints_over_http_list_warm_models_apart() {
         client.post(format!("http://{addr}/")).body(format!(r#"{{"model":"{model}","prompt":"hi"}}"#)).send()
     };
     let hints = || async {
-        let raw: serde_json::Value =
-            serde_json::from_slice(&client.get(format!("http://{addr}/hints")).send().await.unwrap().bytes().await.unwrap())
-                .unwrap();
+        let raw: serde_json::Value = serde_json::from_slice(
+            &client.get(format!("http://{addr}/hints")).send().await.unwrap().bytes().await.unwrap(),
+        )
+        .unwrap();
         let report: HintsReport = serde_json::from_value(raw.clone()).unwrap();
         (report, raw)
     };

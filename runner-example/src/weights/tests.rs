@@ -38,7 +38,9 @@ fn crafted(tensors: Vec<(&str, Dtype, Vec<usize>)>) -> (Vec<u8>, ModelEntry) {
         .collect();
     let views: Vec<(String, TensorView<'_>)> = buffers
         .iter()
-        .map(|(name, dtype, shape, data)| (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
+        .map(|(name, dtype, shape, data)| {
+            (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap())
+        })
         .collect();
     let bytes = safetensors::serialize(views, None).unwrap();
     let entry = entry_for(&bytes, 8, true);
@@ -145,8 +147,8 @@ fn a_file_changed_within_settle_is_not_recorded() {
     make_models(dir.path(), 1, 64 << 10, 3).unwrap();
     let models = ModelDir::open(dir.path()).unwrap();
     // Just written: its change time is "now", so its check is not recorded.
-    assert_eq!(models.read_host("model-0").unwrap().1, Checked::Full);
-    assert_eq!(models.read_host("model-0").unwrap().1, Checked::Full);
+    assert_eq!(models.read_host("model-0", None).unwrap().1, Checked::Full);
+    assert_eq!(models.read_host("model-0", None).unwrap().1, Checked::Full);
     assert!(models.records().is_empty());
     let id = FileIdentity::of(&File::open(dir.path().join("model-0.safetensors")).unwrap()).unwrap().unwrap();
     assert!(!id.settled(SystemTime::now(), SETTLE));
@@ -162,7 +164,7 @@ fn an_unchanged_file_is_checked_once_and_a_changed_one_again() {
     let want = generate_weights(3, 0, entry.width);
     let good = std::fs::read(&path).unwrap();
     let records = VerifiedRecords::with_settle(Duration::ZERO);
-    let read = |records: &VerifiedRecords| read_host(dir.path(), entry, Some(records));
+    let read = |records: &VerifiedRecords| read_host(dir.path(), entry, Some(records), None);
 
     let (w, checked) = read(&records).unwrap();
     assert_eq!((checked, w.to_mlp() == want), (Checked::Full, true));
@@ -224,6 +226,36 @@ fn chunks_arrive_in_order_and_cover_the_weights() {
     assert_eq!(copy, dst);
     assert_eq!(loaded.checked, Checked::Full);
     // A failing chunk consumer fails the load.
-    let err = read_into(dir.path(), entry, None, &mut dst, &mut |_, _, _| Err("device gone".into())).unwrap_err();
+    let err =
+        read_into(dir.path(), entry, None, &mut dst, &mut |_, _, _| Err("device gone".into())).unwrap_err();
     assert!(matches!(&err, BackendError::Failed(m) if m.contains("device gone")), "{err:?}");
+}
+
+#[test]
+fn the_pool_lends_the_last_buffer_to_a_load_that_fits() {
+    let pool = BufferPool::default();
+    assert!(pool.take(16).is_none());
+    let mut buf = HostBuf::zeroed(64).unwrap();
+    buf.bytes_mut().fill(7);
+    pool.give(buf);
+    assert_eq!(pool.bytes(), 64);
+    // Too big a buffer for 16 bytes (more than twice): freed, not lent.
+    assert!(pool.take(16).is_none());
+    assert_eq!(pool.bytes(), 0);
+    pool.give(HostBuf::zeroed(64).unwrap());
+    let lent = pool.take(40).unwrap();
+    assert_eq!(lent.len(), 40);
+    assert_eq!(lent.floats().len(), 10);
+    assert!(pool.take(40).is_none(), "one buffer, lent once");
+
+    // A load through the pool reads into the lent buffer, and the weights are right.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = make_models(dir.path(), 1, 64 << 10, 5).unwrap();
+    let entry = &manifest.models[0];
+    let mut stale = HostBuf::zeroed(entry.weight_bytes as usize).unwrap();
+    stale.bytes_mut().fill(0xff); // NaNs everywhere: must all be overwritten
+    pool.give(stale);
+    let (w, _) = read_host(dir.path(), entry, None, Some(&pool)).unwrap();
+    assert_eq!(pool.bytes(), 0);
+    assert_eq!(w.to_mlp(), generate_weights(5, 0, entry.width));
 }
