@@ -175,13 +175,14 @@ impl CudaBackend {
             self.stats.checked(checked);
         }
         // The host buffer may go (or be reused) only once the copies from it are done.
-        let synced = cu("synchronising the stream", gpu.stream.synchronize()).map_err(failed);
-        if synced.is_err() {
-            // The copies may still be running: let the source go only with the device memory.
+        if let Err(e) = gpu.stream.synchronize() {
+            // The copies may still be running: let the source go only after the device memory
+            // and the whole context are done with.
             drop(gpu);
             let _ = self.ctx.synchronize();
+            drop(source);
+            return Err(failed(format!("synchronising the stream: {e}")));
         }
-        synced?;
         drop(source);
         self.stats.alive(bytes);
         if let Some(tier) = &self.tier {
