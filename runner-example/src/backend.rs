@@ -128,6 +128,7 @@ where
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new().name("model-load".into()).spawn(move || {
+        lower_priority();
         let _ = tx.send(f());
     });
     Box::pin(async move {
@@ -139,6 +140,18 @@ where
             Err(_) => Err(BackendError::Failed("the load thread panicked".to_string())),
         }
     })
+}
+
+/// Makes this thread yield the CPU to the runner's other threads (niceness about 9 on Linux):
+/// where cores are short, inferences (hits) go first and loads take what is left. Best effort:
+/// a platform that refuses leaves the priority as it was.
+fn lower_priority() {
+    use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
+    if let Ok(value) = ThreadPriorityValue::try_from(25u8) {
+        if let Err(e) = set_current_thread_priority(ThreadPriority::Crossplatform(value)) {
+            log::debug!("cannot lower the priority of a load thread: {e:?}");
+        }
+    }
 }
 
 /// Prefix of the model names [`SimBackend`] fails to load, to test faults.
