@@ -12,7 +12,12 @@
 #     misses again;
 #   * every cuda answer matches the cpu backend's answer on the same model and prompt (same
 #     argmax, logits within 2e-3);
-#   * the runner drains and exits 0 on SIGTERM.
+#   * the runner drains and exits 0 on SIGTERM;
+#   * with a warm tier (--host-cache-mb), a model evicted from the GPU is listed as `warm` in
+#     /hints (not as a hint) and loads again faster than its first load.
+# Then prints the load ratios of backend-bench (cuda): cold load against min(page-cache read,
+# pinned host-to-device copy), warm re-load against the pinned copy (targets: >= 0.7), unless
+# RATIOS=0.
 #
 # Needs: an NVIDIA driver (libcuda.so.1, nvidia-smi), cuBLAS 12 (libcublas.so.12: a CUDA 12
 # toolkit's lib64, or `pip install nvidia-cublas-cu12`; no nvcc or other toolkit part is
@@ -24,6 +29,8 @@
 #   SIZE_MB=M     size of each model in MiB (default 64)
 #   BIN_DIR=DIR   use runner-example and make-models from DIR instead of building them
 #   KEEP=1        keep the temporary directory (models, logs) and print where it is
+#   RATIOS=0      skip the backend-bench ratios (they make a 1 GiB model too)
+#   RATIO_SIZES=M,N  model sizes of the ratios in MiB (default SIZE_MB,1024)
 #
 # Run from anywhere: scripts/gpu-check.sh
 set -euo pipefail
@@ -284,6 +291,50 @@ wait "$cuda_pid" || rc=$?
 sleep 1
 say
 say "GPU memory used after the runner exited: $(gpu_used) MiB (before it started: $used_before MiB)"
+
+# --- warm tier --------------------------------------------------------------------------
+# One GPU slot, host room for all models: model-0 evicted by model-1 stays warm on the host.
+say
+start_runner warm --backend cuda --device "$DEVICE" --capacity 1 --host-cache-mb $((COUNT * (model_mib + 1)))
+warm_addr=$addr
+post "$warm_addr" model-0
+cold_ms=$load_ms
+post "$warm_addr" model-1
+hints "$warm_addr"
+warm_list=$(sed -n 's/.*"warm":\[\([^]]*\)\].*/\1/p' "$work/hints" | tr -d '"')
+say "warm tier: hints [$hint_list], warm [$warm_list] after loading model-0 then model-1 into one slot"
+[[ "$hint_list" == "model-1" ]] || fail "warm tier: hints $hint_list, expected model-1"
+[[ "$warm_list" == "model-0" ]] || fail "warm tier: warm [$warm_list], expected [model-0]"
+post "$warm_addr" model-0
+say "warm tier: model-0 loaded in $cold_ms ms from disk, $load_ms ms again from host memory"
+[[ "$status" == 200 && "$cache" == miss ]] || fail "warm tier: model-0 again: status $status, x-cache $cache"
+((load_ms < cold_ms || cold_ms == 0)) || fail "warm tier: the re-load ($load_ms ms) was not faster than the first load ($cold_ms ms)"
+[[ "$output" == "${cuda_output[model-0]}" ]] || fail "warm tier: model-0 answered differently after a warm re-load"
+
+# --- ratios -----------------------------------------------------------------------------
+if [[ "${RATIOS:-1}" != 0 ]]; then
+    say
+    if [[ -x "$bin/backend-bench" ]]; then
+        sizes=${RATIO_SIZES:-$SIZE_MB,1024}
+        say "backend-bench --backends cuda --sizes-mb $sizes (cold and warm loads against the floors)..."
+        if "$bin/backend-bench" --backends cuda --sizes-mb "$sizes" --loads 3 --infers 10 --hit-model-mb 0 \
+            --device "$DEVICE" --dir "$work/bench" >"$work/bench.md" 2>"$work/bench.log"; then
+            cat "$work/bench.md"
+            say
+            # | cuda | MiB | first ms | x | re-load ms | x | warm ms | x | hit | p90 |
+            awk -F'|' '$2 ~ /^ cuda / {
+                gsub(/ /, "", $3); gsub(/ /, "", $5); gsub(/ /, "", $7); gsub(/ /, "", $9)
+                printf "cuda ratios, %s MiB: cold load %s x min(page-cache read, pinned copy) (re-load %s), warm re-load %s x pinned copy%s\n",
+                    $3, $5, $7, $9, ($5 + 0 < 0.7 || $9 + 0 < 0.7) ? "  (below the 0.7 target)" : ""
+            }' "$work/bench.md"
+        else
+            cat "$work/bench.log" >&2
+            fail "backend-bench --backends cuda failed"
+        fi
+    else
+        say "no backend-bench in $bin: ratios skipped"
+    fi
+fi
 
 if ((failures > 0)); then
     say "gpu-check: $failures mismatch(es); runner log:"

@@ -492,6 +492,7 @@ mod tests {
             draining: false,
             resident_bytes: None,
             memory_budget_bytes: None,
+            warm: Vec::new(),
         })
         .unwrap()
     }

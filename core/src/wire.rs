@@ -43,6 +43,11 @@ pub struct HintsReport {
     /// The memory budget of the cache in bytes, when the runner has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_budget_bytes: Option<u64>,
+    /// Models not resident (not in `hints`) that the runner can load cheaply, from host
+    /// memory instead of disk (its warm tier), most recently used first. Advisory: a miss there
+    /// costs a host-to-device copy instead of a disk read and checks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warm: Vec<String>,
 }
 
 /// Formats hints as the `x-fal-runner-hints` header value: `a,b,c` (empty string for none).

@@ -85,6 +85,19 @@ pub trait Backend: Send + Sync + 'static {
     fn lookup(&self, model: &str) -> Result<Option<u64>, BackendError> {
         Ok(self.size_hint(model))
     }
+
+    /// Models not resident that the backend can load cheaply (from host memory, no disk read:
+    /// the warm tier, `--host-cache-mb`), most recently used first; reported as `warm` in
+    /// `/hints`. Must be quick and must not block.
+    fn warm(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl fmt::Debug for dyn Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dyn Backend")
+    }
 }
 
 /// A model held in memory by a [`Backend`].
@@ -123,6 +136,45 @@ where
             Err(e) => Err(BackendError::Failed(format!("backend task failed: {e}"))),
         }
     })
+}
+
+/// Runs a model load `f` on a thread of its own, as a [`BoxFuture`] a backend can return.
+/// A panic inside `f` becomes [`BackendError::Failed`].
+///
+/// Not tokio's blocking pool: a load is long (seconds for big models) and the pool is where
+/// inferences run, so loads there could, with many at once, hold threads that hits wait for
+/// (the pool is bounded); a thread per load costs a few microseconds next to that.
+pub fn loading<T, F>(f: F) -> BoxFuture<'static, Result<T, BackendError>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("model-load".into()).spawn(move || {
+        lower_priority();
+        let _ = tx.send(f());
+    });
+    Box::pin(async move {
+        if let Err(e) = spawned {
+            return Err(BackendError::Failed(format!("cannot start a load thread: {e}")));
+        }
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::Failed("the load thread panicked".to_string())),
+        }
+    })
+}
+
+/// Makes this thread yield the CPU to the runner's other threads (niceness about 9 on Linux):
+/// where cores are short, inferences (hits) go first and loads take what is left. Best effort:
+/// a platform that refuses leaves the priority as it was.
+fn lower_priority() {
+    use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
+    if let Ok(value) = ThreadPriorityValue::try_from(25u8) {
+        if let Err(e) = set_current_thread_priority(ThreadPriority::Crossplatform(value)) {
+            log::debug!("cannot lower the priority of a load thread: {e:?}");
+        }
+    }
 }
 
 /// Prefix of the model names [`SimBackend`] fails to load, to test faults.
@@ -255,6 +307,15 @@ mod tests {
         assert_ne!(sim_output("a", "b"), sim_output("b", "b"));
         assert_ne!(sim_output("ab", ""), sim_output("a", "b"));
         assert_eq!(sim_output("a", "b").len(), "sim-".len() + 16);
+    }
+
+    #[tokio::test]
+    async fn loading_runs_off_the_runtime_and_maps_panics_to_failed() {
+        let name = loading(|| Ok(std::thread::current().name().map(str::to_string))).await;
+        assert_eq!(name, Ok(Some("model-load".to_string())));
+        #[allow(clippy::panic)]
+        let err = loading::<(), _>(|| panic!("boom")).await;
+        assert!(matches!(err, Err(BackendError::Failed(_))), "{err:?}");
     }
 
     #[tokio::test]

@@ -83,6 +83,13 @@ pub struct Args {
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
     pub memory_mb: Option<u64>,
 
+    /// Warm tier, in MiB (`cpu`, `cuda`): verified weights of the models loaded last stay in
+    /// host memory (pinned, for `cuda`) up to this much, resident ones included, so a model
+    /// evicted from the device loads again with a copy instead of a disk read and checks.
+    /// Listed as `warm` in /hints. The `cpu` backend then models a device (a second copy).
+    #[arg(long, value_name = "MIB")]
+    pub host_cache_mb: Option<u64>,
+
     /// Size every model claims in the sim backend, in MiB (reported as `resident_bytes` and
     /// counted against --memory-mb); without it sim models have no size.
     #[arg(long, value_name = "MIB")]
@@ -178,7 +185,8 @@ impl Args {
                     .with_model_bytes(self.sim_model_mb.map(mib)),
             )),
             BackendKind::Cpu => {
-                let backend = CpuBackend::open(self.models_dir()?)?;
+                let backend =
+                    CpuBackend::open(self.models_dir()?)?.with_host_cache(self.host_cache_mb.map(mib));
                 log::info!(
                     "cpu backend: {} model(s) in {}",
                     backend.models().len(),
@@ -196,7 +204,8 @@ impl Args {
 
     #[cfg(feature = "cuda")]
     fn cuda_backend(&self) -> Result<Arc<dyn Backend>, String> {
-        let backend = crate::cuda::CudaBackend::open(self.models_dir()?, self.device)?;
+        let backend = crate::cuda::CudaBackend::open(self.models_dir()?, self.device)?
+            .with_host_cache(self.host_cache_mb.map(mib));
         let (name, free, total) = backend.device_info()?;
         log::info!(
             "cuda backend: {} model(s) in {}, GPU {} ({name}): {} MiB free of {} MiB",
@@ -262,6 +271,7 @@ mod tests {
         assert_eq!(args.models_dir, None);
         assert_eq!(args.device, 0);
         assert_eq!(args.sim_model_mb, None);
+        assert_eq!(args.host_cache_mb, None);
     }
 
     #[test]

@@ -7,34 +7,49 @@
 //! (`LD_LIBRARY_PATH`). [`CudaBackend::open`] checks both, and the device, up front: a machine
 //! without them fails at start with a message, not at the first request.
 //!
-//! A load reads and checks the file exactly as the `cpu` backend does (on the host), then
-//! copies every tensor to the device (`cuMemcpyHtoD` into a `CudaSlice` each) on a stream of
-//! the model's own, and keeps nothing on the host. Inference runs the same network as
+//! A load runs on a thread of its own at a lower priority ([`crate::backend::loading`]). It
+//! allocates the model's tensors on the device (one `CudaSlice` each), reads and checks the
+//! file as the `cpu` backend does ([`crate::weights`]: straight into a host buffer, chunk by
+//! chunk), and copies each chunk to the device (`cuMemcpyHtoDAsync`) on a stream of the
+//! model's own as soon as it is checked, while the next chunk is read. Without a warm tier the
+//! host buffer is pageable memory with huge pages, dropped after the load (the driver stages
+//! pageable copies, so these copies do not overlap the reads); with one (`--host-cache-mb`) it
+//! is pinned memory that the [`WarmTier`] keeps, so the copies overlap the reads, and a later
+//! load of the same model is one pinned host-to-device copy, no disk read. The host memory a
+//! load copies from lives until its stream is synchronised, whether the load succeeds or
+//! fails, and even when the tier drops its copy meanwhile; a failed load frees what it
+//! allocated on the device and synchronises before it returns.
+//!
+//! Inference runs the same network as
 //! [`MlpWeights::forward`](crate::models::MlpWeights::forward): the matrix-vector products
 //! on the device with `cublasSgemv`, the bias added on the device, and the element-wise
 //! `tanh` between layers on the host (one vector of `W` floats each way per layer), so that
-//! no kernel compiler (NVRTC) is needed. The weights are read-only once uploaded; each
-//! inference takes a workspace (stream, cuBLAS handle, scratch vectors) from a pool the models
-//! share, so inferences run in parallel, on one model as on several, up to the runner's
-//! `--max-concurrency`.
+//! no kernel compiler (NVRTC) is needed. The weights are read-only once loaded (the load
+//! waits for its copies before the model is handed out); each inference takes a workspace
+//! (stream, cuBLAS handle, scratch vectors) from a pool the models share, so inferences run in
+//! parallel, on one model as on several, up to the runner's `--max-concurrency`.
 //!
 //! Evicting a model drops its `CudaSlice`s, which frees the device memory, and synchronises
 //! its stream so that the memory goes back to the driver (the allocator returns freed memory
 //! at synchronisation points) before the drop returns. The model says so
 //! ([`LoadedModel::release_blocks`]): the cache drops it on a blocking thread and counts its
-//! bytes as held until then, so the next upload never races the release.
+//! bytes as held until then, so the next upload never races the release. The warm tier keeps
+//! its host copy (if it has one): the model is then listed as `warm`.
 #![allow(unsafe_code)]
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemv, GemvConfig};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
 
-use crate::backend::{blocking, Backend, BackendError, BoxFuture, LoadedModel};
+use crate::backend::{blocking, loading, Backend, BackendError, BoxFuture, LoadedModel};
 use crate::cpu::BackendStats;
-use crate::models::{format_output, prompt_features, MlpWeights, ModelDir, OUTPUTS, VOCAB};
+use crate::models::{expected_tensors, format_output, prompt_features, ModelDir, ModelEntry, OUTPUTS, VOCAB};
+use crate::warm::WarmTier;
+use crate::weights::HostBuf;
 
 /// Where the libraries the backend loads at run time come from, for error messages.
 const LIBRARY_HELP: &str = "the cuda backend needs the NVIDIA driver (libcuda.so.1) and cuBLAS 12 \
@@ -81,6 +96,36 @@ pub struct CudaBackend {
     stats: Arc<BackendStats>,
     /// Idle inference workspaces, shared by all models.
     workspaces: Arc<Mutex<Vec<Workspace>>>,
+    tier: Option<Arc<WarmTier<PinnedWeights>>>,
+}
+
+/// A model's verified weights in pinned host memory: the warm tier's copies.
+#[derive(Debug)]
+pub struct PinnedWeights {
+    floats: PinnedHostSlice<f32>,
+    ranges: Vec<Range<usize>>,
+}
+
+/// Page-locked host memory for `floats` f32s: not write-combined (the loader reads what it
+/// writes there, to hash it), so ordinary cached memory the GPU can DMA from.
+pub fn alloc_pinned(ctx: &Arc<CudaContext>, floats: usize) -> Result<PinnedHostSlice<f32>, String> {
+    // SAFETY: the memory is uninitialised; f32 has no invalid bit patterns, and every caller
+    // fills it before reading it.
+    cu("allocating pinned host memory", unsafe { ctx.alloc_pinned_with_flags::<f32>(floats, 0) })
+}
+
+/// The host memory a load's asynchronous copies read from. They read it until the model's
+/// stream is synchronised, so it is dropped only after that (or after the whole context is
+/// idle, when synchronising the stream failed).
+#[derive(Default)]
+struct Source {
+    /// The warm tier's copy being copied from (the tier may drop its own `Arc` meanwhile).
+    warm: Option<Arc<PinnedWeights>>,
+    /// With a warm tier, the pinned buffer a read from disk fills (the tier's copy once the
+    /// load succeeded).
+    pinned: Option<PinnedHostSlice<f32>>,
+    /// Where each tensor is in `pinned`, once read.
+    ranges: Vec<Range<usize>>,
 }
 
 impl CudaBackend {
@@ -88,7 +133,134 @@ impl CudaBackend {
     pub fn open(dir: impl AsRef<Path>, device: usize) -> Result<Self, String> {
         let dir = ModelDir::open(dir)?;
         let ctx = open_device(device)?;
-        Ok(Self { dir, ctx, stats: Arc::default(), workspaces: Arc::default() })
+        Ok(Self { dir, ctx, stats: Arc::default(), workspaces: Arc::default(), tier: None })
+    }
+
+    /// The same backend with a warm tier of `budget` bytes of pinned host memory (`None` or
+    /// 0: none); see the module docs.
+    pub fn with_host_cache(self, budget: Option<u64>) -> Self {
+        let tier = budget.filter(|&b| b > 0).map(|b| Arc::new(WarmTier::new(b)));
+        Self { tier, ..self }
+    }
+
+    /// The CUDA context (for benchmarks).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Loads `model` now, on this thread: from the warm tier when it holds the model, else
+    /// from disk, each checked chunk copied to the device as it arrives.
+    pub fn load_blocking(&self, model: &str) -> Result<CudaModel, BackendError> {
+        let entry = self.dir.known(model)?;
+        let bytes = entry.weight_bytes;
+        let mut weights = Weights::alloc(&self.ctx, entry).map_err(|e| self.copy_failed(model, bytes, e))?;
+        let mut source = Source::default();
+        let filled = self.fill(model, bytes, &mut weights, &mut source);
+        // The host memory may go (or be reused) only once the copies from it are done, and
+        // the workspaces' streams read the weights from now on.
+        let done = filled.and_then(|()| {
+            cu("synchronising the stream", weights.stream.synchronize())
+                .map_err(|e| self.copy_failed(model, bytes, e))
+        });
+        if let Err(e) = done {
+            self.abandon(model, weights);
+            drop(source);
+            return Err(e);
+        }
+        if let (Some(tier), Some(floats)) = (&self.tier, source.pinned.take()) {
+            let ranges = std::mem::take(&mut source.ranges);
+            tier.insert(model, bytes, Arc::new(PinnedWeights { floats, ranges }));
+        }
+        drop(source);
+        self.stats.alive(bytes);
+        if let Some(tier) = &self.tier {
+            tier.resident(model);
+        }
+        log::info!("model {model}: {bytes} bytes of weights in GPU {} memory", self.ctx.ordinal());
+        Ok(CudaModel {
+            name: model.to_string(),
+            bytes,
+            weights: Some(weights),
+            workspaces: Arc::clone(&self.workspaces),
+            ctx: Arc::clone(&self.ctx),
+            stats: Arc::clone(&self.stats),
+            tier: self.tier.clone(),
+        })
+    }
+
+    fn copy_failed(&self, model: &str, bytes: u64, e: String) -> BackendError {
+        BackendError::Failed(format!(
+            "model {model}: copying {bytes} bytes of weights to GPU {} failed: {e}",
+            self.ctx.ordinal()
+        ))
+    }
+
+    /// Starts the copies of `model`'s weights into `weights`: from the warm tier's copy when
+    /// it holds one, else read from disk into a new host buffer (kept in `source` when it is
+    /// to become the tier's copy). Every host buffer the copies read is in `source` or already
+    /// staged by the driver (pageable memory) when this returns, even when it fails.
+    fn fill(
+        &self,
+        model: &str,
+        bytes: u64,
+        weights: &mut Weights,
+        source: &mut Source,
+    ) -> Result<(), BackendError> {
+        let failed = |e: String| self.copy_failed(model, bytes, e);
+        if let Some(host) = self.tier.as_ref().and_then(|t| t.get(model)) {
+            self.stats.warm_load();
+            let host = source.warm.insert(host);
+            let floats = cu("reading pinned memory", host.floats.as_slice()).map_err(failed)?;
+            return weights.copy_floats(&host.ranges, 0..floats.len(), floats).map_err(failed);
+        }
+        self.stats.read();
+        let floats = usize::try_from(bytes / 4).unwrap_or(usize::MAX);
+        let loaded = if self.tier.is_some() {
+            let pinned = source.pinned.insert(alloc_pinned(&self.ctx, floats).map_err(failed)?);
+            let dst = cu("writing pinned memory", pinned.as_mut_slice()).map_err(failed)?;
+            self.read_and_copy(model, bytemuck::cast_slice_mut(dst), weights)?
+        } else {
+            // Pageable: each copy returns once the driver has staged it, so the buffer may go
+            // when the read is done.
+            let mut buf = HostBuf::zeroed(floats * 4).map_err(|e| failed(e.to_string()))?;
+            self.read_and_copy(model, buf.bytes_mut(), weights)?
+        };
+        self.stats.checked(loaded.checked);
+        source.ranges = loaded.ranges;
+        Ok(())
+    }
+
+    /// Reads `model` into `dst`, copying each checked chunk to `weights` as it arrives.
+    fn read_and_copy(
+        &self,
+        model: &str,
+        dst: &mut [u8],
+        weights: &mut Weights,
+    ) -> Result<crate::weights::Loaded, BackendError> {
+        let mut started = false;
+        self.dir.read_into(model, dst, &mut |ranges, chunk, bytes| {
+            if chunk.start == 0 && started {
+                // Read again (the file changed while being read): let the copies of the first
+                // pass finish before their source is overwritten.
+                cu("synchronising the stream", weights.stream.synchronize())?;
+            }
+            started = true;
+            let floats: &[f32] =
+                bytemuck::try_cast_slice(bytes).map_err(|e| format!("unaligned chunk: {e}"))?;
+            weights.copy_floats(ranges, chunk.start / 4..chunk.end / 4, floats)
+        })
+    }
+
+    /// Frees the weights of a failed load and waits until the device is done with them and
+    /// with the host memory their copies read (which the caller drops afterwards).
+    fn abandon(&self, model: &str, weights: Weights) {
+        if let Err(e) = weights.free() {
+            // The copies may still be running: wait for the whole context.
+            log::warn!("model {model}: after a failed load, {e}");
+            if let Err(e) = self.ctx.synchronize() {
+                log::warn!("model {model}: after a failed load, synchronising the context failed: {e}");
+            }
+        }
     }
 
     /// The GPU's name and its `(free, total)` memory in bytes.
@@ -114,29 +286,8 @@ impl Backend for CudaBackend {
         self: Arc<Self>,
         model: String,
     ) -> BoxFuture<'static, Result<Arc<dyn LoadedModel>, BackendError>> {
-        blocking(move || {
-            if self.dir.entry(&model).is_some() {
-                self.stats.read();
-            }
-            let weights = self.dir.read(&model)?;
-            let bytes = weights.bytes();
-            let gpu = Weights::upload(&self.ctx, &weights).map_err(|e| {
-                BackendError::Failed(format!(
-                    "model {model}: copying {bytes} bytes of weights to GPU {} failed: {e}",
-                    self.ctx.ordinal()
-                ))
-            })?;
-            drop(weights);
-            self.stats.alive(bytes);
-            log::info!("model {model}: {bytes} bytes of weights in GPU {} memory", self.ctx.ordinal());
-            let loaded: Arc<dyn LoadedModel> = Arc::new(CudaModel {
-                name: model,
-                bytes,
-                weights: Some(gpu),
-                workspaces: Arc::clone(&self.workspaces),
-                ctx: Arc::clone(&self.ctx),
-                stats: Arc::clone(&self.stats),
-            });
+        loading(move || {
+            let loaded: Arc<dyn LoadedModel> = Arc::new(self.load_blocking(&model)?);
             Ok(loaded)
         })
     }
@@ -154,12 +305,16 @@ impl Backend for CudaBackend {
             ))
         })
     }
+
+    fn warm(&self) -> Vec<String> {
+        self.tier.as_ref().map(|t| t.warm()).unwrap_or_default()
+    }
 }
 
-/// A model's weights in device memory: read-only once uploaded, so any number of inferences
-/// read them at once, each from its own [`Workspace`].
+/// A model's weights in device memory: written only while it loads, read-only from then on,
+/// so any number of inferences read them at once, each from its own [`Workspace`].
 struct Weights {
-    /// The stream they were uploaded (and are freed) on.
+    /// The stream they are copied to the device (and freed) on.
     stream: Arc<CudaStream>,
     width: usize,
     /// Row-major `[256, W]`.
@@ -219,20 +374,76 @@ fn gemv(
 }
 
 impl Weights {
-    /// Copies `w` to the device, on a new stream of its own, and waits for the copies.
-    fn upload(ctx: &Arc<CudaContext>, w: &MlpWeights) -> Result<Self, String> {
+    /// Device memory for `entry`'s tensors (zeroed), on a new stream of its own. A failure
+    /// frees what was allocated and synchronises, like [`Weights::free`].
+    fn alloc(ctx: &Arc<CudaContext>, entry: &ModelEntry) -> Result<Self, String> {
         cu("binding the CUDA context", ctx.bind_to_thread())?;
         let stream = cu("creating a stream", ctx.new_stream())?;
-        let htod = |v: &[f32]| cu("copying to the device", stream.clone_htod(v));
-        let embed = htod(&w.embed)?;
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for layer in &w.layers {
-            layers.push((htod(&layer.weight)?, htod(&layer.bias)?));
+        let allocated = Self::alloc_on(&stream, entry.width);
+        if allocated.is_err() {
+            // The tensors allocated so far are freed (stream-ordered): back to the driver now.
+            let _ = stream.synchronize();
         }
-        let head = (htod(&w.head.weight)?, htod(&w.head.bias)?);
-        // Other streams read them from now on: the copies must be over.
-        cu("synchronising the stream", stream.synchronize())?;
-        Ok(Self { stream, width: w.width, embed, layers, head })
+        allocated
+    }
+
+    fn alloc_on(stream: &Arc<CudaStream>, width: usize) -> Result<Self, String> {
+        let zeros = |n: usize| cu("allocating device memory", stream.alloc_zeros::<f32>(n));
+        let mut tensors = Vec::new();
+        for t in expected_tensors(width) {
+            tensors.push(zeros(t.shape.iter().product())?);
+        }
+        let mut tensors = tensors.into_iter();
+        let mut next = || tensors.next().ok_or_else(|| "fewer tensors than a model has".to_string());
+        let embed = next()?;
+        let mut layers = Vec::with_capacity(crate::models::LAYERS);
+        for _ in 0..crate::models::LAYERS {
+            layers.push((next()?, next()?));
+        }
+        let head = (next()?, next()?);
+        Ok(Self { stream: Arc::clone(stream), width, embed, layers, head })
+    }
+
+    /// Tensor `i` (manifest order).
+    fn tensor_mut(&mut self, i: usize) -> Option<&mut CudaSlice<f32>> {
+        match i {
+            0 => Some(&mut self.embed),
+            i if i == 2 * self.layers.len() + 1 => Some(&mut self.head.0),
+            i if i == 2 * self.layers.len() + 2 => Some(&mut self.head.1),
+            i => self.layers.get_mut((i - 1) / 2).map(|(w, b)| if i % 2 == 1 { w } else { b }),
+        }
+    }
+
+    /// Starts copying `floats`, the f32s `at` of the model's flat weights (`ranges`: where
+    /// each tensor is in them), into the tensors they belong to. Asynchronous on the weights'
+    /// stream: `floats` must stay untouched until the stream is synchronised.
+    fn copy_floats(
+        &mut self,
+        ranges: &[Range<usize>],
+        at: Range<usize>,
+        floats: &[f32],
+    ) -> Result<(), String> {
+        for (i, r) in ranges.iter().enumerate() {
+            let (start, end) = (r.start.max(at.start), r.end.min(at.end));
+            if start >= end {
+                continue;
+            }
+            let src = floats.get(start - at.start..end - at.start).ok_or("chunk out of range")?;
+            let stream = Arc::clone(&self.stream);
+            let tensor = self.tensor_mut(i).ok_or("more tensors than a model has")?;
+            let mut dst =
+                tensor.try_slice_mut(start - r.start..end - r.start).ok_or("tensor out of range")?;
+            cu("copying to the device", stream.memcpy_htod(src, &mut dst))?;
+        }
+        Ok(())
+    }
+
+    /// Frees the tensors and synchronises their stream, so that the memory is back with the
+    /// driver when this returns.
+    fn free(self) -> Result<(), String> {
+        let stream = Arc::clone(&self.stream);
+        drop(self); // frees the tensors (stream-ordered)
+        cu("synchronising after freeing GPU memory", stream.synchronize())
     }
 }
 
@@ -284,7 +495,7 @@ impl Workspace {
 }
 
 /// A model whose weights are in GPU memory.
-struct CudaModel {
+pub struct CudaModel {
     name: String,
     bytes: u64,
     /// `None` once released (in `Drop`).
@@ -293,6 +504,7 @@ struct CudaModel {
     workspaces: Arc<Mutex<Vec<Workspace>>>,
     ctx: Arc<CudaContext>,
     stats: Arc<BackendStats>,
+    tier: Option<Arc<WarmTier<PinnedWeights>>>,
 }
 
 impl LoadedModel for CudaModel {
@@ -335,14 +547,15 @@ impl Drop for CudaModel {
     /// next load into these bytes only afterwards. No inference runs any more (the runner
     /// holds the pin until they have all ended).
     fn drop(&mut self) {
+        if let Some(tier) = &self.tier {
+            tier.released(&self.name);
+        }
         if let Err(e) = self.ctx.bind_to_thread() {
             log::warn!("model {}: binding the CUDA context to free its memory failed: {e}", self.name);
         }
         if let Some(weights) = self.weights.take() {
-            let stream = Arc::clone(&weights.stream);
-            drop(weights); // frees the weights (stream-ordered)
-            if let Err(e) = stream.synchronize() {
-                log::warn!("model {}: synchronising after freeing its GPU memory failed: {e}", self.name);
+            if let Err(e) = weights.free() {
+                log::warn!("model {}: {e}", self.name);
             }
         }
         self.stats.dead(self.bytes);
@@ -360,53 +573,4 @@ impl Drop for CudaModel {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::models::{generate_weights, make_models};
-
-    #[test]
-    fn opening_fails_with_a_message_never_a_panic() {
-        if let Err(e) = open_device(0) {
-            assert!(!e.is_empty());
-        }
-        assert!(open_device(1 << 20).is_err());
-    }
-
-    /// Runs only where a GPU, its driver and cuBLAS are present (`cargo test --features cuda`
-    /// on a GPU machine); elsewhere it says why it skipped.
-    #[tokio::test]
-    async fn matches_the_cpu_forward_pass_and_frees_gpu_memory() {
-        let dir = tempfile::tempdir().unwrap();
-        let manifest = make_models(dir.path(), 2, 1 << 20, 5).unwrap();
-        let backend = match CudaBackend::open(dir.path(), 0) {
-            Ok(backend) => Arc::new(backend),
-            Err(e) => {
-                eprintln!("skipped, no usable GPU: {e}");
-                return;
-            }
-        };
-        let width = manifest.models[0].width;
-        let model = Arc::clone(&backend).load("model-1".into()).await.unwrap();
-        assert_eq!(model.resident_bytes(), Some(manifest.models[1].weight_bytes));
-        assert_eq!(backend.stats().live_models(), 1);
-        let cpu = generate_weights(5, 1, width);
-        for prompt in ["", "hello", "a longer prompt, with punctuation!"] {
-            let gpu_out = Arc::clone(&model).infer(prompt.to_string()).await.unwrap();
-            let cpu_logits = cpu.forward(prompt);
-            let gpu_logits: Vec<f32> = gpu_out
-                .split_once("logits=[")
-                .map(|(_, rest)| rest.trim_end_matches(']').split(',').map(|v| v.parse().unwrap()).collect())
-                .unwrap();
-            for (g, c) in gpu_logits.iter().zip(&cpu_logits) {
-                assert!((g - c).abs() < 2e-3, "{prompt:?}: gpu {gpu_out}, cpu {cpu_logits:?}");
-            }
-        }
-        let err = Arc::clone(&backend).load("model-9".into()).await.err().unwrap();
-        assert!(matches!(err, BackendError::NotFound(_)), "{err:?}");
-        assert!(model.release_blocks());
-        // The release is done when the drop returns.
-        drop(model);
-        assert_eq!(backend.stats().live_models(), 0);
-        assert_eq!(backend.stats().live_bytes(), 0);
-    }
-}
+mod tests;

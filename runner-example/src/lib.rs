@@ -6,8 +6,10 @@
 //!
 //! * [`backend`]: the [`Backend`](backend::Backend) / [`LoadedModel`](backend::LoadedModel)
 //!   traits a model backend implements, and the simulated [`SimBackend`](backend::SimBackend).
-//! * [`models`]: the model files (safetensors weights of a small MLP, and their manifest):
-//!   making them (`make-models`), reading and checking them, the reference forward pass.
+//! * [`models`]: the model files (safetensors weights of a small MLP, and their manifest),
+//!   and making them (`make-models`); [`mlp`]: the network and its reference forward pass;
+//!   [`weights`]: reading a model file into memory, checked, near page-cache speed;
+//!   [`warm`]: the host-memory tier of verified weights behind a device (`--host-cache-mb`).
 //! * [`cpu`]: the `cpu` backend, weights in host memory; `cuda` (cargo feature `cuda`): the
 //!   `cuda` backend, weights in GPU memory, inference with cuBLAS.
 //! * [`bench`](mod@bench): the `backend-bench` measurements.
@@ -52,9 +54,12 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod http;
+pub mod mlp;
 pub mod models;
 pub mod runner;
 pub mod server;
+pub mod warm;
+pub mod weights;
 
 #[cfg(test)]
 mod testing;

@@ -2,8 +2,9 @@
 //!
 //! [`make_models`] (the `make-models` binary) writes `model-0 .. model-{N-1}`, each a
 //! `MODEL.safetensors` file of random but deterministic f32 weights, and `manifest.json`
-//! describing them. [`read_weights`] reads one back, checking it against the manifest, into
-//! [`MlpWeights`], whose [`forward`](MlpWeights::forward) is the reference (CPU) inference.
+//! describing them. [`ModelDir`] reads the manifest; [`crate::weights`] reads a model back,
+//! checked against it, into host memory; [`crate::mlp`] is the network and its reference
+//! (CPU) forward pass.
 //!
 //! # The model
 //!
@@ -22,20 +23,29 @@
 //!
 //! # The manifest
 //!
-//! `manifest.json` lists every model: name, file, the file's size and SHA-256, the bytes its
-//! weights take in memory (what the cache's memory budget counts), and each tensor's shape.
-//! A backend reads it once at start; see [`Manifest`].
+//! `manifest.json` lists every model: name, file, the file's size, SHA-256 and BLAKE3, the
+//! bytes its weights take in memory (what the cache's memory budget counts), and each tensor's
+//! shape. A backend reads it once at start; see [`Manifest`]. Loads check files against the
+//! BLAKE3 digest (several times faster than SHA-256, and as hard to forge); a manifest without
+//! one (written before it existed) is checked against its SHA-256.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::io;
+use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, View};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::backend::BackendError;
+pub use crate::mlp::{
+    format_output, generate_weights, prompt_features, tensor_values, to_safetensors, Linear, MlpView,
+    MlpWeights,
+};
+pub use crate::weights::{parse_weights, BufferPool, Checked, HostWeights, Loaded, VerifiedRecords};
 
 /// The manifest's file name inside a models directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -81,6 +91,10 @@ pub struct ModelEntry {
     pub weight_bytes: u64,
     /// SHA-256 of the whole file, lowercase hex.
     pub sha256: String,
+    /// BLAKE3 of the whole file, lowercase hex: what loads check when present (absent in
+    /// manifests written before it was added; those are checked against `sha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
     /// The model's width `W`.
     pub width: usize,
     /// Its tensors, in file order.
@@ -106,6 +120,7 @@ pub struct Manifest {
 pub struct ModelDir {
     dir: PathBuf,
     models: HashMap<String, ModelEntry>,
+    records: Arc<VerifiedRecords>,
 }
 
 impl ModelDir {
@@ -143,7 +158,7 @@ impl ModelDir {
                 ));
             }
         }
-        Ok(Self { dir, models })
+        Ok(Self { dir, models, records: Arc::default() })
     }
 
     /// The models directory.
@@ -166,12 +181,42 @@ impl ModelDir {
         self.models.is_empty()
     }
 
-    /// Reads and checks `model`'s weights; see [`read_weights`].
-    pub fn read(&self, model: &str) -> Result<MlpWeights, BackendError> {
-        let entry = self.entry(model).ok_or_else(|| {
+    /// The manifest's entry for `model`, or [`BackendError::NotFound`].
+    pub fn known(&self, model: &str) -> Result<&ModelEntry, BackendError> {
+        self.entry(model).ok_or_else(|| {
             BackendError::NotFound(format!("no model {model} in {}", self.dir.join(MANIFEST_FILE).display()))
-        })?;
-        read_weights(&self.dir, entry)
+        })
+    }
+
+    /// The files that passed every check, by model (shared by the clones of this `ModelDir`).
+    pub fn records(&self) -> &VerifiedRecords {
+        &self.records
+    }
+
+    /// Reads and checks `model`'s weights into a host buffer (`pool`'s spare one when it
+    /// fits, else a new one); see [`crate::weights`].
+    pub fn read_host(
+        &self,
+        model: &str,
+        pool: Option<&BufferPool>,
+    ) -> Result<(HostWeights, Checked), BackendError> {
+        crate::weights::read_host(&self.dir, self.known(model)?, Some(&self.records), pool)
+    }
+
+    /// Reads and checks `model`'s weights into `dst` (its `weight_bytes` long), calling
+    /// `on_chunk` with each range of `dst` filled; see [`crate::weights::read_into`].
+    pub fn read_into(
+        &self,
+        model: &str,
+        dst: &mut [u8],
+        on_chunk: &mut crate::weights::OnChunk<'_>,
+    ) -> Result<Loaded, BackendError> {
+        crate::weights::read_into(&self.dir, self.known(model)?, Some(&self.records), dst, on_chunk)
+    }
+
+    /// Reads and checks `model`'s weights, one `Vec` per tensor.
+    pub fn read(&self, model: &str) -> Result<MlpWeights, BackendError> {
+        Ok(self.read_host(model, None)?.0.to_mlp())
     }
 }
 
@@ -233,239 +278,34 @@ fn check_entry(entry: &ModelEntry) -> Result<(), String> {
             weight_count(entry.width) * 4
         ));
     }
-    let hex = entry.sha256.len() == 64
-        && entry.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !hex {
+    let is_hex =
+        |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !is_hex(&entry.sha256) {
         return Err("sha256 is not 64 lowercase hex digits".to_string());
+    }
+    if entry.blake3.as_deref().is_some_and(|b| !is_hex(b)) {
+        return Err("blake3 is not 64 lowercase hex digits".to_string());
     }
     Ok(())
 }
 
-/// Lowercase hex SHA-256 of `data`.
-pub fn sha256_hex(data: &[u8]) -> String {
-    let digest = Sha256::digest(data);
-    let mut hex = String::with_capacity(64);
-    for b in digest.iter() {
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
         let _ = write!(hex, "{b:02x}");
     }
     hex
 }
 
-/// A fully connected layer: `y = weight · x + bias`, `weight` row-major `[outputs, inputs]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Linear {
-    /// Row-major `[outputs, inputs]`.
-    pub weight: Vec<f32>,
-    /// `[outputs]`.
-    pub bias: Vec<f32>,
+/// Lowercase hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
 }
 
-impl Linear {
-    /// `weight · x + bias` into `out`.
-    fn apply(&self, x: &[f32], out: &mut [f32]) {
-        let inputs = x.len();
-        for ((o, row), b) in out.iter_mut().zip(self.weight.chunks_exact(inputs)).zip(&self.bias) {
-            *o = dot(row, x) + b;
-        }
-    }
-}
-
-/// A model's weights in host memory.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MlpWeights {
-    /// The width `W`.
-    pub width: usize,
-    /// Row-major `[256, W]`.
-    pub embed: Vec<f32>,
-    /// The [`LAYERS`] hidden layers, `[W, W]` each.
-    pub layers: Vec<Linear>,
-    /// The output layer, `[OUTPUTS, W]`.
-    pub head: Linear,
-}
-
-impl MlpWeights {
-    /// Bytes the weights take.
-    pub fn bytes(&self) -> u64 {
-        let floats = self.embed.len()
-            + self
-                .layers
-                .iter()
-                .chain(std::iter::once(&self.head))
-                .map(|l| l.weight.len() + l.bias.len())
-                .sum::<usize>();
-        floats as u64 * 4
-    }
-
-    /// The logits for `prompt`: the reference forward pass, in f32 on the CPU.
-    pub fn forward(&self, prompt: &str) -> Vec<f32> {
-        let w = self.width;
-        let c = prompt_features(prompt);
-        let mut x = vec![0.0f32; w];
-        for (row, &weight) in self.embed.chunks_exact(w).zip(&c) {
-            if weight != 0.0 {
-                for (xi, ei) in x.iter_mut().zip(row) {
-                    *xi += weight * ei;
-                }
-            }
-        }
-        let mut y = vec![0.0f32; w];
-        for layer in &self.layers {
-            layer.apply(&x, &mut y);
-            for v in &mut y {
-                *v = v.tanh();
-            }
-            std::mem::swap(&mut x, &mut y);
-        }
-        let mut logits = vec![0.0f32; OUTPUTS];
-        self.head.apply(&x, &mut logits);
-        logits
-    }
-}
-
-/// Dot product with eight independent partial sums, which the compiler vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (a8.remainder(), b8.remainder());
-    for (ca, cb) in a8.zip(b8) {
-        for i in 0..8 {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    let mut sum = acc.iter().sum::<f32>();
-    for (x, y) in ra.iter().zip(rb) {
-        sum += x * y;
-    }
-    sum
-}
-
-/// The prompt as a vector `c` of 256 weights, one per byte value: byte `b` at position `t`
-/// adds `1/(t+1)` to `c[b]` (so order matters), then `c` is scaled to unit length (all zero
-/// for an empty prompt).
-pub fn prompt_features(prompt: &str) -> Vec<f32> {
-    let mut c = vec![0.0f32; VOCAB];
-    for (t, &b) in prompt.as_bytes().iter().enumerate() {
-        c[usize::from(b)] += 1.0 / (t as f32 + 1.0);
-    }
-    let norm = c.iter().map(|v| v * v).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        for v in &mut c {
-            *v /= norm;
-        }
-    }
-    c
-}
-
-/// The answer for `logits`: `argmax=K logits=[l0,l1,...]`, four decimals each.
-pub fn format_output(logits: &[f32]) -> String {
-    let mut argmax = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if logits.get(argmax).is_some_and(|best| v > best) {
-            argmax = i;
-        }
-    }
-    let mut out = format!("argmax={argmax} logits=[");
-    for (i, v) in logits.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let _ = write!(out, "{v:.4}");
-    }
-    out.push(']');
-    out
-}
-
-/// Reads `entry`'s file from `dir` and checks it against the manifest: a safetensors file
-/// with exactly the tensors listed, all F32 of the listed shapes, of the listed size and
-/// SHA-256.
-///
-/// A missing file is [`BackendError::NotFound`]; anything else wrong (unreadable, bad
-/// header, truncated, wrong dtype or shape, checksum mismatch) is [`BackendError::Failed`]
-/// naming the file and the problem. Blocking: run it on a blocking thread.
-pub fn read_weights(dir: &Path, entry: &ModelEntry) -> Result<MlpWeights, BackendError> {
-    let path = dir.join(&entry.file);
-    let data = std::fs::read(&path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => BackendError::NotFound(format!(
-            "model {}: weights file {} does not exist",
-            entry.name,
-            path.display()
-        )),
-        _ => BackendError::Failed(format!("model {}: cannot read {}: {e}", entry.name, path.display())),
-    })?;
-    parse_weights(&data, entry).map_err(|e| {
-        BackendError::Failed(format!("model {}: corrupt weights file {}: {e}", entry.name, path.display()))
-    })
-}
-
-/// Parses and checks the bytes of a weights file; see [`read_weights`].
-pub fn parse_weights(data: &[u8], entry: &ModelEntry) -> Result<MlpWeights, String> {
-    let tensors = SafeTensors::deserialize(data).map_err(|e| format!("not a valid safetensors file: {e}"))?;
-    if tensors.len() != entry.tensors.len() {
-        return Err(format!("holds {} tensors, the manifest lists {}", tensors.len(), entry.tensors.len()));
-    }
-    let mut floats = HashMap::new();
-    for expected in &entry.tensors {
-        let view =
-            tensors.tensor(&expected.name).map_err(|_| format!("tensor {} is missing", expected.name))?;
-        floats.insert(expected.name.as_str(), to_f32(&view, expected)?);
-    }
-    if data.len() as u64 != entry.file_bytes {
-        return Err(format!("is {} bytes long, the manifest says {}", data.len(), entry.file_bytes));
-    }
-    let sha = sha256_hex(data);
-    if sha != entry.sha256 {
-        return Err(format!("SHA-256 {sha} does not match the manifest's {}", entry.sha256));
-    }
-    let mut take = |name: &str| floats.remove(name).unwrap_or_default();
-    let embed = take("embed");
-    let layers = (0..LAYERS)
-        .map(|i| Linear {
-            weight: take(&format!("layers.{i}.weight")),
-            bias: take(&format!("layers.{i}.bias")),
-        })
-        .collect();
-    let head = Linear { weight: take("head.weight"), bias: take("head.bias") };
-    Ok(MlpWeights { width: entry.width, embed, layers, head })
-}
-
-fn to_f32(view: &TensorView<'_>, expected: &TensorEntry) -> Result<Vec<f32>, String> {
-    if view.dtype() != Dtype::F32 {
-        return Err(format!("tensor {} is {:?}, expected F32", expected.name, view.dtype()));
-    }
-    if view.shape() != expected.shape.as_slice() {
-        return Err(format!(
-            "tensor {} has shape {:?}, expected {:?}",
-            expected.name,
-            view.shape(),
-            expected.shape
-        ));
-    }
-    let values: Vec<f32> =
-        view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(format!("tensor {} holds a non-finite value at index {i}", expected.name));
-    }
-    Ok(values)
-}
-
-/// SplitMix64: a tiny, fixed PRNG, so that a seed gives the same weights on every machine
-/// and with every version of every dependency.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-scale, scale)`.
-    fn uniform(&mut self, scale: f32) -> f32 {
-        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-        (unit * 2.0 - 1.0) * scale
-    }
+/// Lowercase hex BLAKE3 of `data`.
+pub fn blake3_hex(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
 }
 
 /// The name of model `index`.
@@ -473,72 +313,40 @@ pub fn model_name(index: usize) -> String {
     format!("model-{index}")
 }
 
-/// The weights of model `index` of a directory made with `seed`, of width `width`: every
-/// value is a function of `(seed, index, width)` only.
-pub fn generate_weights(seed: u64, index: usize, width: usize) -> MlpWeights {
-    let mut rng = SplitMix64(seed ^ (index as u64).wrapping_mul(0xd1b5_4a32_d192_ed03));
-    let mut fill = |n: usize, scale: f32| (0..n).map(|_| rng.uniform(scale)).collect::<Vec<_>>();
-    // Uniform(-a, a) has variance a²/3: a = sqrt(3/fan_in) keeps activations near unit size.
-    let layer_scale = (3.0 / width as f32).sqrt();
-    let embed = fill(VOCAB * width, 1.0);
-    let layers = (0..LAYERS)
-        .map(|_| Linear { weight: fill(width * width, layer_scale), bias: fill(width, 0.1) })
-        .collect();
-    let head = Linear { weight: fill(OUTPUTS * width, layer_scale), bias: fill(OUTPUTS, 0.1) };
-    MlpWeights { width, embed, layers, head }
-}
-
-/// `weights` as the bytes of a safetensors file (tensors as [`expected_tensors`] lists them).
-pub fn to_safetensors(weights: &MlpWeights, model: &str) -> Result<Vec<u8>, String> {
-    let le = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
-    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for t in expected_tensors(weights.width) {
-        let values: &[f32] = match t.name.as_str() {
-            "embed" => &weights.embed,
-            "head.weight" => &weights.head.weight,
-            "head.bias" => &weights.head.bias,
-            name => {
-                let mut parts = name.split('.');
-                let layer =
-                    parts.nth(1).and_then(|i| i.parse::<usize>().ok()).and_then(|i| weights.layers.get(i));
-                match (layer, parts.next()) {
-                    (Some(l), Some("weight")) => &l.weight,
-                    (Some(l), Some("bias")) => &l.bias,
-                    _ => return Err(format!("no tensor {name}")),
-                }
-            }
-        };
-        buffers.push((t.name, t.shape, le(values)));
-    }
-    let mut views = Vec::new();
-    for (name, shape, bytes) in &buffers {
-        let view =
-            TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| format!("tensor {name}: {e}"))?;
-        views.push((name.clone(), view));
-    }
-    // One key only: the header is JSON written from a HashMap, so with several keys their
-    // order, and so the file's bytes and checksum, would change from run to run.
-    let metadata = HashMap::from([(FORMAT.to_string(), model.to_string())]);
-    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
-}
-
 /// Writes `count` models `model-0 .. model-{count-1}` of about `size_bytes` bytes of weights
 /// each (at most that, and at least a width of [`MIN_WIDTH`]) into `dir` (created if needed),
 /// deterministic from `seed`, and their `manifest.json`. Nothing is downloaded.
 pub fn make_models(dir: &Path, count: usize, size_bytes: u64, seed: u64) -> io::Result<Manifest> {
+    make_model_set(dir, &vec![size_bytes; count], seed)
+}
+
+/// Writes one model per entry of `sizes` (model `i` of about `sizes[i]` bytes of weights) and
+/// their manifest, as [`make_models`] does.
+///
+/// Files are written one tensor at a time (never a whole model in memory), and read back once
+/// for their digests: a 1 GiB model takes a few seconds.
+pub fn make_model_set(dir: &Path, sizes: &[u64], seed: u64) -> io::Result<Manifest> {
     std::fs::create_dir_all(dir)?;
-    let width = width_for_bytes(size_bytes);
-    let mut models = Vec::with_capacity(count);
-    for index in 0..count {
+    let mut models = Vec::with_capacity(sizes.len());
+    for (index, &size_bytes) in sizes.iter().enumerate() {
+        let width = width_for_bytes(size_bytes);
         let name = model_name(index);
-        let weights = generate_weights(seed, index, width);
-        let bytes = to_safetensors(&weights, &name).map_err(io::Error::other)?;
         let file = format!("{name}.safetensors");
-        write_atomically(&dir.join(&file), &bytes)?;
+        let path = dir.join(&file);
+        let tensors: Vec<(String, LazyTensor)> = expected_tensors(width)
+            .into_iter()
+            .enumerate()
+            .map(|(tensor, t)| (t.name, LazyTensor { seed, index, width, tensor, shape: t.shape }))
+            .collect();
+        // Writes through a temporary file and a rename: readers never see half a file.
+        safetensors::serialize_to_file(tensors, Some(crate::mlp::file_metadata(&name)), &path)
+            .map_err(io::Error::other)?;
+        let (file_bytes, sha256, blake3) = digest_file(&path)?;
         models.push(ModelEntry {
-            weight_bytes: weights.bytes(),
-            file_bytes: bytes.len() as u64,
-            sha256: sha256_hex(&bytes),
+            weight_bytes: weight_count(width) * 4,
+            file_bytes,
+            sha256,
+            blake3: Some(blake3),
             name,
             file,
             width,
@@ -549,6 +357,52 @@ pub fn make_models(dir: &Path, count: usize, size_bytes: u64, seed: u64) -> io::
     let json = serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?;
     write_atomically(&dir.join(MANIFEST_FILE), &json)?;
     Ok(manifest)
+}
+
+/// A tensor of a generated model, drawn when the writer asks for its bytes.
+struct LazyTensor {
+    seed: u64,
+    index: usize,
+    width: usize,
+    tensor: usize,
+    shape: Vec<usize>,
+}
+
+impl View for LazyTensor {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(crate::mlp::le_bytes(&tensor_values(self.seed, self.index, self.width, self.tensor)))
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * 4
+    }
+}
+
+/// The size, SHA-256 and BLAKE3 of the file at `path`, in one read.
+fn digest_file(path: &Path) -> io::Result<(u64, String, String)> {
+    let mut file = std::fs::File::open(path)?;
+    let (mut sha, mut b3) = (Sha256::new(), blake3::Hasher::new());
+    let mut buf = vec![0u8; crate::weights::CHUNK];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        let Some(data) = buf.get(..n) else { break };
+        if n == 0 {
+            break;
+        }
+        sha.update(data);
+        b3.update(data);
+        len += n as u64;
+    }
+    Ok((len, hex(&sha.finalize()), b3.finalize().to_hex().to_string()))
 }
 
 /// Writes `path` through a temporary file and a rename, so readers never see half a file.
@@ -579,167 +433,35 @@ mod tests {
     }
 
     #[test]
-    fn generation_is_deterministic_and_depends_on_seed_and_index() {
-        let a = generate_weights(1, 0, 16);
-        assert_eq!(a, generate_weights(1, 0, 16));
-        assert_ne!(a, generate_weights(2, 0, 16));
-        assert_ne!(a, generate_weights(1, 1, 16));
-        assert_eq!(a.bytes(), weight_count(16) * 4);
-        // A fixed value, so that the generator cannot drift unnoticed.
-        assert_eq!(a.embed.first().map(|v| v.to_bits()), Some(0x3e08_5168));
+    fn written_files_are_the_in_memory_serialisation() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = make_model_set(dir.path(), &[40_000, 90_000], 7).unwrap();
+        for (index, entry) in manifest.models.iter().enumerate() {
+            let file = std::fs::read(dir.path().join(&entry.file)).unwrap();
+            let in_memory = to_safetensors(&generate_weights(7, index, entry.width), &entry.name).unwrap();
+            assert_eq!(file, in_memory, "{}", entry.name);
+            assert_eq!(entry.sha256, sha256_hex(&file));
+            assert_eq!(entry.blake3.as_deref(), Some(blake3_hex(&file).as_str()));
+            assert_eq!(entry.file_bytes, file.len() as u64);
+            check_entry(entry).unwrap();
+        }
+        assert!(manifest.models[0].width < manifest.models[1].width);
     }
 
     #[test]
-    fn safetensors_round_trip() {
-        let weights = generate_weights(7, 3, 24);
-        let bytes = to_safetensors(&weights, "m").unwrap();
-        let entry = ModelEntry {
-            name: "m".into(),
-            file: "m.safetensors".into(),
-            file_bytes: bytes.len() as u64,
-            weight_bytes: weights.bytes(),
-            sha256: sha256_hex(&bytes),
-            width: 24,
-            tensors: expected_tensors(24),
-        };
-        check_entry(&entry).unwrap();
-        assert_eq!(parse_weights(&bytes, &entry).unwrap(), weights);
-    }
-
-    /// A file of `tensors` and a manifest entry that matches it byte for byte (size and
-    /// checksum) but describes a proper width-8 model.
-    fn crafted(tensors: Vec<(&str, Dtype, Vec<usize>)>) -> (Vec<u8>, ModelEntry) {
-        let buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
-            .into_iter()
-            .map(|(name, dtype, shape)| {
-                let n: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
-                (name.to_string(), dtype, shape, vec![0u8; n])
-            })
-            .collect();
-        let views: Vec<(String, TensorView<'_>)> = buffers
-            .iter()
-            .map(|(name, dtype, shape, data)| {
-                (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap())
-            })
-            .collect();
-        let bytes = safetensors::serialize(views, None).unwrap();
-        let entry = ModelEntry {
-            name: "m".into(),
-            file: "m.safetensors".into(),
-            file_bytes: bytes.len() as u64,
-            weight_bytes: weight_count(8) * 4,
-            sha256: sha256_hex(&bytes),
-            width: 8,
-            tensors: expected_tensors(8),
-        };
-        (bytes, entry)
-    }
-
-    fn proper(width: usize) -> Vec<(String, Dtype, Vec<usize>)> {
-        expected_tensors(width).into_iter().map(|t| (t.name, Dtype::F32, t.shape)).collect()
-    }
-
-    fn parse_error(tensors: Vec<(String, Dtype, Vec<usize>)>) -> String {
-        let tensors = tensors.iter().map(|(n, d, s)| (n.as_str(), *d, s.clone())).collect();
-        let (bytes, entry) = crafted(tensors);
-        parse_weights(&bytes, &entry).unwrap_err()
-    }
-
-    #[test]
-    fn rejects_wrong_dtypes_shapes_and_tensor_sets() {
-        // The crafted file itself is fine.
-        let tensors = proper(8);
-        let ok: Vec<_> = tensors.iter().map(|(n, d, s)| (n.as_str(), *d, s.clone())).collect();
-        let (bytes, entry) = crafted(ok);
-        assert_eq!(parse_weights(&bytes, &entry).unwrap().bytes(), weight_count(8) * 4);
-
-        let mut f16 = proper(8);
-        f16[0].1 = Dtype::F16;
-        let err = parse_error(f16);
-        assert!(err.contains("tensor embed is F16, expected F32"), "{err}");
-
-        let mut shape = proper(8);
-        shape[1].2 = vec![8, 4];
-        let err = parse_error(shape);
-        assert!(err.contains("tensor layers.0.weight has shape [8, 4], expected [8, 8]"), "{err}");
-
-        let mut missing = proper(8);
-        missing.pop();
-        let err = parse_error(missing);
-        assert!(err.contains("holds 10 tensors, the manifest lists 11"), "{err}");
-
-        let mut renamed = proper(8);
-        renamed[0].0 = "embedding".into();
-        let err = parse_error(renamed);
-        assert!(err.contains("tensor embed is missing"), "{err}");
-    }
-
-    #[test]
-    fn rejects_truncated_garbled_and_altered_files() {
-        let weights = generate_weights(1, 0, 8);
-        let bytes = to_safetensors(&weights, "m").unwrap();
-        let entry = ModelEntry {
-            name: "m".into(),
-            file: "m.safetensors".into(),
-            file_bytes: bytes.len() as u64,
-            weight_bytes: weights.bytes(),
-            sha256: sha256_hex(&bytes),
-            width: 8,
-            tensors: expected_tensors(8),
-        };
-        let truncated = &bytes[..bytes.len() - 5];
-        let err = parse_weights(truncated, &entry).unwrap_err();
-        assert!(err.starts_with("not a valid safetensors file"), "{err}");
-        let err = parse_weights(&bytes[..3], &entry).unwrap_err();
-        assert!(err.starts_with("not a valid safetensors file"), "{err}");
-        let mut garbled = bytes.clone();
-        garbled[8..16].copy_from_slice(b"garbage!");
-        let err = parse_weights(&garbled, &entry).unwrap_err();
-        assert!(err.starts_with("not a valid safetensors file"), "{err}");
-        // One weight changed: only the checksum can tell.
-        let mut altered = bytes.clone();
-        let last = altered.len() - 2;
-        altered[last] ^= 0x01;
-        let err = parse_weights(&altered, &entry).unwrap_err();
-        assert!(err.contains("SHA-256"), "{err}");
-        // A NaN weight, with a checksum to match.
-        let mut nan = weights.clone();
-        nan.head.bias[0] = f32::NAN;
-        let nan_bytes = to_safetensors(&nan, "m").unwrap();
-        let nan_entry = ModelEntry { sha256: sha256_hex(&nan_bytes), ..entry.clone() };
-        let err = parse_weights(&nan_bytes, &nan_entry).unwrap_err();
-        assert!(err.contains("non-finite"), "{err}");
-    }
-
-    #[test]
-    fn forward_depends_on_prompt_and_weights() {
-        let a = generate_weights(1, 0, 32);
-        let b = generate_weights(1, 1, 32);
-        let la = a.forward("hello");
-        assert_eq!(la.len(), OUTPUTS);
-        assert!(la.iter().all(|v| v.is_finite()));
-        assert_eq!(la, a.forward("hello"));
-        assert_ne!(la, a.forward("olleh"));
-        assert_ne!(la, b.forward("hello"));
-        assert_eq!(a.forward("").len(), OUTPUTS);
-    }
-
-    #[test]
-    fn features_and_output_format() {
-        let c = prompt_features("ab");
-        assert!((c.iter().map(|v| v * v).sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(c[usize::from(b'a')] > c[usize::from(b'b')]);
-        assert!(prompt_features("").iter().all(|&v| v == 0.0));
-        assert_eq!(format_output(&[0.5, -1.0, 2.25, 2.0]), "argmax=2 logits=[0.5000,-1.0000,2.2500,2.0000]");
-        assert_eq!(format_output(&[]), "argmax=0 logits=[]");
-    }
-
-    #[test]
-    fn dot_matches_naive() {
-        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
-        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.25).collect();
-        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - naive).abs() < 1e-3);
+    fn manifests_without_blake3_still_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut manifest = make_models(dir.path(), 1, 40_000, 1).unwrap();
+        manifest.models[0].blake3 = None;
+        let json = serde_json::to_string(&manifest).unwrap();
+        assert!(!json.contains("blake3"), "{json}");
+        std::fs::write(dir.path().join(MANIFEST_FILE), json).unwrap();
+        let models = ModelDir::open(dir.path()).unwrap();
+        assert_eq!(models.entry("model-0").unwrap().blake3, None);
+        // ... and load, checked against the SHA-256.
+        let (weights, checked) = models.read_host("model-0", None).unwrap();
+        assert_eq!(checked, Checked::Full);
+        assert_eq!(weights.to_mlp(), generate_weights(1, 0, manifest.models[0].width));
     }
 
     #[test]
@@ -750,16 +472,19 @@ mod tests {
             file_bytes: 1,
             weight_bytes: weight_count(8) * 4,
             sha256: "0".repeat(64),
+            blake3: Some("1".repeat(64)),
             width: 8,
             tensors: expected_tensors(8),
         };
         check_entry(&good).unwrap();
+        check_entry(&ModelEntry { blake3: None, ..good.clone() }).unwrap();
         for bad in [
             ModelEntry { file: "../m.safetensors".into(), ..good.clone() },
             ModelEntry { file: "/etc/passwd".into(), ..good.clone() },
             ModelEntry { width: 9, ..good.clone() },
             ModelEntry { weight_bytes: 4, ..good.clone() },
             ModelEntry { sha256: "X".repeat(64), ..good.clone() },
+            ModelEntry { blake3: Some("ab".into()), ..good.clone() },
         ] {
             assert!(check_entry(&bad).is_err(), "{bad:?}");
         }

@@ -110,6 +110,8 @@ pub struct Runner {
 struct Inner {
     config: RunnerConfig,
     cache: ModelCache,
+    /// For its `warm` list (the cache holds it for loads).
+    backend: Arc<dyn Backend>,
     /// Inference slots: `max_concurrency`.
     permits: Arc<Semaphore>,
     /// Request slots: `max_concurrency + max_queue`, one per [`Admission`].
@@ -147,7 +149,7 @@ impl Runner {
         let max_connections = config.max_connections.max(1);
         let config = RunnerConfig { capacity, max_concurrency, max_connections, ..config };
         let cache = ModelCache::with_memory_budget(
-            backend,
+            Arc::clone(&backend),
             to_usize(capacity),
             config.memory_budget_bytes,
             config.load_fail_backoff,
@@ -159,6 +161,7 @@ impl Runner {
             inner: Arc::new(Inner {
                 config,
                 cache,
+                backend,
                 permits: Arc::new(permits),
                 admissions: Arc::new(admissions),
                 in_flight: Arc::new(AtomicU32::new(0)),
@@ -314,6 +317,7 @@ impl Runner {
             draining,
             resident_bytes: snap.resident_bytes,
             memory_budget_bytes: self.inner.cache.memory_budget(),
+            warm: if draining { Vec::new() } else { self.inner.backend.warm() },
         }
     }
 }

@@ -187,7 +187,7 @@ async fn missing_and_corrupt_files_fail_cleanly() {
     for (model, why) in [
         ("model-1", "not a valid safetensors file"),
         ("model-2", "not a valid safetensors file"),
-        ("model-3", "SHA-256"),
+        ("model-3", "does not match the manifest's"),
     ] {
         let err = load_error(runner.infer(model, String::new()).await.unwrap_err());
         assert!(

@@ -186,6 +186,7 @@ async fn inference_miss_then_hit_and_headers() {
             draining: false,
             resident_bytes: None,
             memory_budget_bytes: None,
+            warm: Vec::new(),
         }
     );
     assert!(raw.get("resident_bytes").is_none(), "{raw}");

@@ -86,6 +86,7 @@ impl Upstream {
                     draining: false,
                     resident_bytes: None,
                     memory_budget_bytes: None,
+                    warm: Vec::new(),
                 };
                 variants.push(Variant {
                     hints_json: Bytes::from(serde_json::to_vec(&report)?),

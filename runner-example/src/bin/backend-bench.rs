@@ -1,23 +1,25 @@
-//! `backend-bench`: load (miss) and inference (hit) times of the backends, per model size,
-//! as a Markdown table; see `backend-bench --help`.
+//! `backend-bench`: load (miss) times of the backends against the hardware's floor, hit
+//! times, and hit times during loads, per model size, as Markdown tables; see
+//! `backend-bench --help`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use runner_example::bench::{run, table, BenchConfig, BenchRow};
+use runner_example::bench::{run, tables, BenchConfig};
 use runner_example::cli::BackendKind;
 
-/// Measures how long each backend takes to load a model and to run one inference on it, for
-/// models of each size, and prints a Markdown table.
+/// Measures, for models of each size: the floor (reading the file from the page cache; with
+/// cuda, a pinned host-to-device copy), each backend's first load, re-load and warm re-load
+/// with their ratio to the floor, hit times, and (cpu) hit latency while another model loads.
 ///
 /// Models are written (with make-models' generator) into --dir, or a temporary directory
-/// that is removed afterwards.
+/// that is removed afterwards (also on Ctrl-C).
 #[derive(Debug, Parser)]
 #[command(name = "backend-bench", version)]
 struct Args {
-    /// Model sizes, in MiB.
+    /// Model sizes, in MiB (e.g. 64,1024).
     #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_name = "MIB,...")]
     sizes_mb: Vec<u64>,
 
@@ -25,13 +27,22 @@ struct Args {
     #[arg(long, value_enum, value_delimiter = ',', value_name = "BACKEND,...")]
     backends: Vec<BackendKind>,
 
-    /// Loads per backend and size.
+    /// Loads of each kind (first, re-load, warm re-load) per backend and size.
     #[arg(long, default_value_t = 5, value_name = "N")]
     loads: usize,
 
     /// Inferences per backend and size.
     #[arg(long, default_value_t = 50, value_name = "N")]
     infers: usize,
+
+    /// Size of the model whose hits are timed during loads of the biggest size, in MiB (0:
+    /// skip that measurement).
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    hit_model_mb: u64,
+
+    /// Hits timed alone and during loads.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    hits: usize,
 
     /// GPU for the cuda backend.
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -73,24 +84,25 @@ async fn main() -> ExitCode {
         infers: args.infers,
         device: args.device,
         dir,
+        hit_model_mb: args.hit_model_mb,
+        hits: args.hits,
     };
     eprintln!(
-        "measuring {} x {:?} MiB: {} loads and {} inferences each, models in {}",
+        "measuring {} x {:?} MiB: {} loads of each kind and {} inferences each, models in {}",
         config.backends.iter().map(|b| b.name()).collect::<Vec<_>>().join(","),
         config.sizes_mb,
         config.loads,
         config.infers,
         config.dir.display()
     );
-    let progress = |row: &BenchRow| {
-        eprintln!(
-            "  {} {} MiB: load {:?}, hit {:?}",
-            row.backend, row.size_mb, row.load.median, row.hit.median
-        );
+    let result = tokio::select! {
+        result = run(&config, |line| eprintln!("  {line}")) => result,
+        _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
     };
-    match run(&config, progress).await {
-        Ok(rows) => {
-            print!("{}", table(&rows));
+    drop(temp); // the models go, whatever happened
+    match result {
+        Ok(report) => {
+            print!("{}", tables(&report));
             ExitCode::SUCCESS
         }
         Err(e) => {
