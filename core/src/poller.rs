@@ -74,6 +74,20 @@ pub enum PollEvent {
     },
 }
 
+/// A header-only runner's capacity: the configured default, else the most hints it ever
+/// listed, and at least 1. Every runner holds at least one model, and a capacity of 0
+/// ("unknown") would rank it after every runner of known capacity, so header-only runners
+/// that had listed nothing yet would never get a model while one that had listed some took
+/// every miss and thrashed. An underestimate only makes it look full early; its header
+/// corrects that upwards as soon as it lists more.
+fn inferred_capacity(default: u32, most_hints: usize) -> u32 {
+    if default > 0 {
+        default
+    } else {
+        u32::try_from(most_hints).unwrap_or(u32::MAX).max(1)
+    }
+}
+
 /// Least time between two warnings about the same runner's failing polls.
 pub const WARN_EVERY_MS: u64 = 30_000;
 
@@ -372,7 +386,7 @@ impl Poller {
             next.hints = l.hints;
         }
         s.most_hints = s.most_hints.max(next.hints.len());
-        next.capacity = if defaults.capacity > 0 { defaults.capacity } else { s.most_hints as u32 };
+        next.capacity = inferred_capacity(defaults.capacity, s.most_hints);
         next.max_concurrency = defaults.max_concurrency.max(1);
         if next != s.runner {
             s.runner = next;
@@ -447,9 +461,7 @@ impl Poller {
         s.runner.hints = list.hints.clone();
         if s.probe == Probe::Health {
             s.most_hints = s.most_hints.max(list.hints.len());
-            if defaults.capacity == 0 {
-                s.runner.capacity = s.most_hints as u32;
-            }
+            s.runner.capacity = inferred_capacity(defaults.capacity, s.most_hints);
         }
         self.dirty = true;
         Some(list)
@@ -724,6 +736,15 @@ mod tests {
             p.on_response(0, 1201, Some(503), None, Ok(b"")),
             PollEvent::Failed { lost: true, .. }
         ));
+        // One that has listed nothing yet still holds one model, so it is not ranked as of
+        // unknown capacity (after every other runner) and gets misses.
+        let cfg = Config::parse(br#"{"runners":["127.0.0.1:1"]}"#).unwrap();
+        let mut p = Poller::new(&cfg);
+        p.on_sent(0, 1, 0, 0);
+        p.on_response(0, 1, Some(404), None, Ok(b""));
+        p.on_sent(0, 2, 1, 0);
+        p.on_response(0, 2, Some(200), None, Ok(b""));
+        assert_eq!(p.take_table().unwrap().runners[0].capacity, 1);
         // With no health_path, a 404 is just a failed poll.
         let cfg = Config::parse(br#"{"runners":["127.0.0.1:1"],"health_path":""}"#).unwrap();
         let mut p = Poller::new(&cfg);
