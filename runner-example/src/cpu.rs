@@ -187,12 +187,7 @@ impl Backend for CpuBackend {
 
     fn lookup(&self, model: &str) -> Result<Option<u64>, BackendError> {
         // The manifest lists every model: one it lacks is never loaded, nothing is evicted.
-        self.dir.entry(model).map(|e| Some(e.weight_bytes)).ok_or_else(|| {
-            BackendError::NotFound(format!(
-                "no model {model} in {}",
-                self.dir.dir().join(crate::models::MANIFEST_FILE).display()
-            ))
-        })
+        self.dir.known(model).map(|e| Some(e.weight_bytes))
     }
 
     fn warm(&self) -> Vec<String> {
