@@ -71,26 +71,15 @@ pub struct HintList {
 /// Linear in the input: duplicates are found with a hash set of the entries seen (borrowed
 /// from the input), so a hostile list of 100,000 entries costs 100,000 lookups, not
 /// 100,000 x `cap` comparisons.
+///
+/// Each entry is classified, invalid ones are dropped (counted), repeats are dropped, the
+/// first `cap` distinct ones are kept and distinct valid entries past the cap are counted
+/// as truncated. (A `/hints` body's list follows the same rules, streamed:
+/// [`crate::report`].)
 pub fn parse_hint_list(value: &[u8], max_hint_bytes: usize, cap: usize) -> HintList {
-    collect_hints(value.split(|&b| b == b','), max_hint_bytes, cap)
-}
-
-/// Sanitises a list of hints from a `/hints` body with the same rules as the header.
-pub fn sanitize_hints<S: AsRef<str>>(items: &[S], max_hint_bytes: usize, cap: usize) -> HintList {
-    collect_hints(items.iter().map(|s| s.as_ref().as_bytes()), max_hint_bytes, cap)
-}
-
-/// The shared rules of [`parse_hint_list`] and [`sanitize_hints`]: classify each entry, drop
-/// invalid ones (counted), drop repeats, keep the first `cap` distinct ones and count the
-/// distinct valid entries past the cap as truncated.
-pub fn collect_hints<'a>(
-    items: impl Iterator<Item = &'a [u8]>,
-    max_hint_bytes: usize,
-    cap: usize,
-) -> HintList {
     let mut out = HintList::default();
-    let mut seen: HashSet<&'a [u8], FxBuildHasher> = HashSet::default();
-    for item in items {
+    let mut seen: HashSet<&[u8], FxBuildHasher> = HashSet::default();
+    for item in value.split(|&b| b == b',') {
         let h = match classify(Some(item), max_hint_bytes) {
             HintClass::Absent => continue,
             HintClass::Invalid(_) => {
@@ -168,19 +157,12 @@ mod tests {
     }
 
     #[test]
-    fn sanitize_uses_same_rules() {
-        let l = sanitize_hints(&["ok", "not ok", "x".repeat(300).as_str(), "ok"], 256, 10);
-        assert_eq!(l.hints, vec!["ok"]);
-        assert_eq!(l.invalid, 2);
-    }
-
-    #[test]
     fn large_lists_dedup_exactly() {
         // 60,000 distinct hints, each listed twice, under a cap of 100,000 (the most a config
         // allows): every distinct one kept once, in first-seen order. The old nested scan took
         // 3.1 s per poll on this input; the hash set makes it linear.
         let items: Vec<String> = (0..120_000).map(|i| format!("m{}", i % 60_000)).collect();
-        let l = sanitize_hints(&items, 256, 100_000);
+        let l = parse_hint_list(items.join(",").as_bytes(), 256, 100_000);
         assert_eq!(l.hints.len(), 60_000);
         assert_eq!((l.hints[0].as_str(), l.hints[59_999].as_str()), ("m0", "m59999"));
         assert_eq!((l.invalid, l.truncated), (0, 0));

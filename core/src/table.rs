@@ -298,7 +298,7 @@ impl View {
     /// hint list joined by `,` (the form runners send, and the common case: nothing new).
     /// Then `parse_hint_list(raw, max_hint_bytes, cap)` would return that same list, so the
     /// caller can skip parsing: a view's hints are sanitised on the way in (by the poller's
-    /// `sanitize_hints` or the filter's `parse_hint_list`, with the same limits), so each is
+    /// `report::parse` or the filter's `parse_hint_list`, with the same limits), so each is
     /// non-empty visible ASCII without `,`, and they are distinct; the lengths and the count
     /// are checked here again.
     /// False for anything else, including an unknown runner; the caller then parses.
