@@ -106,7 +106,8 @@ fn block<'a>(text: &'a str, start: &str, end: &str) -> Result<&'a str> {
 /// Harness options for `setup` in front of `runners`.
 /// `extra` plugin members (JSON values) apply to the hint-router setups, after the defaults.
 pub fn options(setup: &Setup, runners: &[String], extra: &[(String, String)]) -> Result<EnvoyOptions> {
-    let mut opts = EnvoyOptions { concurrency: 1, ..EnvoyOptions::default() };
+    // The production config: what users run (no debug headers, runner headers stripped).
+    let mut opts = EnvoyOptions { concurrency: 1, ..EnvoyOptions::production() };
     if setup.variant == Variant::HintRouter {
         opts.plugin = vec![
             ("debug_headers".into(), "false".into()),
