@@ -164,13 +164,18 @@ impl Drop for Runner {
         signal(self.child.id(), libc::SIGCONT);
         self.kill();
         if std::thread::panicking() {
-            let log = self.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!("---- runner {} log (last lines) ----", self.addr);
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
+            print_log_tail(&format!("runner {}", self.addr), &self.log_text());
         }
+    }
+}
+
+/// Prints the last 30 lines of a child process's `log` under a `what` heading (from `Drop`
+/// impls while a test panics, so a failure shows what the process said).
+pub fn print_log_tail(what: &str, log: &str) {
+    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+    eprintln!("---- {what} log (last lines) ----");
+    for l in tail.iter().rev() {
+        eprintln!("{l}");
     }
 }
 

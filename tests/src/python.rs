@@ -108,12 +108,7 @@ impl Drop for FalApp {
         signal(self.child.id(), libc::SIGCONT);
         self.kill();
         if std::thread::panicking() {
-            let log = self.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!("---- fal app {} ({}) log (last lines) ----", self.name, self.addr);
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
+            crate::print_log_tail(&format!("fal app {} ({})", self.name, self.addr), &self.log_text());
         }
     }
 }
