@@ -7,6 +7,27 @@ fn budget_cache(backend: &Arc<TestBackend>, capacity: usize, budget: u64) -> Mod
 }
 
 /// Gives `model` a size of `bytes`, hinted and resident.
+/// 400 tasks acquiring and releasing models m0..m7 at once, checking the invariants around
+/// each step.
+async fn contend(cache: &ModelCache) {
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let model = format!("m{}", (i * 7) % 8);
+                let lease = cache.acquire(&model).await.unwrap();
+                cache.validate().unwrap();
+                tokio::task::yield_now().await;
+                drop(lease);
+                cache.validate().unwrap();
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
 fn sized(backend: &TestBackend, model: &str, bytes: u64) {
     backend.set_size(model, Some(bytes), Some(bytes));
 }
@@ -296,22 +317,7 @@ async fn never_exceeds_capacity_under_contention() {
             }
         }
     });
-    let tasks: Vec<_> = (0..400)
-        .map(|i| {
-            let cache = cache.clone();
-            tokio::spawn(async move {
-                let model = format!("m{}", (i * 7) % 8);
-                let lease = cache.acquire(&model).await.unwrap();
-                cache.validate().unwrap();
-                tokio::task::yield_now().await;
-                drop(lease);
-                cache.validate().unwrap();
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    contend(&cache).await;
     watcher.await.unwrap();
     assert!(backend.max_live() <= 3, "max live {}", backend.max_live());
     assert!(cache.queued().is_empty());
@@ -338,22 +344,7 @@ async fn never_exceeds_the_budget_under_contention() {
             }
         }
     });
-    let tasks: Vec<_> = (0..400)
-        .map(|i| {
-            let cache = cache.clone();
-            tokio::spawn(async move {
-                let model = format!("m{}", (i * 7) % 8);
-                let lease = cache.acquire(&model).await.unwrap();
-                cache.validate().unwrap();
-                tokio::task::yield_now().await;
-                drop(lease);
-                cache.validate().unwrap();
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    contend(&cache).await;
     watcher.await.unwrap();
     assert!(cache.queued().is_empty());
     assert!(cache.snapshot().reserved_bytes <= 150);
