@@ -17,6 +17,7 @@
 //! * [`popularity`]: a fixed-size sketch of how often each hint is requested (with the
 //!   private `placement` and `learned` modules: eviction victims, learned times).
 //! * [`poller`]: the per-runner poll state machine run by the singleton service.
+//! * [`queue`]: fal's queue: runner tokens, request ids, and queue listener paths.
 //! * [`inflight`]: the cross-worker in-flight counters' byte encoding.
 //!
 //! No function here panics on any input; clippy denies `unwrap`, `expect`, `panic` and
@@ -34,6 +35,7 @@ mod learned;
 mod placement;
 pub mod poller;
 pub mod popularity;
+pub mod queue;
 pub mod rank;
 pub mod report;
 pub mod router;

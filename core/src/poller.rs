@@ -505,6 +505,7 @@ mod tests {
             resident_bytes: None,
             memory_budget_bytes: None,
             warm: Vec::new(),
+            queue_token: None,
         })
         .unwrap()
     }

@@ -48,6 +48,10 @@ pub struct HintsReport {
     /// costs a host-to-device copy instead of a disk read and checks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warm: Vec<String>,
+    /// Present when the runner serves fal's queue (docs/queue.md): 16 lowercase hex digits,
+    /// random per process start, that begin every request id it issues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_token: Option<String>,
 }
 
 /// Formats hints as the `x-fal-runner-hints` header value: `a,b,c` (empty string for none).

@@ -318,6 +318,7 @@ impl Runner {
             resident_bytes: snap.resident_bytes,
             memory_budget_bytes: self.inner.cache.memory_budget(),
             warm: if draining { Vec::new() } else { self.inner.backend.warm() },
+            queue_token: None,
         }
     }
 }

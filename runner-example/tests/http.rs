@@ -187,6 +187,7 @@ async fn inference_miss_then_hit_and_headers() {
             resident_bytes: None,
             memory_budget_bytes: None,
             warm: Vec::new(),
+            queue_token: None,
         }
     );
     assert!(raw.get("resident_bytes").is_none(), "{raw}");

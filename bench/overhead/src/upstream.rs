@@ -87,6 +87,7 @@ impl Upstream {
                     resident_bytes: None,
                     memory_budget_bytes: None,
                     warm: Vec::new(),
+                    queue_token: None,
                 };
                 variants.push(Variant {
                     hints_json: Bytes::from(serde_json::to_vec(&report)?),
