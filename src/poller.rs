@@ -237,7 +237,7 @@ impl PollerRoot {
                     host::increment_metric(self.metrics.report_clamped, 1);
                     if *warn {
                         log::warn!(
-                            "hint-router poller: runner {addr} reported out-of-bounds {}; clamped (see docs/config.md)",
+                            "hint-router poller: runner {addr} reported out-of-bounds or unusable {}; clamped or ignored (see docs/config.md)",
                             clamped.join(", ")
                         );
                     }

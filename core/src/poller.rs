@@ -157,6 +157,8 @@ impl Poller {
                         hints: Vec::new(),
                         capacity: 0,
                         max_concurrency: 1,
+                        queue_token: 0,
+                        unreachable: false,
                     },
                     phase: Phase::Idle,
                     next_due_ms: 0,
@@ -285,8 +287,9 @@ impl Poller {
         let (mut lost, mut warn) = (false, false);
         if let Some(s) = self.slots.get_mut(idx) {
             lost = s.runner.available;
-            if lost {
+            if lost || !s.runner.unreachable {
                 s.runner.available = false;
+                s.runner.unreachable = true;
                 self.dirty = true;
             }
             warn = lost || s.last_warn_ms.map_or(true, |t| now_ms.saturating_sub(t) >= WARN_EVERY_MS);
@@ -325,12 +328,24 @@ impl Poller {
             Err(f) => self.on_failure(idx, now_ms, f),
             Ok(report) => {
                 self.finish(idx, now_ms);
+                // A token another runner already reports would steer that runner's job calls
+                // here: the later claimant gets none (and no queue submissions).
+                let queue_token = report
+                    .queue_token
+                    .filter(|&t| {
+                        !self.slots.iter().enumerate().any(|(j, o)| j != idx && o.runner.queue_token == t)
+                    })
+                    .unwrap_or(0);
+                let mut clamped = report.clamped;
+                if report.queue_token.is_some() && queue_token == 0 {
+                    clamped.push("queue_token (another runner's)");
+                }
                 let Some(s) = self.slots.get_mut(idx) else {
                     return PollEvent::Failed { failure: PollFailure::Dispatch, lost: false, warn: false };
                 };
                 s.reported_in_flight = report.in_flight;
                 s.last_warn_ms = None;
-                let warn = !report.clamped.is_empty()
+                let warn = !clamped.is_empty()
                     && s.last_clamp_warn_ms.map_or(true, |t| now_ms.saturating_sub(t) >= WARN_EVERY_MS);
                 if warn {
                     s.last_clamp_warn_ms = Some(now_ms);
@@ -342,6 +357,8 @@ impl Poller {
                     hints: report.hints.hints,
                     capacity: report.capacity,
                     max_concurrency: report.max_concurrency,
+                    queue_token,
+                    unreachable: false,
                 };
                 if next != s.runner {
                     s.runner = next;
@@ -351,7 +368,7 @@ impl Poller {
                     recovered,
                     truncated: report.hints.truncated,
                     invalid: report.hints.invalid,
-                    clamped: report.clamped,
+                    clamped,
                     warn,
                 }
             }
@@ -382,6 +399,8 @@ impl Poller {
         let (truncated, invalid) = list.as_ref().map_or((0, 0), |l| (l.truncated, l.invalid));
         let mut next = s.runner.clone();
         next.available = true;
+        next.unreachable = false;
+        next.queue_token = 0;
         if let Some(l) = list {
             next.hints = l.hints;
         }
@@ -508,6 +527,55 @@ mod tests {
             queue_token: None,
         })
         .unwrap()
+    }
+
+    fn with_token(runner: &str, token: &str) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_slice(&body(runner, &["a"])).unwrap();
+        v["queue_token"] = token.into();
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn queue_tokens_are_published_unique_and_failures_mark_runners_unreachable() {
+        let mut p = poller();
+        p.take_table();
+        let token = "00000000000000ab";
+        p.on_sent(0, 1, 0, 0);
+        p.on_response(0, 1, Some(200), None, Ok(&with_token("127.0.0.1:1", token)));
+        // The second runner claims the first one's token: it gets none, and it is reported.
+        p.on_sent(1, 2, 0, 0);
+        let ev = p.on_response(1, 1, Some(200), None, Ok(&with_token("127.0.0.1:2", token)));
+        assert!(
+            matches!(ev, PollEvent::Ok { ref clamped, warn: true, .. } if clamped == &vec!["queue_token (another runner's)"]),
+            "{ev:?}"
+        );
+        let t = p.take_table().unwrap();
+        assert_eq!((t.runners[0].queue_token, t.runners[1].queue_token), (0xab, 0));
+        assert!(!t.runners[0].unreachable);
+        // A malformed token is ignored, and said.
+        p.on_sent(1, 3, 100, 0);
+        let ev = p.on_response(1, 101, Some(200), None, Ok(&with_token("127.0.0.1:2", "AB")));
+        assert!(matches!(ev, PollEvent::Ok { ref clamped, .. } if clamped == &vec!["queue_token"]), "{ev:?}");
+        // A failed poll keeps the token (job calls get a clear 503, not a 404) and marks the
+        // runner unreachable; an answer clears it.
+        p.on_sent(0, 4, 100, 0);
+        p.on_failure(0, 150, PollFailure::Timeout);
+        let t = p.take_table().unwrap();
+        assert!(t.runners[0].unreachable && !t.runners[0].available);
+        assert_eq!(t.runners[0].queue_token, 0xab);
+        p.on_sent(0, 5, 200, 0);
+        p.on_response(0, 201, Some(200), None, Ok(&body("127.0.0.1:1", &["a"])));
+        let t = p.take_table().unwrap();
+        assert!(!t.runners[0].unreachable && t.runners[0].available);
+        assert_eq!(t.runners[0].queue_token, 0, "a restarted runner without a queue");
+        // Draining is not unreachable.
+        let mut v: serde_json::Value = serde_json::from_slice(&with_token("127.0.0.1:1", token)).unwrap();
+        v["draining"] = true.into();
+        p.on_sent(0, 6, 300, 0);
+        p.on_response(0, 301, Some(200), None, Ok(&serde_json::to_vec(&v).unwrap()));
+        let t = p.take_table().unwrap();
+        assert!(!t.runners[0].available && !t.runners[0].unreachable);
+        assert_eq!(t.runners[0].queue_token, 0xab);
     }
 
     #[test]

@@ -60,7 +60,10 @@ pub struct Report {
     pub in_flight: Option<u32>,
     /// The runner is shutting down.
     pub draining: bool,
-    /// Fields whose values were out of bounds and clamped (empty for an honest runner).
+    /// Its fal queue token (docs/queue.md), when it reported a well-formed one.
+    pub queue_token: Option<u64>,
+    /// Fields whose values were out of bounds and clamped, or unusable and ignored
+    /// (`queue_token`); empty for an honest runner.
     pub clamped: Vec<&'static str>,
 }
 
@@ -91,6 +94,17 @@ pub fn parse(body: &[u8], limits: Limits, defaults: Defaults) -> Result<Report, 
         defaults.max_concurrency.clamp(1, MAX_CONCURRENCY),
     );
     let in_flight = raw.in_flight.map(|v| bound("in_flight", Some(v), 0, MAX_IN_FLIGHT, 0));
+    let queue_token = match raw.queue_token {
+        None => None,
+        Some(t) => {
+            let token = crate::queue::parse_token(t.as_bytes());
+            if token.is_none() {
+                // Not a token this router can map ids to: the runner gets no queue jobs.
+                clamped.push("queue_token");
+            }
+            token
+        }
+    };
     Ok(Report {
         runner: raw.runner,
         hints,
@@ -98,6 +112,7 @@ pub fn parse(body: &[u8], limits: Limits, defaults: Defaults) -> Result<Report, 
         max_concurrency,
         in_flight,
         draining: raw.draining.unwrap_or(false),
+        queue_token,
         clamped,
     })
 }
@@ -111,6 +126,7 @@ struct RawReport {
     max_concurrency: Option<u64>,
     in_flight: Option<u64>,
     draining: Option<bool>,
+    queue_token: Option<String>,
 }
 
 struct ReportSeed {
@@ -141,6 +157,7 @@ impl<'de> Visitor<'de> for ReportSeed {
                 "max_concurrency" => r.max_concurrency = Some(map.next_value()?),
                 "in_flight" => r.in_flight = Some(map.next_value()?),
                 "draining" => r.draining = Some(map.next_value()?),
+                "queue_token" => r.queue_token = Some(map.next_value()?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }

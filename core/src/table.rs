@@ -22,6 +22,21 @@ pub struct TableRunner {
     pub capacity: u32,
     /// Inferences it runs at once; at or above this many in flight it counts as busy.
     pub max_concurrency: u32,
+    /// The token that begins the fal queue request ids it issues (docs/queue.md); 0: it
+    /// serves no queue.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub queue_token: u64,
+    /// Its last poll failed (dead, frozen or unreachable), as opposed to merely draining.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub unreachable: bool,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// The whole table. Runner order is the config's `runners` order, so an index is stable and
@@ -77,6 +92,12 @@ pub struct TableRunnerRef<'a> {
     pub capacity: u32,
     /// As [`TableRunner::max_concurrency`].
     pub max_concurrency: u32,
+    /// As [`TableRunner::queue_token`].
+    #[serde(default)]
+    pub queue_token: u64,
+    /// As [`TableRunner::unreachable`].
+    #[serde(default)]
+    pub unreachable: bool,
 }
 
 impl<'a> TableRef<'a> {
@@ -103,6 +124,8 @@ impl TableRunnerRef<'_> {
             hints: self.hints.into_iter().map(|h| h.0.into_owned()).collect(),
             capacity: self.capacity,
             max_concurrency: self.max_concurrency,
+            queue_token: self.queue_token,
+            unreachable: self.unreachable,
         }
     }
 }
@@ -124,6 +147,10 @@ pub struct ViewRunner {
     pub max_concurrency: u32,
     /// Its current hints.
     pub hints: Vec<String>,
+    /// Its fal queue token (0: none).
+    pub queue_token: u64,
+    /// Its last poll failed.
+    pub unreachable: bool,
 }
 
 impl ViewRunner {
@@ -185,6 +212,8 @@ impl View {
                 capacity: r.capacity.min(MAX_CAPACITY),
                 max_concurrency: r.max_concurrency.max(1),
                 hints: r.hints,
+                queue_token: r.queue_token,
+                unreachable: r.unreachable,
             });
         }
         v
@@ -211,6 +240,8 @@ impl View {
             v.available = t.available;
             v.capacity = t.capacity.min(MAX_CAPACITY);
             v.max_concurrency = t.max_concurrency.max(1);
+            v.queue_token = t.queue_token;
+            v.unreachable = t.unreachable;
             let same = v.hints.len() == t.hints.len() && v.hints.iter().zip(&t.hints).all(|(a, b)| *a == b.0);
             if !same {
                 let new = t.hints.into_iter().map(|h| h.0.into_owned()).collect();
@@ -268,6 +299,15 @@ impl View {
     /// Index of the runner at `addr`.
     pub fn index_of(&self, addr: &str) -> Option<u32> {
         self.by_addr.get(addr).copied()
+    }
+
+    /// The runner whose fal queue token is `token` (0 matches none). A linear scan: job
+    /// calls are a small share of requests, and the poller keeps tokens unique.
+    pub fn runner_by_queue_token(&self, token: u64) -> Option<u32> {
+        if token == 0 {
+            return None;
+        }
+        self.runners.iter().position(|r| r.queue_token == token).map(|i| i as u32)
     }
 
     /// Runners (available or not) that list `hint`.
@@ -385,6 +425,8 @@ pub(crate) mod tests {
                     hints: hs.iter().map(|s| s.to_string()).collect(),
                     capacity: 3,
                     max_concurrency: 2,
+                    queue_token: 0,
+                    unreachable: false,
                 })
                 .collect(),
         }

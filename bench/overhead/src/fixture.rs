@@ -54,6 +54,8 @@ pub fn table_for(addrs: &[String], h: usize) -> Table {
                 hints: runner_hints(i, n, h),
                 capacity: CAPACITY,
                 max_concurrency: MAX_CONCURRENCY,
+                queue_token: 0,
+                unreachable: false,
             })
             .collect(),
     }

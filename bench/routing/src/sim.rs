@@ -270,6 +270,8 @@ pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
                 hints: Vec::new(),
                 capacity: p.capacity as u32,
                 max_concurrency: p.max_concurrency,
+                queue_token: 0,
+                unreachable: false,
             })
             .collect(),
     };
