@@ -5,6 +5,7 @@ use crate::{GENERATION_KEY, INFLIGHT_KEY, QUEUE_NAME, TABLE_KEY};
 use hint_router_core::config::Config;
 use hint_router_core::hint::{classify, parse_hint_list, HintClass};
 use hint_router_core::inflight;
+use hint_router_core::queue::{classify_path, QueuePath};
 use hint_router_core::rank::Outcome;
 use hint_router_core::router::{Decision, Router};
 use hint_router_core::table::{encode_header_update, encode_header_update_raw, TableRef};
@@ -46,6 +47,12 @@ struct Metrics {
     table_reloads: u32,
     table_reload_us: u32,
     vm_memory: u32,
+    queue_submits: u32,
+    queue_job_calls: u32,
+    queue_bad_ids: u32,
+    queue_unknown_ids: u32,
+    queue_runner_lost: u32,
+    queue_no_runner: u32,
 }
 
 fn outcome_slot(o: Outcome) -> usize {
@@ -81,6 +88,12 @@ impl Metrics {
             table_reload_us: c("hint_router.table_reload_us"),
             vm_memory: host::define_metric(MetricKind::Gauge, "hint_router.vm_memory_bytes")
                 .unwrap_or(u32::MAX),
+            queue_submits: c("hint_router.queue.submits"),
+            queue_job_calls: c("hint_router.queue.job_calls"),
+            queue_bad_ids: c("hint_router.queue.malformed_ids"),
+            queue_unknown_ids: c("hint_router.queue.unknown_ids"),
+            queue_runner_lost: c("hint_router.queue.runner_unreachable"),
+            queue_no_runner: c("hint_router.queue.no_queue_runner"),
         }
     }
 
@@ -93,6 +106,8 @@ impl Metrics {
 struct State {
     cfg: Config,
     vm_id: String,
+    /// This filter fronts fal's queue (root id [`crate::QUEUE_ROOT_ID`], docs/queue.md).
+    queue_mode: bool,
     /// The worker's view of the fleet, inside the routing state.
     router: Router,
     /// Generation bytes last read, to skip re-reading an unchanged table.
@@ -174,7 +189,17 @@ impl State {
     /// read earlier in this request; a CAS mismatch (someone wrote since) retries with fresh
     /// reads, `CAS_ATTEMPTS` of them. Returns whether the count moved (a request whose
     /// increment gave up must not decrement later: that would undo someone else's).
-    fn adjust_inflight(&self, idx: u32, load: bool, delta: i32, mut snapshot: Snapshot) -> bool {
+    fn adjust_inflight(&self, idx: u32, load: bool, delta: i32, snapshot: Snapshot) -> bool {
+        self.adjust_counters(idx, delta, if load { delta } else { 0 }, snapshot)
+    }
+
+    /// Moves only runner `idx`'s `loading` counter.
+    fn adjust_loading(&self, idx: u32, delta: i32) -> bool {
+        self.adjust_counters(idx, 0, delta, None)
+    }
+
+    /// [`State::adjust_inflight`] with the two counters moved independently.
+    fn adjust_counters(&self, idx: u32, in_flight: i32, loading: i32, mut snapshot: Snapshot) -> bool {
         let runners = self.router.view().runners().len();
         let n = 2 * runners;
         let attempts = CAS_ATTEMPTS + usize::from(snapshot.is_some());
@@ -186,9 +211,11 @@ impl State {
                     Err(_) => break,
                 },
             };
-            inflight::adjust_in_place(&mut bytes, n, idx, delta);
-            if load {
-                inflight::adjust_in_place(&mut bytes, n, runners as u32 + idx, delta);
+            if in_flight != 0 {
+                inflight::adjust_in_place(&mut bytes, n, idx, in_flight);
+            }
+            if loading != 0 {
+                inflight::adjust_in_place(&mut bytes, n, runners as u32 + idx, loading);
             }
             match host::set_shared(INFLIGHT_KEY, &bytes, cas) {
                 Ok(()) => return true,
@@ -226,12 +253,13 @@ pub struct FilterRoot {
 
 impl FilterRoot {
     /// Creates the worker state for a validated config.
-    pub fn new(cfg: Config, vm_id: String) -> FilterRoot {
+    pub fn new(cfg: Config, vm_id: String, queue_mode: bool) -> FilterRoot {
         let max = cfg.max_candidates;
         let mode = cfg.when_holders_busy;
         let state = State {
             cfg,
             vm_id,
+            queue_mode,
             router: Router::with_mode(Default::default(), mode),
             seen_generation: None,
             queue: None,
@@ -253,6 +281,8 @@ impl FilterRoot {
             decision: None,
             started_us: 0,
             answered: false,
+            submit: false,
+            accepted: false,
         }
     }
 }
@@ -272,6 +302,63 @@ pub struct Stream {
     started_us: u64,
     /// Response headers arrived.
     answered: bool,
+    /// A fal queue submission (queue mode).
+    submit: bool,
+    /// A submission the runner accepted (2xx): the job stays in the runner's queue after
+    /// this request ends, so its in-flight count stays until the next poll replaces it with
+    /// the runner's own `in_flight`, which counts the job.
+    accepted: bool,
+}
+
+/// A JSON local reply for fal's queue client: `{"detail": ...}`.
+fn queue_reply(status: u32, detail: &str) {
+    let body = format!("{{\"detail\":\"{detail}\"}}\n");
+    if let Err(e) =
+        host::send_local_response(status, &[("content-type", "application/json")], body.as_bytes())
+    {
+        log::warn!("hint-router: cannot answer a queue request locally: {e}");
+    }
+}
+
+impl State {
+    /// Queue mode, before routing: answers or steers a job call, and returns `Some` when the
+    /// request is settled (no hint routing). Submissions return `None` and are routed by hint.
+    fn queue_job_call(&mut self) -> Option<Action> {
+        let path = host::get_header(Map::Request, ":path").ok().flatten().unwrap_or_default();
+        let (token, op) = match classify_path(&path) {
+            QueuePath::Submit => {
+                host::increment_metric(self.metrics.queue_submits, 1);
+                return None;
+            }
+            QueuePath::MalformedId => {
+                host::increment_metric(self.metrics.queue_bad_ids, 1);
+                queue_reply(400, "Malformed request id");
+                return Some(Action::Pause);
+            }
+            QueuePath::Job { token, op } => (token, op),
+        };
+        host::increment_metric(self.metrics.queue_job_calls, 1);
+        let view = self.router.view();
+        let Some(idx) = view.runner_by_queue_token(token) else {
+            host::increment_metric(self.metrics.queue_unknown_ids, 1);
+            queue_reply(404, "Request not found");
+            return Some(Action::Pause);
+        };
+        if view.runner(idx).is_some_and(|r| r.unreachable) {
+            // Dead or frozen: say so now instead of letting the client poll a lost job.
+            host::increment_metric(self.metrics.queue_runner_lost, 1);
+            queue_reply(503, "The runner holding this request is not answering; the request may be lost");
+            return Some(Action::Pause);
+        }
+        let list = view.format_candidates(&[idx]);
+        log::trace!("hint-router: queue {op:?} for runner {idx}");
+        if let Err(e) = host::set_header(Map::Request, &self.cfg.pick_header, list.as_bytes()) {
+            log::warn!("hint-router: cannot set {}: {e}", self.cfg.pick_header);
+            queue_reply(503, "Cannot route this request");
+            return Some(Action::Pause);
+        }
+        Some(Action::Continue)
+    }
 }
 
 impl Context for Stream {}
@@ -282,6 +369,12 @@ impl HttpContext for Stream {
         let st = &mut *st;
         host::increment_metric(st.metrics.requests, 1);
         st.refresh();
+        if st.queue_mode {
+            match st.queue_job_call() {
+                Some(action) => return action,
+                None => self.submit = true,
+            }
+        }
         let raw = host::get_header(Map::Request, &st.cfg.hint_header).ok().flatten();
         let hint = match classify(raw.as_deref(), st.cfg.max_hint_bytes) {
             HintClass::Valid(h) => Some(h),
@@ -304,6 +397,22 @@ impl HttpContext for Stream {
         let (max, max_hints) = (st.cfg.max_candidates, st.cfg.max_hints_per_runner);
         let now_us = host::now_ns() / 1000;
         let decision = st.router.route(hint, in_flight, now_us, st.spin, max, max_hints, &mut candidates);
+        if self.submit {
+            // Only runners that report a queue token can take a job. Order is kept; in a
+            // fleet of queue runners (the supported setup) nothing is dropped.
+            let first = candidates.first().copied();
+            let view = st.router.view();
+            candidates.retain(|&i| view.runner(i).is_some_and(|r| r.queue_token != 0));
+            if candidates.is_empty() {
+                if let Some(first) = first {
+                    st.router.observe(first, &decision, None); // releases any pin it took
+                }
+                host::increment_metric(st.metrics.queue_no_runner, 1);
+                st.candidates = candidates;
+                queue_reply(503, "No runner here serves the queue right now");
+                return Action::Pause;
+            }
+        }
         let outcome = decision.outcome;
         host::increment_metric(st.metrics.outcome(outcome), 1);
         self.outcome = Some(outcome);
@@ -338,6 +447,10 @@ impl HttpContext for Stream {
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
         self.answered = true;
+        if self.submit {
+            let status = host::get_header(Map::Response, ":status").ok().flatten();
+            self.accepted = status.is_some_and(|s| s.first() == Some(&b'2'));
+        }
         let Ok(mut st) = self.state.try_borrow_mut() else { return Action::Continue };
         let st = &mut *st;
         let learn = st.cfg.learn_from_responses;
@@ -403,11 +516,21 @@ impl HttpContext for Stream {
         }
         let Ok(mut st) = self.state.try_borrow_mut() else { return };
         if let Some(idx) = picked {
-            st.adjust_inflight(idx, self.load, -1, None);
+            if self.accepted {
+                // The job is still queued or running on the runner: only its wait for a
+                // load (if any) is over as far as this request can tell.
+                if self.load {
+                    st.adjust_loading(idx, -1);
+                }
+            } else {
+                st.adjust_inflight(idx, self.load, -1, None);
+            }
         }
         if let Some((idx, d)) = decision {
             let elapsed = (host::now_ns() / 1000).saturating_sub(self.started_us);
-            st.router.observe(idx, &d, self.answered.then_some(elapsed));
+            // A submission's answer comes at once: its time says nothing about the runner.
+            let timed = self.answered && !self.submit;
+            st.router.observe(idx, &d, timed.then_some(elapsed));
         }
     }
 }

@@ -138,6 +138,16 @@ extern "C" {
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
     fn proxy_record_metric(id: u32, value: u64) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        details: *const u8,
+        details_size: usize,
+        body: *const u8,
+        body_size: usize,
+        headers: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
 }
 
 /// Takes ownership of a buffer the host allocated through `proxy_on_memory_allocate`.
@@ -404,6 +414,46 @@ pub fn dispatch_http_call(
 ) -> HostResult<u32> {
     proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout)
         .map_err(|s| HostError::Status(s as u32))
+}
+
+/// Serialises a header map the way the proxy-wasm ABI reads one: the pair count, each pair's
+/// key and value lengths, then each key and value followed by a NUL (all `u32` little-endian).
+fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+    let bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let mut out = Vec::with_capacity(4 + 8 * headers.len() + bytes);
+    let len32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    out.extend_from_slice(&len32(headers.len()));
+    for (k, v) in headers {
+        out.extend_from_slice(&len32(k.len()));
+        out.extend_from_slice(&len32(v.len()));
+    }
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// Answers the current request from the filter (Envoy's local reply): nothing goes upstream.
+/// The caller returns `Action::Pause` from the headers callback afterwards.
+pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> HostResult<()> {
+    let map = serialize_headers(headers);
+    let details = b"hint_router";
+    // SAFETY: every pointer/length pair describes a live slice.
+    check(unsafe {
+        proxy_send_local_response(
+            status,
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            map.as_ptr(),
+            map.len(),
+            -1,
+        )
+    })
 }
 
 /// Follows the host's current log level, so disabled levels cost nothing.

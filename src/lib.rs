@@ -7,6 +7,7 @@
 //!   the hint header, ranks runners with [`hint_router_core::rank`], and writes an ordered
 //!   `ip:port,...` list that Envoy's `override_host` LB policy follows. It learns hints from
 //!   runner responses and keeps the cross-worker in-flight counters.
+//!   With root id [`QUEUE_ROOT_ID`] it fronts fal's queue (docs/queue.md).
 //! * **poller** ([`POLLER_ROOT_ID`], run as a singleton `envoy.bootstrap.wasm` service): polls
 //!   every runner's `/hints`, merges hints the workers saw in response headers (sent over a
 //!   shared queue) and publishes the runner table to shared data.
@@ -25,6 +26,9 @@ use proxy_wasm::types::ContextType;
 
 /// Root id that selects the poller role.
 pub const POLLER_ROOT_ID: &str = "hint_router_poller";
+/// Root id of a filter in front of fal's queue (docs/queue.md): job calls are steered by
+/// their request id, submissions by their hint among queue-capable runners.
+pub const QUEUE_ROOT_ID: &str = "hint_router_queue";
 /// Shared-data key of the published runner table (JSON).
 pub(crate) const TABLE_KEY: &str = "hint_router.table";
 /// Shared-data key of the table's generation (8 bytes, little-endian); read on every request.
@@ -86,7 +90,8 @@ impl RootContext for Root {
                 }
             }
         } else {
-            *self = Root::Filter(filter::FilterRoot::new(cfg, vm_id));
+            let queue_mode = root_id == QUEUE_ROOT_ID.as_bytes();
+            *self = Root::Filter(filter::FilterRoot::new(cfg, vm_id, queue_mode));
         }
         true
     }

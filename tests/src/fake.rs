@@ -33,6 +33,8 @@ struct Shared {
     stop: AtomicBool,
     inference: AtomicU64,
     polls: AtomicU64,
+    /// Close the connection after reading each inference request, without answering.
+    reset_inference: AtomicBool,
 }
 
 /// The fake runner; stops on drop.
@@ -53,6 +55,7 @@ impl FakeRunner {
             stop: AtomicBool::new(false),
             inference: AtomicU64::new(0),
             polls: AtomicU64::new(0),
+            reset_inference: AtomicBool::new(false),
         });
         let (s, a) = (shared.clone(), addr.clone());
         std::thread::spawn(move || {
@@ -79,6 +82,12 @@ impl FakeRunner {
         *self.shared.header_hints.lock().expect("lock") = v.to_string();
     }
 
+    /// From now on, reads each inference request, counts it, then closes the connection
+    /// without answering (a runner that died while running it).
+    pub fn reset_inference(&self, on: bool) {
+        self.shared.reset_inference.store(on, Ordering::Relaxed);
+    }
+
     /// Inference requests served so far.
     pub fn inference_count(&self) -> u64 {
         self.shared.inference.load(Ordering::Relaxed)
@@ -101,6 +110,15 @@ impl Drop for FakeRunner {
 pub fn report_body(addr: &str, hints: &[String]) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "runner": addr, "hints": hints, "capacity": 3, "in_flight": 0, "max_concurrency": 4
+    }))
+    .expect("json")
+}
+
+/// [`report_body`] of a runner that serves fal's queue with `token` (docs/queue.md).
+pub fn queue_report_body(addr: &str, hints: &[String], token: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "runner": addr, "hints": hints, "capacity": 3, "in_flight": 0, "max_concurrency": 4,
+        "queue_token": token
     }))
     .expect("json")
 }
@@ -158,6 +176,9 @@ fn serve(mut c: TcpStream, s: &Shared, addr: &str) {
             respond(&mut c, 200, "", b"ok")
         } else {
             s.inference.fetch_add(1, Ordering::Relaxed);
+            if s.reset_inference.load(Ordering::Relaxed) {
+                return;
+            }
             let hh = s.header_hints.lock().map(|h| h.clone()).unwrap_or_default();
             respond(
                 &mut c,

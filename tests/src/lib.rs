@@ -234,7 +234,7 @@ pub const DEMO_CONFIG: &str = "envoy/demo.yaml";
 /// How the demo config differs from the production one: `(production text, demo text)`, each
 /// found exactly once. A unit test checks that applying them to `envoy/envoy.yaml` gives
 /// `envoy/demo.yaml` byte for byte, so retries, health checks and routing cannot drift apart.
-pub const DEMO_EDITS: [(&str, &str); 5] = [
+pub const DEMO_EDITS: [(&str, &str); 6] = [
     (
         "# hint-router production config: Envoy on 127.0.0.1:10000 in front of three runners
 # (127.0.0.1:18081-18083). Run from the repository root: `envoy -c envoy/envoy.yaml`.
@@ -251,6 +251,13 @@ pub const DEMO_EDITS: [(&str, &str); 5] = [
         "            - name: runners
               domains: [\"*\"]
               # Demo: x-cache, x-fal-runner-hints and the debug headers reach clients.
+              response_headers_to_remove: [x-runner-id]
+",
+    ),
+    (
+        "            - name: fal_queue\n              domains: [\"*\"]\n",
+        "            - name: fal_queue
+              domains: [\"*\"]
               response_headers_to_remove: [x-runner-id]
 ",
     ),
@@ -294,16 +301,17 @@ const SHIPPED_RUNNERS: [&str; 3] = ["127.0.0.1:18081", "127.0.0.1:18082", "127.0
 
 /// Renders the shipped config for these runners and ports.
 pub fn render_config(runners: &[String], listen: u16, admin: u16, opts: &EnvoyOptions) -> String {
-    render_config_tls(runners, listen, admin, 10443, opts)
+    render_config_tls(runners, listen, admin, (10443, 10444), opts)
 }
 
-/// [`render_config`] with the TLS listener (shipped on 10443) on `tls`, and the development
-/// certificate's paths made absolute.
+/// [`render_config`] with the TLS listeners on `(tls, queue)` (shipped on 10443 and 10444:
+/// fal's blocking calls and fal's queue), and the development certificate's paths made
+/// absolute.
 pub fn render_config_tls(
     runners: &[String],
     listen: u16,
     admin: u16,
-    tls: u16,
+    (tls, queue): (u16, u16),
     opts: &EnvoyOptions,
 ) -> String {
     let file = opts.effective_config_file();
@@ -328,6 +336,7 @@ pub fn render_config_tls(
     text = text.replace("port_value: 10000", &format!("port_value: {listen}"));
     text = text.replace("port_value: 9901", &format!("port_value: {admin}"));
     text = text.replace("port_value: 10443", &format!("port_value: {tls}"));
+    text = text.replace("port_value: 10444", &format!("port_value: {queue}"));
     text = text.replace("filename: target/dev-tls/", &format!("filename: {}/", dev_tls_dir().display()));
     text = text.replace(
         "filename: target/wasm32-wasip1/release/hint_router.wasm",
@@ -373,6 +382,8 @@ pub struct Envoy {
     pub admin: u16,
     /// HTTPS listener port (fal_client's door; shipped as 10443).
     pub tls_port: u16,
+    /// HTTPS listener port of fal's queue (`FAL_QUEUE_RUN_HOST`; shipped as 10444).
+    pub queue_port: u16,
     log: PathBuf,
     /// Directory holding the config and log.
     pub dir: PathBuf,
@@ -385,12 +396,16 @@ impl Envoy {
         let bin = envoy_bin();
         assert!(bin.exists(), "{} missing: run `scripts/setup.sh` (or `make test`) first", bin.display());
         assert!(wasm_path().exists(), "{} missing: run `make build` first", wasm_path().display());
-        let (port, admin, tls_port) =
-            if opts.shipped_ports { (10000, 9901, 10443) } else { (free_port(), free_port(), free_port()) };
+        let (port, admin, tls_port, queue_port) = if opts.shipped_ports {
+            (10000, 9901, 10443, 10444)
+        } else {
+            (free_port(), free_port(), free_port(), free_port())
+        };
         ensure_dev_tls();
         let dir = scratch_dir("envoy");
         let cfg = dir.join("envoy.yaml");
-        fs::write(&cfg, render_config_tls(runners, port, admin, tls_port, opts)).expect("write config");
+        fs::write(&cfg, render_config_tls(runners, port, admin, (tls_port, queue_port), opts))
+            .expect("write config");
         let log = dir.join("envoy.log");
         let child = Command::new(&bin)
             .arg("-c")
@@ -403,7 +418,7 @@ impl Envoy {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn envoy");
-        let mut e = Envoy { child, port, admin, tls_port, log, dir };
+        let mut e = Envoy { child, port, admin, tls_port, queue_port, log, dir };
         e.wait_ready(Duration::from_secs(60));
         if expect_available > 0 {
             e.wait_stat("wasmcustom.hint_router.runners_available", Duration::from_secs(30), |v| {

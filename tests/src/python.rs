@@ -117,17 +117,32 @@ impl Drop for FalApp {
 /// listener (`FAL_RUN_HOST`, `SSL_CERT_FILE` = the development certificate, a made-up
 /// `FAL_KEY`); one JSON answer per call.
 pub fn fal_client_calls(envoy: &Envoy, app: &str, calls: &serde_json::Value) -> Vec<serde_json::Value> {
+    drive_fal_client("tests/fal/client.py", envoy, app, calls)
+}
+
+/// Runs queue `steps` (see `tests/fal/queue_client.py`) with the real `fal_client` against
+/// `envoy`'s queue listener (`FAL_QUEUE_RUN_HOST`); one JSON answer per step.
+pub fn fal_queue_steps(envoy: &Envoy, app: &str, steps: &serde_json::Value) -> Vec<serde_json::Value> {
+    drive_fal_client("tests/fal/queue_client.py", envoy, app, steps)
+}
+
+fn drive_fal_client(
+    script: &str,
+    envoy: &Envoy,
+    app: &str,
+    steps: &serde_json::Value,
+) -> Vec<serde_json::Value> {
     check_fal_installed();
     let dir = crate::scratch_dir("fal-client");
     let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
     let mut child = Command::new(python_bin())
-        .arg(repo_root().join("tests/fal/client.py"))
+        .arg(repo_root().join(script))
         .arg(app)
-        .arg(calls.to_string())
+        .arg(steps.to_string())
         .env("FAL_RUN_HOST", format!("127.0.0.1:{}", envoy.tls_port))
+        .env("FAL_QUEUE_RUN_HOST", format!("127.0.0.1:{}", envoy.queue_port))
         .env("SSL_CERT_FILE", crate::dev_tls_dir().join("cert.pem"))
         .env("FAL_KEY", "test-key-id:test-key-secret")
-        .env_remove("FAL_QUEUE_RUN_HOST")
         .stdout(fs::File::create(&out_path).expect("stdout file"))
         .stderr(fs::File::create(&err_path).expect("stderr file"))
         .spawn()
