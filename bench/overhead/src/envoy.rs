@@ -92,7 +92,10 @@ pub fn noop_wasm_path() -> PathBuf {
 }
 
 const WASM_FILTER_START: &str = "          - name: envoy.filters.http.wasm\n";
-const WASM_FILTER_END: &str = "          - name: envoy.filters.http.header_to_metadata\n";
+const WASM_FILTER_END: &str = "          - &pick_to_metadata_filter\n";
+/// fal's queue listener: it has its own hint-router filter, so the other setups drop it.
+const QUEUE_LISTENER_START: &str = "  # fal_client's queue door";
+const QUEUE_LISTENER_END: &str = "  clusters:\n";
 const BOOTSTRAP_START: &str = "bootstrap_extensions:\n";
 const BOOTSTRAP_END: &str = "static_resources:\n";
 
@@ -132,6 +135,7 @@ pub fn options(setup: &Setup, runners: &[String], extra: &[(String, String)]) ->
     let text = render_config(runners, 10000, 9901, &opts);
     let bootstrap = block(&text, BOOTSTRAP_START, BOOTSTRAP_END)?.to_string();
     let wasm = block(&text, WASM_FILTER_START, WASM_FILTER_END)?.to_string();
+    let queue_listener = block(&text, QUEUE_LISTENER_START, QUEUE_LISTENER_END)?.to_string();
     let noop = format!(
         "{WASM_FILTER_START}            typed_config:
               \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
@@ -160,7 +164,7 @@ pub fn options(setup: &Setup, runners: &[String], extra: &[(String, String)]) ->
         }
     );
     let filter = if setup.variant == Variant::NoFilter { String::new() } else { noop };
-    opts.replace = vec![(bootstrap, String::new()), (wasm, filter)];
+    opts.replace = vec![(bootstrap, String::new()), (queue_listener, String::new()), (wasm, filter)];
     Ok(opts)
 }
 
@@ -219,6 +223,7 @@ mod tests {
         let b = render(&SETUPS[1]);
         let c = render(&SETUPS[3]);
         assert!(!a.contains("envoy.filters.http.wasm") && !a.contains("bootstrap_extensions"));
+        assert!(!a.contains("public_queue") && !b.contains("public_queue") && c.contains("public_queue"));
         assert!(b.contains("noop_filter.wasm") && !b.contains("hint_router.wasm"));
         let p = render(&SETUPS[2]);
         assert!(p.contains("noop_filter.wasm") && p.contains("x-hint-router-pick=127.0.0.1:1,127.0.0.1:2"));
@@ -227,6 +232,13 @@ mod tests {
             assert!(t.contains("envoy.filters.http.header_mutation"));
             assert!(t.contains("envoy.filters.http.header_to_metadata"));
             assert!(t.contains("envoy.load_balancing_policies.override_host"));
+        }
+        // Envoy itself accepts each (when built: `make test` builds both filters first).
+        if hint_router_e2e::envoy_bin().exists() && wasm_path().exists() && noop_wasm_path().exists() {
+            for (name, t) in [("nofilter", &a), ("noop", &b), ("pick", &p), ("hint", &c)] {
+                let (accepted, log) = hint_router_e2e::util::validate_config(&format!("overhead-{name}"), t);
+                assert!(accepted, "{name} config rejected:\n{log}");
+            }
         }
     }
 }

@@ -109,10 +109,19 @@ pub fn config_edits(
         edits.push((anchor.to_string(), format!("{anchor}            \"when_holders_busy\": \"{mode}\",\n")));
         return Ok(edits);
     }
-    // Drop the wasm HTTP filter (the poller service stays; it only polls /hints).
-    let wasm = block_from(shipped, "          - name: envoy.filters.http.wasm\n", 10)
-        .ok_or_else(|| anyhow!("wasm filter block not found in the shipped config"))?;
-    edits.push((wasm, String::new()));
+    // Drop the wasm HTTP filters, the queue listener's too (the poller service stays; it only
+    // polls /hints).
+    let start = "          - name: envoy.filters.http.wasm\n";
+    let (mut rest, mut found) = (shipped, 0);
+    while let Some(wasm) = block_from(rest, start, 10) {
+        let at = rest.find(start).unwrap_or(0) + wasm.len();
+        rest = rest.get(at..).unwrap_or("");
+        edits.push((wasm, String::new()));
+        found += 1;
+    }
+    if found == 0 {
+        bail!("wasm filter block not found in the shipped config");
+    }
     // Swap the runners cluster's LB policy.
     let cluster_at = shipped
         .find("  - name: runners\n")
