@@ -5,12 +5,16 @@ use crate::host::{self, Buffer, Map, MetricKind};
 use crate::{GENERATION_KEY, INFLIGHT_KEY, QUEUE_NAME, TABLE_KEY};
 use hint_router_core::config::Config;
 use hint_router_core::inflight;
-use hint_router_core::poller::{PollEvent, PollFailure, Poller};
+use hint_router_core::members;
+use hint_router_core::poller::{Churn, PollEvent, PollFailure, Poller, WARN_EVERY_MS};
 use hint_router_core::table::decode_header_update;
 use std::time::Duration;
 
 /// Most queue messages handled per `on_queue_ready` (the rest wait for the next one).
 const MAX_DEQUEUE: usize = 4096;
+/// Largest admin `/clusters` body read (about 1 KB per host: room for the 10,000 runners a
+/// config may have).
+const MAX_ADMIN_BODY: usize = 32 << 20;
 
 struct Metrics {
     poll_ok: u32,
@@ -26,6 +30,12 @@ struct Metrics {
     report_clamped: u32,
     poll_rejected: u32,
     runners_available: u32,
+    runners_joined: u32,
+    runners_left: u32,
+    runners_refused: u32,
+    membership_ok: u32,
+    membership_error: u32,
+    runners: u32,
 }
 
 impl Metrics {
@@ -46,6 +56,12 @@ impl Metrics {
             poll_rejected: c("hint_router.poll_rejected"),
             runners_available: host::define_metric(MetricKind::Gauge, "hint_router.runners_available")
                 .unwrap_or(u32::MAX),
+            runners_joined: c("hint_router.runners_joined"),
+            runners_left: c("hint_router.runners_left"),
+            runners_refused: c("hint_router.runners_refused"),
+            membership_ok: c("hint_router.membership_ok"),
+            membership_error: c("hint_router.membership_error"),
+            runners: host::define_metric(MetricKind::Gauge, "hint_router.runners").unwrap_or(u32::MAX),
         }
     }
 }
@@ -58,6 +74,17 @@ pub struct PollerRoot {
     metrics: Metrics,
     /// Earliest time (ns) a change may be published outside a tick; see [`Self::publish_soon`].
     next_publish_ns: u64,
+    /// Runners come from the cluster's hosts (no `runners` in the config).
+    discovery: Option<Discovery>,
+}
+
+/// Reading the runners cluster's membership from the admin API.
+struct Discovery {
+    path: String,
+    /// The call in flight, and when it was sent.
+    in_flight: Option<(u32, u64)>,
+    next_due_ms: u64,
+    last_warn_ms: Option<u64>,
 }
 
 /// A publication may take at most 1 / this of the main thread's time outside ticks.
@@ -87,12 +114,28 @@ impl PollerRoot {
                 poller.continue_from(u64::from_le_bytes(g));
             }
         }
-        let mut root = PollerRoot { poller, cfg, queue, metrics: Metrics::define(), next_publish_ns: 0 };
-        log::info!(
-            "hint-router poller: polling {} runners every {} ms",
-            root.poller.len(),
-            root.cfg.poll_interval_ms
-        );
+        let discovery = cfg.runners.is_empty().then(|| Discovery {
+            path: members::admin_path(&cfg.cluster),
+            in_flight: None,
+            next_due_ms: 0,
+            last_warn_ms: None,
+        });
+        let mut root =
+            PollerRoot { poller, cfg, queue, metrics: Metrics::define(), next_publish_ns: 0, discovery };
+        if root.discovery.is_some() {
+            log::info!(
+                "hint-router poller: runners are the hosts of cluster {} (read through {} every {} ms)",
+                root.cfg.cluster,
+                root.cfg.admin_cluster,
+                root.cfg.poll_interval_ms
+            );
+        } else {
+            log::info!(
+                "hint-router poller: polling {} runners every {} ms",
+                root.poller.len(),
+                root.cfg.poll_interval_ms
+            );
+        }
         root.publish();
         Ok(root)
     }
@@ -100,6 +143,7 @@ impl PollerRoot {
     /// Sends due polls, fails overdue ones, publishes changes.
     pub fn on_tick(&mut self) {
         let now = host::now_ms();
+        self.read_membership(now);
         for (idx, ev) in self.poller.expire(now) {
             self.record(idx, &ev);
         }
@@ -141,8 +185,135 @@ impl PollerRoot {
         self.publish();
     }
 
+    /// Asks the admin API for the runners cluster's hosts, once per poll interval.
+    fn read_membership(&mut self, now: u64) {
+        let Some(d) = self.discovery.as_mut() else { return };
+        if let Some((_, sent)) = d.in_flight {
+            // Envoy answers a timed-out call itself; this only guards against losing one.
+            if now.saturating_sub(sent) <= self.cfg.poll_interval_ms.saturating_mul(4) {
+                return;
+            }
+            d.in_flight = None;
+        }
+        if now < d.next_due_ms {
+            return;
+        }
+        d.next_due_ms = now.saturating_add(self.cfg.poll_interval_ms);
+        let headers =
+            vec![(":method", "GET"), (":path", d.path.as_str()), (":authority", "hint-router-admin")];
+        let timeout = Duration::from_millis(self.cfg.poll_timeout_ms);
+        match host::dispatch_http_call(&self.cfg.admin_cluster, headers, timeout) {
+            Ok(token) => d.in_flight = Some((token, now)),
+            Err(e) => {
+                self.membership_failed(now, &format!("cannot call cluster {}: {e}", self.cfg.admin_cluster))
+            }
+        }
+    }
+
+    /// Applies the admin API's answer: the runners become exactly the cluster's hosts.
+    fn on_membership(&mut self, body_size: usize) {
+        let now = host::now_ms();
+        let status = host::get_header(Map::CallResponse, ":status").ok().flatten();
+        if status.as_deref() != Some(b"200") {
+            let status = status.map(|s| String::from_utf8_lossy(&s).into_owned()).unwrap_or_default();
+            return self.membership_failed(now, &format!("admin answered status {status:?}"));
+        }
+        if body_size > MAX_ADMIN_BODY {
+            return self.membership_failed(
+                now,
+                &format!("admin body of {body_size} bytes is over {MAX_ADMIN_BODY}"),
+            );
+        }
+        let body = match host::get_buffer(Buffer::CallResponseBody, body_size) {
+            Ok(b) => b,
+            Err(e) => return self.membership_failed(now, &format!("cannot read the admin body: {e}")),
+        };
+        let listed = match members::parse(&body, &self.cfg.cluster, hint_router_core::config::MAX_RUNNERS) {
+            Ok(m) => m,
+            Err(e) => return self.membership_failed(now, &e),
+        };
+        host::increment_metric(self.metrics.membership_ok, 1);
+        if let Some(d) = self.discovery.as_mut() {
+            d.last_warn_ms = None;
+        }
+        let churn = self.poller.set_members(&listed.members, now, hint_router_core::config::MAX_RUNNERS);
+        if listed.dropped > 0 || churn.refused > 0 {
+            host::increment_metric(self.metrics.runners_refused, (listed.dropped + churn.refused) as i64);
+        }
+        if !churn.is_empty() {
+            self.apply_churn(&churn);
+        }
+    }
+
+    fn apply_churn(&mut self, churn: &Churn) {
+        host::increment_metric(self.metrics.runners_joined, churn.joined.len() as i64);
+        host::increment_metric(self.metrics.runners_left, churn.left as i64);
+        host::record_metric(self.metrics.runners, self.poller.members() as u64);
+        log::info!(
+            "hint-router poller: cluster {}: {} joined, {} left, {} changed health, {} refused; {} runners",
+            self.cfg.cluster,
+            churn.joined.len(),
+            churn.left,
+            churn.health_changed,
+            churn.refused,
+            self.poller.members()
+        );
+        if !churn.joined.is_empty() {
+            self.reset_counters(&churn.joined);
+        }
+        // The new runners are due now: poll them at once rather than at the next tick.
+        self.on_tick();
+    }
+
+    /// A slot taken by a new runner starts from zero in flight: requests still counted there
+    /// belonged to the runner that left (their ends, still to come, are corrected by the new
+    /// runner's first poll).
+    fn reset_counters(&mut self, slots: &[usize]) {
+        let n = self.poller.len();
+        for _ in 0..8 {
+            let Ok((bytes, cas)) = host::get_shared(INFLIGHT_KEY) else { return };
+            let mut counts = Vec::with_capacity(2 * n);
+            inflight::decode(&bytes.unwrap_or_default(), 2 * n, &mut counts);
+            for &i in slots {
+                for c in [i, n + i] {
+                    if let Some(v) = counts.get_mut(c) {
+                        *v = 0;
+                    }
+                }
+            }
+            match host::set_shared(INFLIGHT_KEY, &inflight::encode(&counts), cas) {
+                Err(host::HostError::CasMismatch) => continue,
+                _ => return,
+            }
+        }
+    }
+
+    fn membership_failed(&mut self, now: u64, why: &str) {
+        host::increment_metric(self.metrics.membership_error, 1);
+        let Some(d) = self.discovery.as_mut() else { return };
+        let warn = d.last_warn_ms.map_or(true, |t| now.saturating_sub(t) >= WARN_EVERY_MS);
+        if warn {
+            d.last_warn_ms = Some(now);
+            log::warn!(
+                "hint-router poller: cannot read the hosts of cluster {} through {}: {why}; keeping the last known runners (repeats are logged at debug for 30 s)",
+                self.cfg.cluster,
+                self.cfg.admin_cluster
+            );
+        } else {
+            log::debug!("hint-router poller: membership read failed: {why}");
+        }
+    }
+
     /// Handles a `/hints` response (or Envoy's synthesised error response).
     pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
+        if let Some(d) = self.discovery.as_mut() {
+            if d.in_flight.is_some_and(|(t, _)| t == token) {
+                d.in_flight = None;
+                self.on_membership(body_size);
+                self.publish_soon();
+                return;
+            }
+        }
         let Some(idx) = self.poller.find_token(token) else {
             log::debug!("hint-router poller: response for unknown call {token}");
             return;

@@ -33,8 +33,15 @@ pub struct Config {
     /// Path probed instead on a runner whose `poll_path` answered 404 (a header-only runner,
     /// e.g. a fal app: `GET /health`); empty: no fallback, a 404 is a failed poll.
     pub health_path: String,
-    /// Runner addresses (`ip:port`), exactly the members of the runners cluster.
+    /// Runner addresses (`ip:port`), exactly the members of the runners cluster. Empty (the
+    /// default): the runners are the hosts of `cluster`, as Envoy's admin API lists them
+    /// through `admin_cluster` (STATIC, STRICT_DNS and EDS clusters alike).
     pub runners: Vec<String>,
+    /// The cluster whose hosts are the runners (when `runners` is empty).
+    pub cluster: String,
+    /// A cluster reaching this Envoy's own admin listener, through which the poller reads
+    /// `cluster`'s hosts and their health every `poll_interval_ms` (when `runners` is empty).
+    pub admin_cluster: String,
     /// How often each runner is polled.
     pub poll_interval_ms: u64,
     /// Timeout of one poll; must be below `poll_interval_ms`.
@@ -78,6 +85,8 @@ impl Default for Config {
             poll_path: "/hints".into(),
             health_path: "/health".into(),
             runners: Vec::new(),
+            cluster: "runners".into(),
+            admin_cluster: "hint_router_admin".into(),
             poll_interval_ms: 500,
             poll_timeout_ms: 400,
             max_hint_bytes: 256,
@@ -116,8 +125,8 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
-    /// Parses and validates the plugin configuration bytes. Empty input is an error:
-    /// `runners` is required.
+    /// Parses and validates the plugin configuration bytes. Empty input is an error (not a
+    /// JSON object); `{}` is valid: every field has a default.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let cfg: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -163,7 +172,15 @@ impl Config {
             return Err(err("health_path", "must be empty or start with '/' and be visible ASCII"));
         }
         if self.runners.is_empty() {
-            return Err(err("runners", "required: list the runner addresses as \"ip:port\""));
+            if self.cluster.is_empty()
+                || self.cluster.len() > 256
+                || !self.cluster.bytes().all(|b| (0x21..=0x7e).contains(&b))
+            {
+                return Err(err("cluster", "must name the runners cluster (1-256 bytes of visible ASCII)"));
+            }
+            if self.admin_cluster.is_empty() {
+                return Err(err("admin_cluster", "must name a cluster that reaches Envoy's admin listener"));
+            }
         }
         if self.runners.len() > MAX_RUNNERS {
             return Err(err("runners", format!("at most {MAX_RUNNERS} runners")));
@@ -259,7 +276,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        assert_eq!(field_of(r#"{}"#), "runners");
+        assert!(Config::parse(b"{}").unwrap().runners.is_empty(), "discovery from the runners cluster");
+        assert_eq!(field_of(r#"{"cluster":""}"#), "cluster");
+        assert_eq!(field_of(r#"{"admin_cluster":""}"#), "admin_cluster");
         assert_eq!(field_of(r#"{"runners":["127.0.0.1:1","nope"]}"#), "runners[1]");
         assert_eq!(field_of(r#"{"runners":["127.0.0.1:1","127.0.0.1:1"]}"#), "runners[1]");
         assert_eq!(field_of(r#"{"runners":["127.0.0.1:1"],"poll_interval_ms":1}"#), "poll_interval_ms");

@@ -16,6 +16,7 @@
 //!   placement, optimistic miss listing, the `when_holders_busy` modes).
 //! * [`popularity`]: a fixed-size sketch of how often each hint is requested (with the
 //!   private `placement` and `learned` modules: eviction victims, learned times).
+//! * [`members`]: the runners cluster's hosts and health, from Envoy's admin API.
 //! * [`poller`]: the per-runner poll state machine run by the singleton service.
 //! * [`queue`]: fal's queue: runner tokens, request ids, and queue listener paths.
 //! * [`inflight`]: the cross-worker in-flight counters' byte encoding.
@@ -32,6 +33,7 @@ mod convergence;
 pub mod hint;
 pub mod inflight;
 mod learned;
+pub mod members;
 mod placement;
 pub mod poller;
 pub mod popularity;

@@ -125,6 +125,39 @@ struct Slot {
     probe: Probe,
     /// The most hints it ever listed (a header-only runner's capacity, when unknown).
     most_hints: usize,
+    /// A runner occupies the slot; a vacant one (a runner that left the cluster) waits for
+    /// the next runner that joins (see [`membership`]).
+    member: bool,
+    /// Envoy would send it traffic (its health checks and outlier detection; always true
+    /// for configured runners).
+    envoy_healthy: bool,
+}
+
+impl Slot {
+    /// A slot for the runner at `addr`: unavailable until it answers a poll, due at once.
+    fn occupied(addr: String, envoy_healthy: bool, now_ms: u64) -> Slot {
+        Slot {
+            runner: TableRunner {
+                addr,
+                available: false,
+                hints: Vec::new(),
+                capacity: 0,
+                max_concurrency: 1,
+                queue_token: 0,
+                unreachable: false,
+            },
+            phase: Phase::Idle,
+            next_due_ms: now_ms,
+            reported_in_flight: None,
+            in_flight_at_send: 0,
+            last_warn_ms: None,
+            last_clamp_warn_ms: None,
+            probe: Probe::Report,
+            most_hints: 0,
+            member: true,
+            envoy_healthy,
+        }
+    }
 }
 
 /// All runners' poll state.
@@ -147,29 +180,7 @@ impl Poller {
     /// A poller for the configured runners; all start unavailable, due at once.
     pub fn new(cfg: &Config) -> Poller {
         Poller {
-            slots: cfg
-                .runners
-                .iter()
-                .map(|a| Slot {
-                    runner: TableRunner {
-                        addr: a.clone(),
-                        available: false,
-                        hints: Vec::new(),
-                        capacity: 0,
-                        max_concurrency: 1,
-                        queue_token: 0,
-                        unreachable: false,
-                    },
-                    phase: Phase::Idle,
-                    next_due_ms: 0,
-                    reported_in_flight: None,
-                    in_flight_at_send: 0,
-                    last_warn_ms: None,
-                    last_clamp_warn_ms: None,
-                    probe: Probe::Report,
-                    most_hints: 0,
-                })
-                .collect(),
+            slots: cfg.runners.iter().map(|a| Slot::occupied(a.clone(), true, 0)).collect(),
             interval_ms: cfg.poll_interval_ms,
             timeout_ms: cfg.poll_timeout_ms,
             max_hint_bytes: cfg.max_hint_bytes,
@@ -235,7 +246,7 @@ impl Poller {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.phase == Phase::Idle && s.next_due_ms <= now_ms)
+            .filter(|(_, s)| s.member && s.phase == Phase::Idle && s.next_due_ms <= now_ms)
             .map(|(i, _)| i)
             .collect()
     }
@@ -350,10 +361,11 @@ impl Poller {
                 if warn {
                     s.last_clamp_warn_ms = Some(now_ms);
                 }
-                let recovered = !s.runner.available && !report.draining;
+                let available = !report.draining && s.envoy_healthy;
+                let recovered = !s.runner.available && available;
                 let next = TableRunner {
                     addr: s.runner.addr.clone(),
-                    available: !report.draining,
+                    available,
                     hints: report.hints.hints,
                     capacity: report.capacity,
                     max_concurrency: report.max_concurrency,
@@ -395,10 +407,10 @@ impl Poller {
         };
         s.reported_in_flight = None;
         s.last_warn_ms = None;
-        let recovered = !s.runner.available;
+        let recovered = !s.runner.available && s.envoy_healthy;
         let (truncated, invalid) = list.as_ref().map_or((0, 0), |l| (l.truncated, l.invalid));
         let mut next = s.runner.clone();
-        next.available = true;
+        next.available = s.envoy_healthy;
         next.unreachable = false;
         next.queue_token = 0;
         if let Some(l) = list {
@@ -500,335 +512,8 @@ impl Poller {
     }
 }
 
+mod membership;
+pub use membership::Churn;
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wire::HintsReport;
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
-    fn poller() -> Poller {
-        let cfg = Config::parse(br#"{"runners":["127.0.0.1:1","127.0.0.1:2"],"poll_interval_ms":100,"poll_timeout_ms":50,"max_hints_per_runner":2,"max_hints_body_bytes":1024}"#).unwrap();
-        Poller::new(&cfg)
-    }
-
-    fn body(runner: &str, hints: &[&str]) -> Vec<u8> {
-        serde_json::to_vec(&HintsReport {
-            runner: runner.into(),
-            hints: hints.iter().map(|s| s.to_string()).collect(),
-            loading: vec![],
-            capacity: 2,
-            in_flight: 0,
-            max_concurrency: 4,
-            draining: false,
-            resident_bytes: None,
-            memory_budget_bytes: None,
-            warm: Vec::new(),
-            queue_token: None,
-        })
-        .unwrap()
-    }
-
-    fn with_token(runner: &str, token: &str) -> Vec<u8> {
-        let mut v: serde_json::Value = serde_json::from_slice(&body(runner, &["a"])).unwrap();
-        v["queue_token"] = token.into();
-        serde_json::to_vec(&v).unwrap()
-    }
-
-    #[test]
-    fn queue_tokens_are_published_unique_and_failures_mark_runners_unreachable() {
-        let mut p = poller();
-        p.take_table();
-        let token = "00000000000000ab";
-        p.on_sent(0, 1, 0, 0);
-        p.on_response(0, 1, Some(200), None, Ok(&with_token("127.0.0.1:1", token)));
-        // The second runner claims the first one's token: it gets none, and it is reported.
-        p.on_sent(1, 2, 0, 0);
-        let ev = p.on_response(1, 1, Some(200), None, Ok(&with_token("127.0.0.1:2", token)));
-        assert!(
-            matches!(ev, PollEvent::Ok { ref clamped, warn: true, .. } if clamped == &vec!["queue_token (another runner's)"]),
-            "{ev:?}"
-        );
-        let t = p.take_table().unwrap();
-        assert_eq!((t.runners[0].queue_token, t.runners[1].queue_token), (0xab, 0));
-        assert!(!t.runners[0].unreachable);
-        // A malformed token is ignored, and said.
-        p.on_sent(1, 3, 100, 0);
-        let ev = p.on_response(1, 101, Some(200), None, Ok(&with_token("127.0.0.1:2", "AB")));
-        assert!(matches!(ev, PollEvent::Ok { ref clamped, .. } if clamped == &vec!["queue_token"]), "{ev:?}");
-        // A failed poll keeps the token (job calls get a clear 503, not a 404) and marks the
-        // runner unreachable; an answer clears it.
-        p.on_sent(0, 4, 100, 0);
-        p.on_failure(0, 150, PollFailure::Timeout);
-        let t = p.take_table().unwrap();
-        assert!(t.runners[0].unreachable && !t.runners[0].available);
-        assert_eq!(t.runners[0].queue_token, 0xab);
-        p.on_sent(0, 5, 200, 0);
-        p.on_response(0, 201, Some(200), None, Ok(&body("127.0.0.1:1", &["a"])));
-        let t = p.take_table().unwrap();
-        assert!(!t.runners[0].unreachable && t.runners[0].available);
-        assert_eq!(t.runners[0].queue_token, 0, "a restarted runner without a queue");
-        // Draining is not unreachable.
-        let mut v: serde_json::Value = serde_json::from_slice(&with_token("127.0.0.1:1", token)).unwrap();
-        v["draining"] = true.into();
-        p.on_sent(0, 6, 300, 0);
-        p.on_response(0, 301, Some(200), None, Ok(&serde_json::to_vec(&v).unwrap()));
-        let t = p.take_table().unwrap();
-        assert!(!t.runners[0].available && !t.runners[0].unreachable);
-        assert_eq!(t.runners[0].queue_token, 0xab);
-    }
-
-    #[test]
-    fn cycle_publishes_only_on_change() {
-        let mut p = poller();
-        assert_eq!(p.take_table().unwrap().runners.iter().filter(|r| r.available).count(), 0);
-        assert!(p.take_table().is_none());
-        assert_eq!(p.due(0), vec![0, 1]);
-        p.on_sent(0, 7, 0, 0);
-        assert_eq!(p.due(0), vec![1]);
-        assert_eq!(p.find_token(7), Some(0));
-        let ev =
-            p.on_response(0, 10, Some(200), None, Ok(&body("127.0.0.1:1", &["a", "bad hint", "b", "c"])));
-        assert_eq!(
-            ev,
-            PollEvent::Ok { recovered: true, truncated: 1, invalid: 1, clamped: vec![], warn: false }
-        );
-        let t = p.take_table().unwrap();
-        assert_eq!(t.generation, 2);
-        assert!(t.runners[0].available);
-        assert_eq!(t.runners[0].hints, vec!["a", "b"]);
-        assert_eq!(t.runners[0].max_concurrency, 4);
-        // Next poll keeps the cadence: sent at 0, due at 100.
-        assert!(p.due(99).iter().all(|&i| i != 0));
-        assert!(p.due(100).contains(&0));
-        p.on_sent(0, 8, 100, 0);
-        p.on_response(0, 110, Some(200), None, Ok(&body("127.0.0.1:1", &["a", "b"])));
-        assert!(p.take_table().is_none(), "same report, nothing to publish");
-    }
-
-    #[test]
-    #[allow(clippy::type_complexity)]
-    fn failures_take_runner_out_and_keep_last_good_hints() {
-        let mut p = poller();
-        p.on_sent(0, 1, 0, 0);
-        p.on_response(0, 1, Some(200), None, Ok(&body("127.0.0.1:1", &["a"])));
-        p.take_table();
-        let cases: Vec<(Option<u16>, Result<&[u8], PollFailure>, PollFailure)> = vec![
-            (Some(503), Ok(b""), PollFailure::Status(503)),
-            (None, Ok(b""), PollFailure::NoStatus),
-            (Some(200), Ok(b"{\"runner\":"), PollFailure::BadBody(String::new())),
-            (Some(200), Ok(b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]"), PollFailure::BadBody(String::new())),
-            (Some(200), Ok(br#"{"runner":1,"hints":"a"}"#), PollFailure::BadBody(String::new())),
-            (Some(200), Err(PollFailure::BodyTooLarge(5000)), PollFailure::BodyTooLarge(5000)),
-        ];
-        for (i, (status, b, want)) in cases.into_iter().enumerate() {
-            p.on_sent(0, 2, 0, 0);
-            match p.on_response(0, 1, status, None, b) {
-                PollEvent::Failed { failure, lost, warn } => {
-                    assert_eq!(lost, i == 0, "case {i}");
-                    // Warned when lost; then not again within WARN_EVERY_MS.
-                    assert_eq!(warn, i == 0, "case {i}");
-                    match (&failure, &want) {
-                        (PollFailure::BadBody(_), PollFailure::BadBody(_)) => {}
-                        _ => assert_eq!(failure, want, "case {i}"),
-                    }
-                }
-                other => panic!("case {i}: {other:?}"),
-            }
-        }
-        let t = p.take_table().unwrap();
-        assert!(!t.runners[0].available);
-        assert_eq!(t.runners[0].hints, vec!["a"]);
-        // The runner answers again: back in.
-        p.on_sent(0, 3, 0, 0);
-        assert!(matches!(
-            p.on_response(0, 1, Some(200), None, Ok(&body("127.0.0.1:1", &[]))),
-            PollEvent::Ok { recovered: true, .. }
-        ));
-        assert!(p.take_table().unwrap().runners[0].available);
-    }
-
-    #[test]
-    fn identity_mismatch_and_oversized_body_fail() {
-        let mut p = poller();
-        p.on_sent(1, 1, 0, 0);
-        let ev = p.on_response(1, 1, Some(200), None, Ok(&body("127.0.0.1:1", &["a"])));
-        assert!(matches!(ev, PollEvent::Failed { failure: PollFailure::IdentityMismatch(_), .. }));
-        p.on_sent(1, 1, 0, 0);
-        let big = vec![b' '; 2000];
-        let ev = p.on_response(1, 1, Some(200), None, Ok(&big));
-        assert!(matches!(ev, PollEvent::Failed { failure: PollFailure::BodyTooLarge(2000), .. }));
-    }
-
-    #[test]
-    fn draining_runner_is_unavailable() {
-        let mut p = poller();
-        p.on_sent(0, 1, 0, 0);
-        let mut r: HintsReport = serde_json::from_slice(&body("127.0.0.1:1", &["a"])).unwrap();
-        r.draining = true;
-        let ev = p.on_response(0, 1, Some(200), None, Ok(&serde_json::to_vec(&r).unwrap()));
-        assert_eq!(
-            ev,
-            PollEvent::Ok { recovered: false, truncated: 0, invalid: 0, clamped: vec![], warn: false }
-        );
-        assert!(!p.take_table().unwrap().runners[0].available);
-    }
-
-    #[test]
-    fn expire_fails_lost_calls() {
-        let mut p = poller();
-        p.on_sent(0, 1, 0, 0);
-        assert!(p.expire(100).is_empty());
-        let ev = p.expire(101);
-        assert_eq!(ev.len(), 1);
-        assert_eq!(p.find_token(1), None);
-    }
-
-    fn report(runner: &str, in_flight: u32) -> Vec<u8> {
-        format!(r#"{{"runner":"{runner}","hints":[],"in_flight":{in_flight}}}"#).into_bytes()
-    }
-
-    #[test]
-    fn in_flight_is_rebased_on_the_runners_report_in_both_directions() {
-        let mut p = poller();
-        // Sent while this Envoy counted 5; the runner has 2; meanwhile one more started here.
-        p.on_sent(0, 1, 0, 5);
-        p.on_response(0, 1, Some(200), None, Ok(&report("127.0.0.1:1", 2)));
-        assert_eq!(p.rebased_in_flight(0, 6), Some(3));
-        // Counted too few (the runner also serves another Envoy): corrected upwards.
-        p.on_sent(0, 2, 100, 1);
-        p.on_response(0, 101, Some(200), None, Ok(&report("127.0.0.1:1", 7)));
-        assert_eq!(p.rebased_in_flight(0, 1), Some(7));
-        assert_eq!(p.rebased_in_flight(0, 0), Some(6), "one ended since the send");
-        // Agreement (the runner had what this Envoy counted), and runners that say nothing:
-        // left alone.
-        p.on_sent(0, 5, 150, 3);
-        p.on_response(0, 151, Some(200), None, Ok(&report("127.0.0.1:1", 3)));
-        assert_eq!(p.rebased_in_flight(0, 3), None);
-        assert_eq!(p.rebased_in_flight(0, 5), None);
-        p.on_sent(1, 3, 0, 4);
-        p.on_response(1, 1, Some(200), None, Ok(br#"{"hints":[]}"#));
-        assert_eq!(p.rebased_in_flight(1, 4), None);
-        assert_eq!(p.rebased_in_flight(9, 4), None);
-        // Never below zero.
-        p.on_sent(0, 4, 200, 9);
-        p.on_response(0, 201, Some(200), None, Ok(&report("127.0.0.1:1", 0)));
-        assert_eq!(p.rebased_in_flight(0, 1), Some(0));
-    }
-
-    #[test]
-    fn identity_is_compared_in_canonical_form_and_optional() {
-        let cfg = Config::parse(br#"{"runners":["[::1]:8000","10.0.0.1:9"]}"#).unwrap();
-        let mut p = Poller::new(&cfg);
-        for (idx, id, ok) in [
-            (0, "[0:0:0:0:0:0:0:1]:8000", true),
-            (0, "[::1]:08000", true),
-            (0, "[::1]:8001", false),
-            (1, "10.0.0.1:09", true),
-            (1, "not an address", false),
-        ] {
-            p.on_sent(idx, 1, 0, 0);
-            let ev = p.on_response(idx, 1, Some(200), None, Ok(&report(id, 0)));
-            assert_eq!(matches!(ev, PollEvent::Ok { .. }), ok, "{id}: {ev:?}");
-        }
-        p.on_sent(0, 1, 0, 0);
-        assert!(matches!(
-            p.on_response(0, 1, Some(200), None, Ok(br#"{"hints":["a"]}"#)),
-            PollEvent::Ok { .. }
-        ));
-        assert_eq!(p.on_header_hints("[0::1]:8000", b"b").unwrap().hints, vec!["b"]);
-    }
-
-    #[test]
-    fn hostile_report_numbers_are_clamped_and_failing_runners_warned_at_a_bounded_rate() {
-        let mut p = poller();
-        p.on_sent(0, 1, 0, 0);
-        let body = br#"{"runner":"127.0.0.1:1","hints":["a"],"capacity":4294967295,"max_concurrency":200000000,"in_flight":0}"#;
-        let ev = p.on_response(0, 1, Some(200), None, Ok(body));
-        assert_eq!(
-            ev,
-            PollEvent::Ok {
-                recovered: true,
-                truncated: 0,
-                invalid: 0,
-                clamped: vec!["capacity", "max_concurrency"],
-                warn: true
-            }
-        );
-        let t = p.take_table().unwrap();
-        assert_eq!((t.runners[0].capacity, t.runners[0].max_concurrency), (2, report::MAX_CONCURRENCY));
-        // Runner 1 never answers usefully: warned at once, then once per WARN_EVERY_MS.
-        let warns: Vec<bool> = [0, 500, 29_999, 30_000, 30_500, 61_000]
-            .into_iter()
-            .map(|now| {
-                p.on_sent(1, 9, now, 0);
-                match p.on_response(1, now, Some(404), None, Ok(b"")) {
-                    PollEvent::Failed { warn, lost, .. } => warn && !lost,
-                    other => panic!("{other:?}"),
-                }
-            })
-            .collect();
-        assert_eq!(warns, vec![true, false, false, true, false, true]);
-    }
-
-    #[test]
-    fn a_runner_without_hints_is_probed_on_its_health_route_and_routed_by_its_header() {
-        let cfg = Config::parse(br#"{"runners":["127.0.0.1:1"],"default_max_concurrency":1}"#).unwrap();
-        let mut p = Poller::new(&cfg);
-        assert_eq!(p.probe_path(0), "/hints");
-        p.on_sent(0, 1, 0, 0);
-        // fal's apps answer 404 on /hints (with their hints header, as on every response).
-        let ev = p.on_response(0, 5, Some(404), Some(b"llama"), Ok(b"{}"));
-        assert!(matches!(ev, PollEvent::Failed { .. }));
-        assert_eq!((p.probe(0), p.probe_path(0)), (Some(Probe::Health), "/health"));
-        assert_eq!(p.due(5), vec![0], "the health probe goes out at once");
-        p.on_sent(0, 2, 5, 0);
-        let ev = p.on_response(0, 6, Some(200), Some(b"llama,sdxl"), Ok(b"{\"version\":\"1\"}"));
-        assert!(matches!(ev, PollEvent::Ok { recovered: true, .. }), "{ev:?}");
-        let t = p.take_table().unwrap();
-        let r = &t.runners[0];
-        assert!(r.available);
-        assert_eq!(
-            (r.hints.clone(), r.capacity, r.max_concurrency),
-            (vec!["llama".into(), "sdxl".into()], 2, 1)
-        );
-        // A probe without the header keeps the hints; a response header updates them, and
-        // capacity follows the most hints ever listed.
-        p.on_sent(0, 3, 600, 0);
-        p.on_response(0, 601, Some(204), None, Ok(b""));
-        assert!(p.take_table().is_none());
-        assert!(p.on_header_hints("127.0.0.1:1", b"a,b,c").is_some());
-        assert_eq!(p.take_table().unwrap().runners[0].capacity, 3);
-        // A failing health probe takes it out.
-        p.on_sent(0, 4, 1200, 0);
-        assert!(matches!(
-            p.on_response(0, 1201, Some(503), None, Ok(b"")),
-            PollEvent::Failed { lost: true, .. }
-        ));
-        // One that has listed nothing yet still holds one model, so it is not ranked as of
-        // unknown capacity (after every other runner) and gets misses.
-        let cfg = Config::parse(br#"{"runners":["127.0.0.1:1"]}"#).unwrap();
-        let mut p = Poller::new(&cfg);
-        p.on_sent(0, 1, 0, 0);
-        p.on_response(0, 1, Some(404), None, Ok(b""));
-        p.on_sent(0, 2, 1, 0);
-        p.on_response(0, 2, Some(200), None, Ok(b""));
-        assert_eq!(p.take_table().unwrap().runners[0].capacity, 1);
-        // With no health_path, a 404 is just a failed poll.
-        let cfg = Config::parse(br#"{"runners":["127.0.0.1:1"],"health_path":""}"#).unwrap();
-        let mut p = Poller::new(&cfg);
-        p.on_sent(0, 1, 0, 0);
-        p.on_response(0, 1, Some(404), None, Ok(b""));
-        assert_eq!(p.probe(0), Some(Probe::Report));
-    }
-
-    #[test]
-    fn header_hints_update_known_runners_only() {
-        let mut p = poller();
-        p.take_table();
-        assert_eq!(p.on_header_hints("127.0.0.1:2", b"x, y").unwrap().hints, vec!["x", "y"]);
-        assert!(p.on_header_hints("127.0.0.1:2", b"x,y").is_none());
-        assert!(p.on_header_hints("127.0.0.1:9", b"x").is_none());
-        assert_eq!(p.take_table().unwrap().runners[1].hints, vec!["x", "y"]);
-    }
-}
+mod tests;
