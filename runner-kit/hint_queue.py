@@ -58,7 +58,7 @@ def is_request_id(s: str, token: str = None) -> bool:
 
 
 def _visible_ascii(s: str) -> bool:
-    return 0 < len(s) <= MAX_URL_PART_BYTES and all("!" <= c <= "~" for c in s)
+    return 0 < len(s) <= MAX_URL_PART_BYTES and s.isascii() and s.isprintable() and " " not in s
 
 
 class _Job:
@@ -134,10 +134,14 @@ class JobQueue:
         self._pump()
 
     def _pump(self):
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a job's coroutine closed after its loop stopped
+            return
         while self.active < self.max_concurrency and self.pending:
             _, job = self.pending.popitem(last=False)
             self.active += 1  # IN_QUEUE (position 0) until its task starts the app call
-            task = asyncio.get_running_loop().create_task(self._run(job))
+            task = loop.create_task(self._run(job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -200,31 +204,37 @@ class JobQueue:
     async def _call_app(self, job):
         scope, body = job.scope, job.body
         sent = False
-        done = asyncio.Event()
+        done = None  # made only for an app that reads past its body
         start = {}
         chunks = []
 
         async def receive():
-            nonlocal sent
+            nonlocal sent, done
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            await done.wait()  # what a server does: a disconnect once the answer is out
+            if done is None:
+                done = asyncio.Event()
+            if start.get("more", True):
+                await done.wait()  # what a server does: a disconnect once the answer is out
             return {"type": "http.disconnect"}
 
         async def send(message):
             t = message["type"]
             if t == "http.response.start":
-                start.update(message)
+                start.update(message, more=True)
             elif t == "http.response.body":
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
-                    done.set()
+                    start["more"] = False
+                    if done is not None:
+                        done.set()
 
         try:
             await self.app(scope, receive, send)
         finally:
-            done.set()
+            if done is not None:
+                done.set()
         if not start:
             raise RuntimeError("the app sent no response")
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in _DROP_RESPONSE]
@@ -268,13 +278,13 @@ class JobQueue:
         await send({"type": "http.response.body", "body": job.result})
 
     async def _submit(self, scope, receive, send):
-        headers = scope.get("headers", [])
+        if len(self.pending) >= self.max_pending_jobs:
+            return await _refuse(send)
+        headers = _headers(scope)
         base = _base_url(scope, headers)
         if base.startswith("!"):
             return await _json(send, 400, {"detail": base[1:]})
-        if len(self.pending) >= self.max_pending_jobs:
-            return await _refuse(send)
-        declared = _header(headers, b"content-length")
+        declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             return await _json(send, 413, {"detail": "Request body too large"})
         chunks, size = [], 0
@@ -290,8 +300,7 @@ class JobQueue:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        ctype = _header(headers, b"content-type") or ""
-        if body and "json" in ctype.lower():
+        if body and "json" in headers.get(b"content-type", "").lower():
             try:
                 json.loads(body)
             except ValueError:
@@ -319,7 +328,7 @@ class JobQueue:
         })
 
     async def _status(self, job, scope, send):
-        base = _base_url(scope, scope.get("headers", []))
+        base = _base_url(scope, _headers(scope))
         if base.startswith("!"):
             return await _json(send, 400, {"detail": base[1:]})
         q = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -379,25 +388,31 @@ def _error_text(status: int, body: bytes) -> str:
         return "HTTP %d" % status
 
 
-def _header(headers, name: bytes):
-    for k, v in headers:
-        if k.lower() == name:
-            return v.decode("latin-1")
-    return None
+_READ = frozenset((b"host", b"content-length", b"content-type", b"x-forwarded-proto", b"x-envoy-original-path"))
+
+
+def _headers(scope) -> dict:
+    """The request headers the queue reads, lowercase name -> first value (latin-1)."""
+    out = {}
+    for k, v in scope.get("headers", ()):
+        k = k.lower()
+        if k in _READ and k not in out:
+            out[k] = v.decode("latin-1")
+    return out
 
 
 def _base_url(scope, headers) -> str:
     """`{scheme}://{host}{prefix}`, or `!why` for a request whose URL cannot be written."""
-    proto = (_header(headers, b"x-forwarded-proto") or "http").split(",")[0].strip().lower()
+    proto = headers.get(b"x-forwarded-proto", "http").split(",")[0].strip().lower()
     if proto not in ("http", "https"):
         return "!Unsupported x-forwarded-proto"
-    host = _header(headers, b"host")
+    host = headers.get(b"host")
     if host is None and scope.get("server"):
         host = "%s:%s" % tuple(scope["server"][:2])
     if host is None or not _visible_ascii(host):
         return "!Missing or invalid Host"
     prefix = QUEUE_PATH_PREFIX
-    original = _header(headers, b"x-envoy-original-path")
+    original = headers.get(b"x-envoy-original-path")
     if original is not None:
         segments = original.split("?", 1)[0].split("/")
         if len(segments) >= 3 and segments[0] == "" and segments[1] and segments[2]:
