@@ -116,6 +116,7 @@ class JobQueue:
         self.running = 0  # jobs whose app call is under way
         self.active = 0  # slots taken: jobs started or starting, and blocking requests
         self._tasks = set()
+        self._stopping = False
 
     @property
     def in_flight(self) -> int:
@@ -137,6 +138,8 @@ class JobQueue:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # a job's coroutine closed after its loop stopped
+            return
+        if self._stopping:
             return
         while self.active < self.max_concurrency and self.pending:
             _, job = self.pending.popitem(last=False)
@@ -177,7 +180,8 @@ class JobQueue:
         try:
             try:
                 status, headers, body = await self._call_app(job)
-            except asyncio.CancelledError:  # the server is stopping: the job dies with it
+            except asyncio.CancelledError:  # the loop is stopping: the job dies with it
+                self._stopping = True  # and the waiting ones are not started
                 status, headers, body = 503, [(b"content-type", b"text/plain; charset=utf-8")], b""
                 job.error, job.error_type = "The runner stopped", "RunnerStopped"
                 raise
@@ -277,8 +281,12 @@ class JobQueue:
                     "headers": job.headers + [(b"content-length", b"%d" % len(job.result))]})
         await send({"type": "http.response.body", "body": job.result})
 
+    def _full(self) -> bool:
+        """One more job would be the `max_pending_jobs + 1`th waiting for a slot."""
+        return len(self.pending) >= self.max_pending_jobs and self.active >= self.max_concurrency
+
     async def _submit(self, scope, receive, send):
-        if len(self.pending) >= self.max_pending_jobs:
+        if self._full():
             return await _refuse(send)
         headers = _headers(scope)
         base = _base_url(scope, headers)
@@ -305,7 +313,7 @@ class JobQueue:
                 json.loads(body)
             except ValueError:
                 return await _json(send, 400, {"detail": "The request body is not valid JSON"})
-        if len(self.pending) >= self.max_pending_jobs:  # filled while the body was read
+        if self._full():  # filled while the body was read
             return await _refuse(send)
 
         job_id = "%s-%032x" % (self.token, secrets.randbits(128))

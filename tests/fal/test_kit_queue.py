@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "runner-kit"))
 from hint_queue import is_request_id  # noqa: E402
-from hint_runner import HINTS_HEADER, HintRunner  # noqa: E402
+from hint_runner import HintRunner  # noqa: E402
 
 HOST = (b"host", b"runner.test:8080")
 JSON = (b"content-type", b"application/json")
@@ -350,6 +350,16 @@ class QueueInProcess(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((await submit(r, {})).status, 200, "room again once jobs have run")
         self.assertEqual(r.report()["max_concurrency"], 1)
 
+    async def test_no_pending_room_still_runs_a_job_in_a_free_slot(self):
+        app = GatedApp()
+        r = kit(app, max_concurrency=1, max_pending_jobs=0)
+        self.assertEqual((await submit(r, {"gate": "g"})).status, 200)
+        self.assertEqual((await submit(r, {})).status, 429, "the slot is taken, no room to wait")
+        app.release("g")
+        await until(lambda: r.queue.open == 0)
+        self.assertEqual((await submit(r, {})).status, 200)
+        await until(lambda: r.queue.open == 0)
+
     async def test_default_pending_bound(self):
         r = kit(GatedApp(), max_concurrency=3)
         self.assertEqual(r.queue.max_pending_jobs, 4 * 3 + 64)
@@ -489,6 +499,23 @@ class QueueInProcess(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((await status(r, rid)).status, 200)
         app.release("g")
         await until(lambda: r.queue.open == 0)
+
+
+class Shutdown(unittest.TestCase):
+    def test_jobs_die_with_the_loop_and_waiting_ones_never_start(self):
+        app = GatedApp()
+        r = kit(app, max_concurrency=1)
+
+        async def main():
+            ids = [(await submit(r, {"gate": "never"})).json()["request_id"] for _ in range(3)]
+            await until(lambda: app.running == 1)
+            return ids  # asyncio.run cancels the running job's task
+
+        ids = asyncio.run(main())
+        q = r.queue
+        self.assertEqual(q.jobs[ids[0]].error_type, "RunnerStopped")
+        self.assertEqual(len(app.calls), 1, "no job started while the loop stopped")
+        self.assertEqual((q.running, len(q.pending), len(q._tasks)), (0, 2, 0))
 
 
 class BoundedMemory(unittest.TestCase):
