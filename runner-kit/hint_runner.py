@@ -1,11 +1,13 @@
 """hint-router runner kit: make a Python model server (a fal.App, FastAPI, any ASGI app) a full
-hint-router runner. One file, standard library only; copy it next to your app.
+hint-router runner. Standard library only; copy it next to your app, with hint_queue.py
+(fal's queue).
 
 What it adds (docs/fal.md):
 - `x-fal-runner-hints: a,b` on every HTTP response (fal's header; what a plain fal.App sends
   from `provide_hints()`), so the router learns a load the moment it answers;
 - `GET /hints` with the runner's real `capacity`, `max_concurrency` and `in_flight` (HTTP
-  requests it is serving, control paths excluded), so the router never has to guess them;
+  requests it is serving, control paths excluded, and queued jobs not ended), so the router
+  never has to guess them;
 - `SingleFlight`: concurrent requests for one model share one load (a plain fal.App loads the
   model once per concurrent request).
 
@@ -24,12 +26,12 @@ For a fal.App served by uvicorn: `HintRunner(MyApp(_allow_init=True)._build_app(
 (`serve_fal` does this). Hints must be 1-256 bytes of visible ASCII without commas (the
 router's rule); others are left out of the header and `/hints` instead of breaking either.
 
-fal's queue (docs/queue.md; `queue=True`, the default; its code is `hint_queue.py`, copy it
-too): `POST /queue/submit[/<endpoint>]` accepts a job at once and runs it as
-`POST /<endpoint>` through the app (at most `max_concurrency` at a time, blocking requests
-included), `GET /queue/requests/<id>[/status]` and `PUT /queue/requests/<id>/cancel` answer
-for it, and `/hints` reports the process's `queue_token` and counts waiting and running jobs
-in `in_flight`. The app's own `/queue/...` paths are hidden while it is on.
+fal's queue (docs/queue.md; `queue=True`, the default; the code is in `hint_queue.py`):
+`POST /queue/submit[/<endpoint>]` accepts a job at once and runs it as `POST /<endpoint>`
+through the app (at most `max_concurrency` at a time, blocking requests included),
+`GET /queue/requests/<id>[/status]` and `PUT /queue/requests/<id>/cancel` answer for it, and
+`/hints` reports the process's `queue_token` and counts waiting and running jobs in
+`in_flight`. The app's own `/queue/...` paths are hidden while it is on.
 """
 
 import json
