@@ -1,11 +1,13 @@
 """hint-router runner kit: make a Python model server (a fal.App, FastAPI, any ASGI app) a full
-hint-router runner. One file, standard library only; copy it next to your app.
+hint-router runner. Standard library only; copy it next to your app, with hint_queue.py
+(fal's queue).
 
 What it adds (docs/fal.md):
 - `x-fal-runner-hints: a,b` on every HTTP response (fal's header; what a plain fal.App sends
   from `provide_hints()`), so the router learns a load the moment it answers;
 - `GET /hints` with the runner's real `capacity`, `max_concurrency` and `in_flight` (HTTP
-  requests it is serving, control paths excluded), so the router never has to guess them;
+  requests it is serving, control paths excluded, and queued jobs not ended), so the router
+  never has to guess them;
 - `SingleFlight`: concurrent requests for one model share one load (a plain fal.App loads the
   model once per concurrent request).
 
@@ -23,13 +25,25 @@ What it adds (docs/fal.md):
 For a fal.App served by uvicorn: `HintRunner(MyApp(_allow_init=True)._build_app(), ...)`
 (`serve_fal` does this). Hints must be 1-256 bytes of visible ASCII without commas (the
 router's rule); others are left out of the header and `/hints` instead of breaking either.
+
+fal's queue (docs/queue.md; `queue=True`, the default; the code is in `hint_queue.py`):
+`POST /queue/submit[/<endpoint>]` accepts a job at once and runs it as `POST /<endpoint>`
+through the app (at most `max_concurrency` at a time, blocking requests included),
+`GET /queue/requests/<id>[/status]` and `PUT /queue/requests/<id>/cancel` answer for it, and
+`/hints` reports the process's `queue_token` and counts waiting and running jobs in
+`in_flight`. The app's own `/queue/...` paths are hidden while it is on.
 """
 
 import json
 import threading
 from typing import Callable, Dict, List, Optional
 
-__all__ = ["HintRunner", "SingleFlight", "serve_fal", "clean_hints"]
+try:  # in a package beside this file, or on sys.path
+    from .hint_queue import JobQueue
+except ImportError:
+    from hint_queue import JobQueue
+
+__all__ = ["HintRunner", "JobQueue", "SingleFlight", "serve_fal", "clean_hints"]
 
 HINTS_HEADER = b"x-fal-runner-hints"
 MAX_HINT_BYTES = 256
@@ -97,6 +111,11 @@ class HintRunner:
     used first; `loading()` (optional) the ones still loading. `capacity` is how many models it
     keeps, `max_concurrency` how many requests it runs at once (fal's `max_multiplexing`).
     Paths in `control_paths` (`/hints`, `/health`, `/healthz`) do not count as in flight.
+
+    `queue=True` serves fal's queue under `/queue/` (hint_queue.py): `max_pending_jobs` jobs
+    may wait (default `4 * max_concurrency + 64`; one more is a 429), finished ones are kept
+    `job_ttl_s` seconds and at most `max_finished_jobs` of them. `self.queue` is the
+    `JobQueue` (None without the queue).
     """
 
     def __init__(
@@ -109,6 +128,10 @@ class HintRunner:
         loading: Optional[Callable[[], List[str]]] = None,
         hints_path: str = "/hints",
         control_paths=("/health", "/healthz"),
+        queue: bool = True,
+        job_ttl_s: float = 600,
+        max_finished_jobs: int = 10000,
+        max_pending_jobs: Optional[int] = None,
     ):
         self.app = app
         self.hints = hints
@@ -118,7 +141,21 @@ class HintRunner:
         self.hints_path = hints_path
         self.control_paths = set(control_paths) | {hints_path}
         self._lock = threading.Lock()
-        self.in_flight = 0
+        self._requests = 0  # blocking requests being served
+        self.queue: Optional[JobQueue] = None
+        if queue:
+            self.queue = JobQueue(
+                app,
+                max_concurrency=self.max_concurrency,
+                job_ttl_s=job_ttl_s,
+                max_finished_jobs=max_finished_jobs,
+                max_pending_jobs=max_pending_jobs,
+            )
+
+    @property
+    def in_flight(self) -> int:
+        """Blocking requests being served, and queued jobs not ended (waiting or running)."""
+        return self._requests + (self.queue.in_flight if self.queue is not None else 0)
 
     def _current_hints(self) -> List[str]:
         try:
@@ -128,19 +165,24 @@ class HintRunner:
 
     def report(self) -> dict:
         hints = self._current_hints()
-        return {
+        report = {
             "hints": hints,
             "loading": [h for h in clean_hints(self.loading()) if h in hints],
             "capacity": self.capacity,
             "max_concurrency": self.max_concurrency,
             "in_flight": self.in_flight,
         }
+        if self.queue is not None:
+            report["queue_token"] = self.queue.token
+        return report
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         if path == self.hints_path and scope.get("method") == "GET":
+            if self.queue is not None:
+                self.queue.prune()  # expire finished jobs even when no queue call comes
             report = self.report()
             body = json.dumps(report).encode()
             await send(
@@ -155,10 +197,7 @@ class HintRunner:
                 }
             )
             return await send({"type": "http.response.body", "body": body})
-        counted = path not in self.control_paths
-        if counted:
-            with self._lock:
-                self.in_flight += 1
+        queue = self.queue
 
         async def send_with_hints(message):
             if message["type"] == "http.response.start":
@@ -169,18 +208,41 @@ class HintRunner:
                 message = dict(message, headers=headers)
             await send(message)
 
+        if queue is not None and (path == "/queue" or path.startswith("/queue/")):
+            return await queue.handle(scope, receive, send_with_hints)
+        counted = path not in self.control_paths
+        if counted:
+            with self._lock:
+                self._requests += 1
+            if queue is not None:
+                queue.enter()  # a running request takes a slot jobs would start in
         try:
             await self.app(scope, receive, send_with_hints)
         finally:
             if counted:
                 with self._lock:
-                    self.in_flight -= 1
+                    self._requests -= 1
+                if queue is not None:
+                    queue.leave()
 
 
-def serve_fal(app_cls, *, host: str, port: int, capacity: int, max_concurrency: Optional[int] = None, **kw):
+def serve_fal(
+    app_cls,
+    *,
+    host: str,
+    port: int,
+    capacity: int,
+    max_concurrency: Optional[int] = None,
+    queue: bool = True,
+    job_ttl_s: float = 600,
+    max_finished_jobs: int = 10000,
+    max_pending_jobs: Optional[int] = None,
+    **kw,
+):
     """Serves a fal.App class on `host:port` under uvicorn as a full runner, its hints from
-    `provide_hints()`. Uses fal's private `_allow_init`/`_build_app` (fal 1.83.0): on fal's own
-    platform the app is served by fal, and this kit is for running fal apps yourself."""
+    `provide_hints()`, with fal's queue unless `queue=False`. Uses fal's private
+    `_allow_init`/`_build_app` (fal 1.83.0): on fal's own platform the app is served by fal,
+    and this kit is for running fal apps yourself."""
     import uvicorn
 
     instance = app_cls(_allow_init=True)
@@ -193,5 +255,15 @@ def serve_fal(app_cls, *, host: str, port: int, capacity: int, max_concurrency: 
         except NotImplementedError:
             return []
 
-    runner = HintRunner(asgi, hints=hints, capacity=capacity, max_concurrency=conc, **kw)
+    runner = HintRunner(
+        asgi,
+        hints=hints,
+        capacity=capacity,
+        max_concurrency=conc,
+        queue=queue,
+        job_ttl_s=job_ttl_s,
+        max_finished_jobs=max_finished_jobs,
+        max_pending_jobs=max_pending_jobs,
+        **kw,
+    )
     uvicorn.run(runner, host=host, port=port, log_level="warning")

@@ -2,12 +2,13 @@
 
 Serve it on 127.0.0.1 (no fal account needed):
 
-    .venv/bin/python tests/fal/app.py --port 18081 [--kit] [--hints normal|huge|nonlatin|none]
+    .venv/bin/python tests/fal/app.py --port 18081 [--kit [--no-queue]] [--hints normal|huge|nonlatin|none]
 
 It behaves like a real fal runner: `provide_hints()` lists the resident models, so fal's own
 middleware puts them in `X-Fal-Runner-Hints` on every response; `GET /health` is fal's; the
 inference endpoint is `POST /` (fal_client strips nothing: Envoy strips `/<owner>/<alias>`).
-With `--kit` the app is wrapped by runner-kit/hint_runner.py (`/hints`, single-flight loads).
+With `--kit` the app is wrapped by runner-kit/hint_runner.py (`/hints`, single-flight loads,
+and fal's queue under `/queue/` unless `--no-queue`: docs/queue.md).
 """
 
 import argparse
@@ -25,7 +26,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "runner-kit"))
 from hint_runner import SingleFlight, serve_fal  # noqa: E402
 
 ARGS = argparse.Namespace(
-    capacity=2, load_ms=600, infer_ms=20, hints="normal", kit=False, port=0, name="fal"
+    capacity=2, load_ms=600, infer_ms=20, hints="normal", kit=False, port=0, name="fal",
+    no_queue=False, max_pending_jobs=None,
 )
 
 
@@ -88,6 +90,7 @@ class HintApp(fal.App):
             "cache": "hit" if cached else "miss",
             "saw_authorization": "authorization" in headers,
             "saw_hint": headers.get("x-fal-runner-hint", ""),
+            "saw_request_id": headers.get("x-fal-request-id", ""),
             "loads": self.loads,
         }
 
@@ -105,11 +108,20 @@ def main():
     p.add_argument("--infer-ms", type=int, default=20)
     p.add_argument("--hints", choices=["normal", "huge", "nonlatin", "none"], default="normal")
     p.add_argument("--kit", action="store_true")
+    p.add_argument("--no-queue", action="store_true", help="with --kit: no /queue/ paths")
+    p.add_argument("--max-pending-jobs", type=int, default=None, help="with --kit")
     p.add_argument("--name", default="fal")
     p.parse_args(namespace=ARGS)
 
     if ARGS.kit:
-        serve_fal(HintApp, host="127.0.0.1", port=ARGS.port, capacity=ARGS.capacity)
+        serve_fal(
+            HintApp,
+            host="127.0.0.1",
+            port=ARGS.port,
+            capacity=ARGS.capacity,
+            queue=not ARGS.no_queue,
+            max_pending_jobs=ARGS.max_pending_jobs,
+        )
     else:
         import uvicorn
 
