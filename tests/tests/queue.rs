@@ -244,3 +244,51 @@ fn a_submit_whose_runner_resets_is_not_retried_on_another_runner() {
     assert!(report.hints.is_empty(), "the other runner ran nothing");
     assert_eq!(report.in_flight, 0);
 }
+
+// The runner kit (runner-kit/hint_queue.py) gives a real fal.App the same queue: the job runs
+// through the app's own endpoint, with fal's x-fal-request-id.
+#[test]
+fn a_fal_app_wrapped_by_the_runner_kit_serves_the_queue_to_fal_client() {
+    use hint_router_e2e::python::FalApp;
+    let kit = &["--kit", "--load-ms", "200", "--infer-ms", "10", "--capacity", "2"];
+    let apps = FalApp::start_all(&[("k0", kit), ("k1", kit)]);
+    let addrs: Vec<String> = apps.iter().map(|a| a.addr.clone()).collect();
+    let e = Envoy::start(&addrs, &EnvoyOptions::production(), 2);
+    let out = fal_queue_steps(
+        &e,
+        APP,
+        &json!([
+            {"call": "submit_result", "model": "m0", "hint": "m0"},
+            {"call": "subscribe", "model": "m0", "hint": "m0", "async": true, "with_logs": true},
+            // Both apps busy (max_multiplexing 1), so the next job waits wherever it goes.
+            {"call": "submit", "model": "m0", "hint": "m0", "sleep_ms": 2000, "name": "run"},
+            {"call": "submit", "model": "m1", "hint": "m1", "sleep_ms": 2000, "name": "run1"},
+            {"call": "submit", "model": "m0", "hint": "m0", "name": "queued"},
+            {"call": "status", "name": "queued"},
+            {"call": "cancel", "name": "queued"},
+            {"call": "status", "name": "queued"},
+            {"call": "result", "name": "run"},
+            {"call": "result", "name": "run1"},
+        ]),
+    );
+    for (i, step) in out.iter().enumerate() {
+        eprintln!("step {i}: {step}");
+    }
+    let first = &ok(&out[0])["result"];
+    assert_eq!(first["model"], "m0");
+    let holder = first["runner"].as_str().unwrap().to_string();
+    assert_eq!(first["saw_request_id"], out[0]["request_id"], "the app saw fal's request id");
+    assert_eq!(ok(&out[1])["result"]["cache"], "hit");
+    assert_eq!(out[1]["result"]["runner"], holder.as_str(), "the hint kept the job on its holder");
+    for st in &out[2..5] {
+        ok(st);
+    }
+    assert_eq!(ok(&out[5])["status"], "Queued", "{}", out[5]);
+    ok(&out[6]);
+    assert_eq!(ok(&out[7])["error_type"], "Cancelled");
+    assert_eq!(ok(&out[8])["result"]["model"], "m0");
+    assert_eq!(ok(&out[9])["result"]["model"], "m1");
+    let runners: HashSet<&str> =
+        [&out[8], &out[9]].iter().map(|s| s["result"]["runner"].as_str().unwrap()).collect();
+    assert_eq!(runners.len(), 2, "the two long jobs ran side by side on the two apps");
+}
