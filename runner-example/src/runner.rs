@@ -73,6 +73,17 @@ pub struct Inference {
     pub infer: Duration,
 }
 
+/// An inference about to start, as [`Runner::infer_admitted_with`] tells its `on_start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Starting {
+    /// Whether the model was resident when the request came ([`Inference::cache`]).
+    pub cache: CacheOutcome,
+    /// Time spent waiting for a cache slot and for an inference slot ([`Inference::queue`]).
+    pub queue: Duration,
+    /// Time spent waiting for the model to load ([`Inference::load`]).
+    pub load: Duration,
+}
+
 /// Why an inference request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InferError {
@@ -85,6 +96,9 @@ pub enum InferError {
     /// `max_concurrency + max_queue` requests are in progress already: refused before
     /// anything ran, so another runner may take it.
     Overloaded,
+    /// The caller gave the request up as its inference was about to start (the `on_start`
+    /// of [`Runner::infer_admitted_with`] said no): nothing ran.
+    Cancelled,
 }
 
 impl std::fmt::Display for InferError {
@@ -94,6 +108,7 @@ impl std::fmt::Display for InferError {
             InferError::Infer(e) => write!(f, "inference failed: {e}"),
             InferError::Closed => f.write_str("the runner is shutting down"),
             InferError::Overloaded => f.write_str("the runner's queue is full; nothing was run"),
+            InferError::Cancelled => f.write_str("the request was cancelled before it ran"),
         }
     }
 }
@@ -225,12 +240,31 @@ impl Runner {
         model: &str,
         prompt: String,
     ) -> Result<Inference, InferError> {
+        self.infer_admitted_with(admission, model, prompt, |_| true).await
+    }
+
+    /// [`Runner::infer_admitted`], calling `on_start` at the moment the inference starts (the
+    /// model pinned and loaded, an inference slot held), before the backend is asked: a queued
+    /// job turns IN_PROGRESS exactly then. When it answers `false` nothing runs, the slot, the
+    /// pin and the admission go, and the call fails with [`InferError::Cancelled`]: a job
+    /// cancelled just before cannot slip into an inference.
+    pub async fn infer_admitted_with(
+        &self,
+        admission: Admission,
+        model: &str,
+        prompt: String,
+        on_start: impl FnOnce(&Starting) -> bool + Send,
+    ) -> Result<Inference, InferError> {
         let inner = &*self.inner;
         let lease = inner.cache.acquire(model).await.map_err(InferError::Load)?;
         let waited_from = Instant::now();
         let permit = Arc::clone(&inner.permits).acquire_owned().await.map_err(|_| InferError::Closed)?;
         let started = Instant::now();
-        let (cache, queued, load) = (lease.outcome(), lease.queued(), lease.loading());
+        let (cache, load) = (lease.outcome(), lease.loading());
+        let queue = lease.queued() + started.saturating_duration_since(waited_from);
+        if !on_start(&Starting { cache, queue, load }) {
+            return Err(InferError::Cancelled);
+        }
         let loaded = Arc::clone(lease.model());
         let work = tokio::spawn(async move {
             let output = loaded.infer(prompt).await;
@@ -246,13 +280,7 @@ impl Runner {
             Ok(done) => done,
             Err(e) => (Err(BackendError::Failed(format!("inference task failed: {e}"))), started.elapsed()),
         };
-        Ok(Inference {
-            output: output.map_err(InferError::Infer)?,
-            cache,
-            queue: queued + started.saturating_duration_since(waited_from),
-            load,
-            infer,
-        })
+        Ok(Inference { output: output.map_err(InferError::Infer)?, cache, queue, load, infer })
     }
 
     /// Requests refused by [`Runner::admit`] so far.
