@@ -5,6 +5,17 @@
 //! | `POST /` `{"model": M, "prompt": P}` | 200 `{"model", "output", "cache", "queue_ms", "load_ms", "infer_ms"}` and `x-cache: hit\|miss` |
 //! | `GET /hints` | 200 [`HintsReport`](hint_router_core::wire::HintsReport); hints most recently used first |
 //! | `GET /healthz`, `GET /health` | 200 `ok`, or 503 `draining` (`/health` is the path fal apps serve, which the shipped Envoy health check uses) |
+//! | `POST /queue/submit` (or `/queue/submit/`) with the body of `POST /` | 200 `{"request_id", "response_url", "status_url", "cancel_url", "status": "IN_QUEUE", "queue_position"}`: a job of the fal queue, run like `POST /` |
+//! | `GET /queue/requests/{id}/status[?logs=1]` | 200 `{"status": "IN_QUEUE"\|"IN_PROGRESS"\|"COMPLETED", ...}` |
+//! | `GET /queue/requests/{id}` | the job's answer, as `POST /` would have given it, once completed; 400 `{"detail"}` before, or when cancelled |
+//! | `PUT /queue/requests/{id}/cancel` | 200 `{"status": "OK"}` (was queued), 202 `CANCELLATION_REQUESTED` (runs on), 400 `ALREADY_COMPLETED`, 404 `NOT_FOUND` |
+//!
+//! The `/queue` routes follow docs/queue.md (they are what Envoy's queue listener sends on for
+//! fal's queue paths); without [`RunnerConfig::queue`](crate::runner::RunnerConfig::queue)
+//! (`--no-queue`) they are unknown paths. A submit is admitted, and its body checked, exactly
+//! like `POST /` (429, 400 and 413 alike, nothing queued); a draining runner refuses it with
+//! 503, `retry-after: 1` and [`OVERLOADED_HEADER`]`: draining`, since its jobs' results would
+//! go with it. Unknown request ids answer 404 `{"detail": "Request not found"}`.
 //!
 //! Errors are JSON `{"error": "..."}`: 400 for a body that is not the JSON above or a bad
 //! model name, 404 for an unknown path or a model the backend does not know, 405 for a wrong
@@ -42,8 +53,9 @@ use crate::runner::{InferError, Inference, Runner};
 /// Largest request body accepted, in bytes (1 MiB); larger ones get 413.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
-/// Response header of a refusal that ran nothing (429): routers retry such a request on
-/// another runner at once. Its value says why: `queue-full`.
+/// Response header of a refusal that ran nothing (429, or 503 for a queue submission to a
+/// draining runner): routers retry such a request on another runner at once. Its value says
+/// why: `queue-full` or `draining`.
 pub const OVERLOADED_HEADER: &str = "x-runner-overloaded";
 
 /// Longest model name accepted, in bytes.
@@ -155,6 +167,7 @@ pub fn router(runner: Runner) -> Router {
         .route("/hints", get(hints))
         .route("/healthz", get(healthz))
         .route("/health", get(healthz));
+    let routes = if runner.queue().is_some() { routes.merge(crate::queue::routes::routes()) } else { routes };
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

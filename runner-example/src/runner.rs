@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::backend::{Backend, BackendError};
 use crate::cache::{CacheOutcome, LoadFailed, ModelCache};
+use crate::queue::{JobQueue, QueueConfig};
 
 /// The default of [`RunnerConfig::max_queue`] (`--max-queue`).
 pub const DEFAULT_MAX_QUEUE: u32 = 64;
@@ -41,6 +42,9 @@ pub struct RunnerConfig {
     /// The most bytes the cached models may take together (see [`ModelCache`]); `None`: no
     /// limit but `capacity`.
     pub memory_budget_bytes: Option<u64>,
+    /// The fal queue (docs/queue.md): `Some` serves `/queue/...` and reports a `queue_token`
+    /// in `/hints`; `None` (`--no-queue`) does neither.
+    pub queue: Option<QueueConfig>,
 }
 
 impl RunnerConfig {
@@ -54,6 +58,7 @@ impl RunnerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             load_fail_backoff: Duration::from_millis(1000),
             memory_budget_bytes: None,
+            queue: Some(QueueConfig::default()),
         }
     }
 }
@@ -135,6 +140,8 @@ struct Inner {
     refused: AtomicU64,
     connections_refused: AtomicU64,
     draining: AtomicBool,
+    /// The fal queue's jobs and token; `None` without [`RunnerConfig::queue`].
+    queue: Option<Arc<JobQueue>>,
 }
 
 /// A request let in: holds one of the runner's `max_concurrency + max_queue` request slots
@@ -172,6 +179,7 @@ impl Runner {
         let permits = Semaphore::new(to_usize(max_concurrency).min(Semaphore::MAX_PERMITS));
         let requests = max_concurrency.saturating_add(config.max_queue);
         let admissions = Semaphore::new(to_usize(requests).min(Semaphore::MAX_PERMITS));
+        let queue = config.queue.as_ref().and_then(JobQueue::open);
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -183,6 +191,7 @@ impl Runner {
                 refused: AtomicU64::new(0),
                 connections_refused: AtomicU64::new(0),
                 draining: AtomicBool::new(false),
+                queue,
             }),
         }
     }
@@ -200,6 +209,11 @@ impl Runner {
     /// The model cache.
     pub fn cache(&self) -> &ModelCache {
         &self.inner.cache
+    }
+
+    /// The fal queue, unless disabled ([`RunnerConfig::queue`]).
+    pub fn queue(&self) -> Option<&Arc<JobQueue>> {
+        self.inner.queue.as_ref()
     }
 
     /// Lets a request in, when fewer than `max_concurrency + max_queue` are in progress;
@@ -346,7 +360,8 @@ impl Runner {
             resident_bytes: snap.resident_bytes,
             memory_budget_bytes: self.inner.cache.memory_budget(),
             warm: if draining { Vec::new() } else { self.inner.backend.warm() },
-            queue_token: None,
+            // Reported while draining too: the jobs accepted before must still reach us.
+            queue_token: self.queue().map(|queue| hint_router_core::queue::format_token(queue.token())),
         }
     }
 }
