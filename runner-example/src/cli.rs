@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::backend::{Backend, SimBackend};
 use crate::cpu::CpuBackend;
+use crate::queue::{QueueConfig, DEFAULT_JOB_TTL, DEFAULT_MAX_FINISHED_JOBS};
 use crate::runner::{RunnerConfig, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE};
 
 /// Example model runner for hint-router.
@@ -20,6 +21,10 @@ use crate::runner::{RunnerConfig, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE};
 /// On SIGTERM or SIGINT it drains: it stops advertising hints, fails `/healthz`, stops
 /// accepting connections, finishes the requests in progress and exits (0 once they are done,
 /// 1 when --drain-timeout-ms runs out first). A second signal exits at once.
+///
+/// It also serves fal's queue (docs/queue.md; --no-queue turns it off): `POST
+/// /queue/submit` takes a job and answers at once with a request id, whose status, result and
+/// cancel calls it then serves. A job holds a request's place (--max-queue) until it ends.
 #[derive(Debug, Clone, PartialEq, Eq, Parser)]
 #[command(name = "runner-example", version)]
 pub struct Args {
@@ -118,6 +123,23 @@ pub struct Args {
     /// new requests first, in milliseconds. Keep it above the router's poll interval.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub drain_grace_ms: u64,
+
+    /// Serve no fal queue: no `queue_token` in /hints, and the `/queue/...` routes (job
+    /// submissions, status, result, cancel; see docs/queue.md) answer 404.
+    #[arg(long)]
+    pub no_queue: bool,
+
+    /// How long a finished queue job's status and result are kept, in seconds.
+    #[arg(long, default_value_t = DEFAULT_JOB_TTL.as_secs(), value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub job_ttl_s: u64,
+
+    /// How many finished queue jobs are kept at most; beyond, the oldest is dropped first.
+    /// (Pending jobs are bounded by --max-concurrency + --max-queue: each holds a request's
+    /// place.)
+    #[arg(long, default_value_t = DEFAULT_MAX_FINISHED_JOBS, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_finished_jobs: usize,
 }
 
 /// `mb` MiB in bytes.
@@ -173,6 +195,10 @@ impl Args {
             max_connections: self.max_connections,
             load_fail_backoff: Duration::from_millis(self.load_fail_backoff_ms),
             memory_budget_bytes: self.memory_mb.map(mib),
+            queue: (!self.no_queue).then(|| QueueConfig {
+                job_ttl: Duration::from_secs(self.job_ttl_s),
+                max_finished_jobs: self.max_finished_jobs,
+            }),
         }
     }
 
@@ -272,6 +298,7 @@ mod tests {
         assert_eq!(args.device, 0);
         assert_eq!(args.sim_model_mb, None);
         assert_eq!(args.host_cache_mb, None);
+        assert_eq!(config.queue, Some(QueueConfig::default()));
     }
 
     #[test]
@@ -340,15 +367,23 @@ mod tests {
             "0",
             "--max-connections",
             "7",
+            "--job-ttl-s",
+            "8",
+            "--max-finished-jobs",
+            "9",
         ])
         .unwrap();
         let config = args.runner_config("127.0.0.1:5".parse().unwrap());
         assert_eq!((config.max_queue, config.max_connections), (0, 7));
+        let queue = QueueConfig { job_ttl: Duration::from_secs(8), max_finished_jobs: 9 };
+        assert_eq!(config.queue, Some(queue));
         assert_eq!(config.advertise, "10.0.0.1:80");
         assert_eq!(config.capacity, 5);
         assert_eq!(config.max_concurrency, 2);
         assert_eq!(config.load_fail_backoff, Duration::from_millis(4));
         assert_eq!(args.drain_timeout(), Duration::from_millis(3));
+        let args = Args::try_parse_from(["runner-example", "--no-queue"]).unwrap();
+        assert_eq!(args.runner_config("127.0.0.1:5".parse().unwrap()).queue, None);
     }
 
     #[test]
@@ -358,6 +393,9 @@ mod tests {
             &["--max-concurrency", "0"],
             &["--max-queue", "-1"],
             &["--max-connections", "0"],
+            &["--job-ttl-s", "0"],
+            &["--max-finished-jobs", "0"],
+            &["--no-queue", "1"],
             &["--backend", "gpu"],
             &["--backend", "cpu"],
             &["--backend", "cuda"],

@@ -5,6 +5,17 @@
 //! | `POST /` `{"model": M, "prompt": P}` | 200 `{"model", "output", "cache", "queue_ms", "load_ms", "infer_ms"}` and `x-cache: hit\|miss` |
 //! | `GET /hints` | 200 [`HintsReport`](hint_router_core::wire::HintsReport); hints most recently used first |
 //! | `GET /healthz`, `GET /health` | 200 `ok`, or 503 `draining` (`/health` is the path fal apps serve, which the shipped Envoy health check uses) |
+//! | `POST /queue/submit` (or `/queue/submit/`) with the body of `POST /` | 200 `{"request_id", "response_url", "status_url", "cancel_url", "status": "IN_QUEUE", "queue_position"}`: a job of the fal queue, run like `POST /` |
+//! | `GET /queue/requests/{id}/status[?logs=1]` | 200 `{"status": "IN_QUEUE"\|"IN_PROGRESS"\|"COMPLETED", ...}` |
+//! | `GET /queue/requests/{id}` | the job's answer, as `POST /` would have given it, once completed; 400 `{"detail"}` before, or when cancelled |
+//! | `PUT /queue/requests/{id}/cancel` | 200 `{"status": "OK"}` (was queued), 202 `CANCELLATION_REQUESTED` (runs on), 400 `ALREADY_COMPLETED`, 404 `NOT_FOUND` |
+//!
+//! The `/queue` routes follow docs/queue.md (they are what Envoy's queue listener sends on for
+//! fal's queue paths); without [`RunnerConfig::queue`](crate::runner::RunnerConfig::queue)
+//! (`--no-queue`) they are unknown paths. A submit is admitted, and its body checked, exactly
+//! like `POST /` (429, 400 and 413 alike, nothing queued); a draining runner refuses it with
+//! 503, `retry-after: 1` and [`OVERLOADED_HEADER`]`: draining`, since its jobs' results would
+//! go with it. Unknown request ids answer 404 `{"detail": "Request not found"}`.
 //!
 //! Errors are JSON `{"error": "..."}`: 400 for a body that is not the JSON above or a bad
 //! model name, 404 for an unknown path or a model the backend does not know, 405 for a wrong
@@ -27,7 +38,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -37,13 +48,14 @@ use hint_router_core::wire::{format_hints_header, CACHE_HEADER, RUNNER_HINTS_HEA
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendError;
-use crate::runner::{InferError, Runner};
+use crate::runner::{InferError, Inference, Runner};
 
 /// Largest request body accepted, in bytes (1 MiB); larger ones get 413.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
-/// Response header of a refusal that ran nothing (429): routers retry such a request on
-/// another runner at once. Its value says why: `queue-full`.
+/// Response header of a refusal that ran nothing (429, or 503 for a queue submission to a
+/// draining runner): routers retry such a request on another runner at once. Its value says
+/// why: `queue-full` or `draining`.
 pub const OVERLOADED_HEADER: &str = "x-runner-overloaded";
 
 /// Longest model name accepted, in bytes.
@@ -87,6 +99,49 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// An answer to an inference: what `POST /` sends, and what a queued job records as its
+/// result. Every error answer is one too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The status code.
+    pub status: StatusCode,
+    /// Its own headers (`content-type`, `x-cache`, `retry-after`...); the runner's headers
+    /// are added to every response on its way out.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// A JSON answer; serialising our own types does not fail, but if it did the answer is a
+    /// plain 500.
+    pub fn json(status: StatusCode, body: &impl Serialize) -> Self {
+        let mut headers = HeaderMap::new();
+        match serde_json::to_vec(body) {
+            Ok(body) => {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                Self { status, headers, body: Bytes::from(body) }
+            }
+            Err(e) => Self {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                headers,
+                body: Bytes::from(format!("cannot serialise the answer: {e}")),
+            },
+        }
+    }
+
+    /// An error answer: `{"error": message}`.
+    pub fn error(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::json(status, &ErrorBody { error: message.into() })
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        (self.status, self.headers, self.body).into_response()
+    }
+}
+
 /// Checks a model name: 1 to [`MAX_MODEL_NAME_BYTES`] bytes of visible ASCII
 /// (0x21..=0x7E) other than `,` — exactly what a hint header can carry.
 pub fn validate_model_name(name: &str) -> Result<(), String> {
@@ -107,11 +162,13 @@ pub fn validate_model_name(name: &str) -> Result<(), String> {
 
 /// The runner's HTTP API.
 pub fn router(runner: Runner) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/", post(infer))
         .route("/hints", get(hints))
         .route("/healthz", get(healthz))
-        .route("/health", get(healthz))
+        .route("/health", get(healthz));
+    let routes = if runner.queue().is_some() { routes.merge(crate::queue::routes::routes()) } else { routes };
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -119,9 +176,8 @@ pub fn router(runner: Runner) -> Router {
         .with_state(runner)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = ErrorBody { error: message.into() };
-    (status, Json(body)).into_response()
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    Answer::error(status, message).into_response()
 }
 
 fn millis(d: std::time::Duration) -> u64 {
@@ -132,38 +188,57 @@ async fn infer(State(runner): State<Runner>, request: Request) -> Response {
     // Let in (or refuse) before reading the body: a full runner holds no more bodies.
     let admission = match runner.admit() {
         Ok(admission) => admission,
-        Err(e) => return infer_error(&e),
+        Err(e) => return infer_error(&e).into_response(),
     };
+    let request = match read_request(request).await {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
+    let result = runner.infer_admitted(admission, &request.model, request.prompt).await;
+    inference_answer(request.model, result).into_response()
+}
+
+/// Reads and checks the body of `POST /` (a submission's too): the error answer when it is
+/// too large, not the JSON of [`InferRequest`], or names a bad model.
+pub(crate) async fn read_request(request: Request) -> Result<InferRequest, Response> {
     let body = match Bytes::from_request(request, &()).await {
         Ok(body) => body,
-        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+        Err(rejection) => return Err(error(rejection.status(), rejection.body_text())),
     };
     let request: InferRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+        Err(e) => return Err(error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}"))),
     };
     if let Err(e) = validate_model_name(&request.model) {
-        return error(StatusCode::BAD_REQUEST, e);
+        return Err(error(StatusCode::BAD_REQUEST, e));
     }
-    match runner.infer_admitted(admission, &request.model, request.prompt).await {
+    Ok(request)
+}
+
+/// The answer to an inference of `model`, as `POST /` gives it.
+pub(crate) fn inference_answer(model: String, result: Result<Inference, InferError>) -> Answer {
+    match result {
         Ok(done) => {
             let cache = done.cache.as_str();
             let body = InferResponse {
-                model: request.model,
+                model,
                 output: done.output,
                 cache: cache.to_string(),
                 queue_ms: millis(done.queue),
                 load_ms: millis(done.load),
                 infer_ms: millis(done.infer),
             };
-            let cache = HeaderValue::from_static(cache);
-            ([(CACHE, cache)], Json(body)).into_response()
+            let mut answer = Answer::json(StatusCode::OK, &body);
+            answer.headers.insert(CACHE, HeaderValue::from_static(cache));
+            answer
         }
         Err(e) => infer_error(&e),
     }
 }
 
-fn infer_error(e: &InferError) -> Response {
+/// The error answer for `e`.
+pub(crate) fn infer_error(e: &InferError) -> Answer {
+    let error = Answer::error;
     let message = e.to_string();
     match e {
         InferError::Load(failed) => {
@@ -173,25 +248,26 @@ fn infer_error(e: &InferError) -> Response {
                 BackendError::Failed(_) => StatusCode::SERVICE_UNAVAILABLE,
                 BackendError::TooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
             };
-            let mut response = error(status, message);
+            let mut answer = error(status, message);
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 let secs = failed.retry_after.as_secs() + u64::from(failed.retry_after.subsec_nanos() > 0);
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                answer.headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
-            response
+            answer
         }
         InferError::Infer(BackendError::NotFound(_)) => error(StatusCode::NOT_FOUND, message),
         InferError::Infer(BackendError::InvalidInput(_)) => error(StatusCode::BAD_REQUEST, message),
         InferError::Infer(BackendError::Failed(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
         InferError::Infer(BackendError::TooLarge(_)) => error(StatusCode::INSUFFICIENT_STORAGE, message),
-        InferError::Closed => error(StatusCode::SERVICE_UNAVAILABLE, message),
+        // A blocking request is never cancelled; a queued job's cancellation answers itself.
+        InferError::Closed | InferError::Cancelled => error(StatusCode::SERVICE_UNAVAILABLE, message),
         InferError::Overloaded => {
-            let mut response = error(StatusCode::TOO_MANY_REQUESTS, message);
-            let headers = response.headers_mut();
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            headers
+            let mut answer = error(StatusCode::TOO_MANY_REQUESTS, message);
+            answer.headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            answer
+                .headers
                 .insert(HeaderName::from_static(OVERLOADED_HEADER), HeaderValue::from_static("queue-full"));
-            response
+            answer
         }
     }
 }

@@ -17,6 +17,7 @@
 //! * [`runner`]: the [`Runner`](runner::Runner): cache, inference concurrency limit,
 //!   in-flight count, draining, and the `/hints` report.
 //! * [`http`]: the HTTP API as an axum [`Router`](axum::Router).
+//! * [`queue`]: fal's queue, runner-owned: the jobs submitted here, their status and results.
 //! * [`server`]: serving on a socket with graceful draining, and the program's [`run`](server::run).
 //! * [`cli`]: the command-line options.
 //!
@@ -56,6 +57,7 @@ pub mod cuda;
 pub mod http;
 pub mod mlp;
 pub mod models;
+pub mod queue;
 pub mod runner;
 pub mod server;
 pub mod warm;

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::backend::{Backend, BackendError};
 use crate::cache::{CacheOutcome, LoadFailed, ModelCache};
+use crate::queue::{JobQueue, QueueConfig};
 
 /// The default of [`RunnerConfig::max_queue`] (`--max-queue`).
 pub const DEFAULT_MAX_QUEUE: u32 = 64;
@@ -41,6 +42,9 @@ pub struct RunnerConfig {
     /// The most bytes the cached models may take together (see [`ModelCache`]); `None`: no
     /// limit but `capacity`.
     pub memory_budget_bytes: Option<u64>,
+    /// The fal queue (docs/queue.md): `Some` serves `/queue/...` and reports a `queue_token`
+    /// in `/hints`; `None` (`--no-queue`) does neither.
+    pub queue: Option<QueueConfig>,
 }
 
 impl RunnerConfig {
@@ -54,6 +58,7 @@ impl RunnerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             load_fail_backoff: Duration::from_millis(1000),
             memory_budget_bytes: None,
+            queue: Some(QueueConfig::default()),
         }
     }
 }
@@ -73,6 +78,17 @@ pub struct Inference {
     pub infer: Duration,
 }
 
+/// An inference about to start, as [`Runner::infer_admitted_with`] tells its `on_start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Starting {
+    /// Whether the model was resident when the request came ([`Inference::cache`]).
+    pub cache: CacheOutcome,
+    /// Time spent waiting for a cache slot and for an inference slot ([`Inference::queue`]).
+    pub queue: Duration,
+    /// Time spent waiting for the model to load ([`Inference::load`]).
+    pub load: Duration,
+}
+
 /// Why an inference request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InferError {
@@ -85,6 +101,9 @@ pub enum InferError {
     /// `max_concurrency + max_queue` requests are in progress already: refused before
     /// anything ran, so another runner may take it.
     Overloaded,
+    /// The caller gave the request up as its inference was about to start (the `on_start`
+    /// of [`Runner::infer_admitted_with`] said no): nothing ran.
+    Cancelled,
 }
 
 impl std::fmt::Display for InferError {
@@ -94,6 +113,7 @@ impl std::fmt::Display for InferError {
             InferError::Infer(e) => write!(f, "inference failed: {e}"),
             InferError::Closed => f.write_str("the runner is shutting down"),
             InferError::Overloaded => f.write_str("the runner's queue is full; nothing was run"),
+            InferError::Cancelled => f.write_str("the request was cancelled before it ran"),
         }
     }
 }
@@ -120,6 +140,8 @@ struct Inner {
     refused: AtomicU64,
     connections_refused: AtomicU64,
     draining: AtomicBool,
+    /// The fal queue's jobs and token; `None` without [`RunnerConfig::queue`].
+    queue: Option<Arc<JobQueue>>,
 }
 
 /// A request let in: holds one of the runner's `max_concurrency + max_queue` request slots
@@ -157,6 +179,7 @@ impl Runner {
         let permits = Semaphore::new(to_usize(max_concurrency).min(Semaphore::MAX_PERMITS));
         let requests = max_concurrency.saturating_add(config.max_queue);
         let admissions = Semaphore::new(to_usize(requests).min(Semaphore::MAX_PERMITS));
+        let queue = config.queue.as_ref().and_then(JobQueue::open);
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -168,6 +191,7 @@ impl Runner {
                 refused: AtomicU64::new(0),
                 connections_refused: AtomicU64::new(0),
                 draining: AtomicBool::new(false),
+                queue,
             }),
         }
     }
@@ -185,6 +209,11 @@ impl Runner {
     /// The model cache.
     pub fn cache(&self) -> &ModelCache {
         &self.inner.cache
+    }
+
+    /// The fal queue, unless disabled ([`RunnerConfig::queue`]).
+    pub fn queue(&self) -> Option<&Arc<JobQueue>> {
+        self.inner.queue.as_ref()
     }
 
     /// Lets a request in, when fewer than `max_concurrency + max_queue` are in progress;
@@ -225,12 +254,31 @@ impl Runner {
         model: &str,
         prompt: String,
     ) -> Result<Inference, InferError> {
+        self.infer_admitted_with(admission, model, prompt, |_| true).await
+    }
+
+    /// [`Runner::infer_admitted`], calling `on_start` at the moment the inference starts (the
+    /// model pinned and loaded, an inference slot held), before the backend is asked: a queued
+    /// job turns IN_PROGRESS exactly then. When it answers `false` nothing runs, the slot, the
+    /// pin and the admission go, and the call fails with [`InferError::Cancelled`]: a job
+    /// cancelled just before cannot slip into an inference.
+    pub async fn infer_admitted_with(
+        &self,
+        admission: Admission,
+        model: &str,
+        prompt: String,
+        on_start: impl FnOnce(&Starting) -> bool + Send,
+    ) -> Result<Inference, InferError> {
         let inner = &*self.inner;
         let lease = inner.cache.acquire(model).await.map_err(InferError::Load)?;
         let waited_from = Instant::now();
         let permit = Arc::clone(&inner.permits).acquire_owned().await.map_err(|_| InferError::Closed)?;
         let started = Instant::now();
-        let (cache, queued, load) = (lease.outcome(), lease.queued(), lease.loading());
+        let (cache, load) = (lease.outcome(), lease.loading());
+        let queue = lease.queued() + started.saturating_duration_since(waited_from);
+        if !on_start(&Starting { cache, queue, load }) {
+            return Err(InferError::Cancelled);
+        }
         let loaded = Arc::clone(lease.model());
         let work = tokio::spawn(async move {
             let output = loaded.infer(prompt).await;
@@ -246,13 +294,7 @@ impl Runner {
             Ok(done) => done,
             Err(e) => (Err(BackendError::Failed(format!("inference task failed: {e}"))), started.elapsed()),
         };
-        Ok(Inference {
-            output: output.map_err(InferError::Infer)?,
-            cache,
-            queue: queued + started.saturating_duration_since(waited_from),
-            load,
-            infer,
-        })
+        Ok(Inference { output: output.map_err(InferError::Infer)?, cache, queue, load, infer })
     }
 
     /// Requests refused by [`Runner::admit`] so far.
@@ -318,7 +360,8 @@ impl Runner {
             resident_bytes: snap.resident_bytes,
             memory_budget_bytes: self.inner.cache.memory_budget(),
             warm: if draining { Vec::new() } else { self.inner.backend.warm() },
-            queue_token: None,
+            // Reported while draining too: the jobs accepted before must still reach us.
+            queue_token: self.queue().map(|queue| hint_router_core::queue::format_token(queue.token())),
         }
     }
 }

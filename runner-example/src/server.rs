@@ -226,14 +226,20 @@ pub async fn run(args: Args) -> io::Result<Drained> {
     };
     log::info!(
         "runner {} serving with capacity {}, max concurrency {}, max queue {}, max connections {}, \
-         memory budget {}, backend {}",
+         memory budget {}, backend {}, queue {}",
         runner.advertise(),
         runner.config().capacity,
         runner.config().max_concurrency,
         runner.config().max_queue,
         runner.config().max_connections,
         runner.config().memory_budget_bytes.map_or("none".to_string(), |b| format!("{b} bytes")),
-        args.backend.name()
+        args.backend.name(),
+        runner.queue().map_or("off".to_string(), |queue| format!(
+            "token {} (jobs kept {} s, at most {} finished)",
+            hint_router_core::queue::format_token(queue.token()),
+            queue.config().job_ttl.as_secs(),
+            queue.config().max_finished_jobs
+        ))
     );
     {
         let mut stdout = io::stdout().lock();

@@ -187,9 +187,11 @@ async fn inference_miss_then_hit_and_headers() {
             resident_bytes: None,
             memory_budget_bytes: None,
             warm: Vec::new(),
-            queue_token: None,
+            // Random per runner (tests/queue.rs checks it).
+            queue_token: report.queue_token.clone(),
         }
     );
+    assert_eq!(report.queue_token.as_ref().map(String::len), Some(16));
     assert!(raw.get("resident_bytes").is_none(), "{raw}");
     assert!(raw.get("memory_budget_bytes").is_none(), "{raw}");
 
