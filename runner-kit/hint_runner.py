@@ -46,6 +46,9 @@ except ImportError:
 __all__ = ["HintRunner", "JobQueue", "SingleFlight", "serve_fal", "clean_hints"]
 
 HINTS_HEADER = b"x-fal-runner-hints"
+# Requests and jobs in progress here as the response starts, this request excluded: lets a
+# router correct its busy count between polls (docs/queue.md).
+IN_FLIGHT_HEADER = b"x-runner-in-flight"
 MAX_HINT_BYTES = 256
 
 
@@ -198,19 +201,23 @@ class HintRunner:
             )
             return await send({"type": "http.response.body", "body": body})
         queue = self.queue
+        queue_call = queue is not None and (path == "/queue" or path.startswith("/queue/"))
+        counted = not queue_call and path not in self.control_paths
 
         async def send_with_hints(message):
             if message["type"] == "http.response.start":
                 # Computed when the response starts, after the request's own work: a miss's
-                # answer already lists its model. Replaces the app's own header, if any.
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HINTS_HEADER]
+                # answer already lists its model. Replaces the app's own headers, if any.
+                ours = (HINTS_HEADER, IN_FLIGHT_HEADER)
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in ours]
                 headers.append((HINTS_HEADER, ",".join(self._current_hints()).encode()))
+                in_flight = max(0, self.in_flight - (1 if counted else 0))
+                headers.append((IN_FLIGHT_HEADER, str(in_flight).encode()))
                 message = dict(message, headers=headers)
             await send(message)
 
-        if queue is not None and (path == "/queue" or path.startswith("/queue/")):
+        if queue_call:
             return await queue.handle(scope, receive, send_with_hints)
-        counted = path not in self.control_paths
         if counted:
             with self._lock:
                 self._requests += 1

@@ -24,6 +24,7 @@ step "build (release: filter .wasm, runner, demo)" make --no-print-directory bui
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 step "unit + end-to-end tests" bash -o pipefail -c 'cargo test --locked --workspace 2>&1 | tee -a "$0"' "$log"
+step "runner kit (Python) unit tests" .venv/bin/python -m unittest tests/fal/test_kit_queue.py
 step "core unit tests inside wasm (wasm-bindgen-test on Node)" \
   bash -o pipefail -c 'cargo test --locked -p hint-router-core --lib --target wasm32-unknown-unknown 2>&1 | tee -a "$0"' "$log"
 printf '\nall checks passed\n'

@@ -9,6 +9,7 @@ use hint_router_core::queue::{classify_path, QueuePath};
 use hint_router_core::rank::Outcome;
 use hint_router_core::router::{Decision, Router};
 use hint_router_core::table::{encode_header_update, encode_header_update_raw, TableRef};
+use hint_router_core::wire::RUNNER_IN_FLIGHT_HEADER;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
@@ -53,6 +54,7 @@ struct Metrics {
     queue_unknown_ids: u32,
     queue_runner_lost: u32,
     queue_no_runner: u32,
+    queue_inflight_corrected: u32,
 }
 
 fn outcome_slot(o: Outcome) -> usize {
@@ -94,6 +96,7 @@ impl Metrics {
             queue_unknown_ids: c("hint_router.queue.unknown_ids"),
             queue_runner_lost: c("hint_router.queue.runner_unreachable"),
             queue_no_runner: c("hint_router.queue.no_queue_runner"),
+            queue_inflight_corrected: c("hint_router.queue.inflight_corrected"),
         }
     }
 
@@ -283,6 +286,7 @@ impl FilterRoot {
             answered: false,
             submit: false,
             accepted: false,
+            queue_runner: None,
         }
     }
 }
@@ -305,9 +309,22 @@ pub struct Stream {
     /// A fal queue submission (queue mode).
     submit: bool,
     /// A submission the runner accepted (2xx): the job stays in the runner's queue after
-    /// this request ends, so its in-flight count stays until the next poll replaces it with
-    /// the runner's own `in_flight`, which counts the job.
+    /// this request ends, so its in-flight count stays until the runner's own count
+    /// replaces it (the next poll, or `x-runner-in-flight` on a queue response).
     accepted: bool,
+    /// Queue mode: the runner a submission or job call went to, and its shared in-flight
+    /// count (before this request's own increment) when it was routed.
+    queue_runner: Option<(u32, u32)>,
+}
+
+/// What queue mode made of a request before routing.
+enum QueueStep {
+    /// A submission: route it by its hint.
+    Submit,
+    /// Answered by the filter (a malformed, unknown or lost id).
+    Answered,
+    /// A job call sent to the runner holding the id.
+    Steered(u32),
 }
 
 /// A JSON local reply for fal's queue client: `{"detail": ...}`.
@@ -320,20 +337,71 @@ fn queue_reply(status: u32, detail: &str) {
     }
 }
 
+impl Stream {
+    /// Queue mode: lowers runner `idx`'s in-flight count to what the runner says it has
+    /// (`x-runner-in-flight`) plus what this Envoy routed there since `before` was read. An
+    /// accepted job keeps its count until the runner's own count replaces it; without this,
+    /// a finished job looked busy until the next poll and a hot model's next job loaded it
+    /// elsewhere. Only ever lowers a count: the runner's figure is a floor, not a ceiling, of
+    /// the truth (other Envoys' requests are in it too).
+    fn correct_from_runner(&self, idx: u32, before: u32) {
+        let Ok(st) = self.state.try_borrow() else { return };
+        let raw = host::get_header(Map::Response, RUNNER_IN_FLIGHT_HEADER).ok().flatten();
+        let Some(reported) = raw.and_then(|r| std::str::from_utf8(&r).ok()?.trim().parse::<u32>().ok())
+        else {
+            return;
+        };
+        let own = u32::from(self.submit); // the job this submission added is in `reported`
+        if st.lower_inflight(idx, reported, before.saturating_add(own)) {
+            host::increment_metric(st.metrics.queue_inflight_corrected, 1);
+        }
+    }
+}
+
 impl State {
-    /// Queue mode, before routing: answers or steers a job call, and returns `Some` when the
-    /// request is settled (no hint routing). Submissions return `None` and are routed by hint.
-    fn queue_job_call(&mut self) -> Option<Action> {
+    /// Sets runner `idx`'s in-flight count to `reported` plus the increments made since it
+    /// was `baseline`, when that is lower than the count now (and caps its `loading` count
+    /// to it). Returns whether it lowered it.
+    fn lower_inflight(&self, idx: u32, reported: u32, baseline: u32) -> bool {
+        let runners = self.router.view().runners().len();
+        let n = 2 * runners;
+        let mut counts = Vec::with_capacity(n);
+        for _ in 0..CAS_ATTEMPTS {
+            let Ok((bytes, cas)) = host::get_shared(INFLIGHT_KEY) else { return false };
+            inflight::decode(&bytes.unwrap_or_default(), n, &mut counts);
+            let now = counts.get(idx as usize).copied().unwrap_or(0);
+            let target = reported.saturating_add(now.saturating_sub(baseline));
+            if target >= now {
+                return false;
+            }
+            if let Some(c) = counts.get_mut(idx as usize) {
+                *c = target;
+            }
+            if let Some(c) = counts.get_mut(runners + idx as usize) {
+                *c = (*c).min(target);
+            }
+            match host::set_shared(INFLIGHT_KEY, &inflight::encode(&counts), cas) {
+                Ok(()) => return true,
+                Err(host::HostError::CasMismatch) => continue,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    /// Queue mode, before routing: answers or steers a job call. Submissions are routed by
+    /// hint afterwards.
+    fn queue_job_call(&mut self) -> QueueStep {
         let path = host::get_header(Map::Request, ":path").ok().flatten().unwrap_or_default();
         let (token, op) = match classify_path(&path) {
             QueuePath::Submit => {
                 host::increment_metric(self.metrics.queue_submits, 1);
-                return None;
+                return QueueStep::Submit;
             }
             QueuePath::MalformedId => {
                 host::increment_metric(self.metrics.queue_bad_ids, 1);
                 queue_reply(400, "Malformed request id");
-                return Some(Action::Pause);
+                return QueueStep::Answered;
             }
             QueuePath::Job { token, op } => (token, op),
         };
@@ -342,22 +410,22 @@ impl State {
         let Some(idx) = view.runner_by_queue_token(token) else {
             host::increment_metric(self.metrics.queue_unknown_ids, 1);
             queue_reply(404, "Request not found");
-            return Some(Action::Pause);
+            return QueueStep::Answered;
         };
         if view.runner(idx).is_some_and(|r| r.unreachable) {
             // Dead or frozen: say so now instead of letting the client poll a lost job.
             host::increment_metric(self.metrics.queue_runner_lost, 1);
             queue_reply(503, "The runner holding this request is not answering; the request may be lost");
-            return Some(Action::Pause);
+            return QueueStep::Answered;
         }
         let list = view.format_candidates(&[idx]);
         log::trace!("hint-router: queue {op:?} for runner {idx}");
         if let Err(e) = host::set_header(Map::Request, &self.cfg.pick_header, list.as_bytes()) {
             log::warn!("hint-router: cannot set {}: {e}", self.cfg.pick_header);
             queue_reply(503, "Cannot route this request");
-            return Some(Action::Pause);
+            return QueueStep::Answered;
         }
-        Some(Action::Continue)
+        QueueStep::Steered(idx)
     }
 }
 
@@ -371,8 +439,13 @@ impl HttpContext for Stream {
         st.refresh();
         if st.queue_mode {
             match st.queue_job_call() {
-                Some(action) => return action,
-                None => self.submit = true,
+                QueueStep::Submit => self.submit = true,
+                QueueStep::Answered => return Action::Pause,
+                QueueStep::Steered(idx) => {
+                    st.read_loads();
+                    self.queue_runner = Some((idx, st.loads.get(idx as usize).copied().unwrap_or(0)));
+                    return Action::Continue;
+                }
             }
         }
         let raw = host::get_header(Map::Request, &st.cfg.hint_header).ok().flatten();
@@ -424,9 +497,13 @@ impl HttpContext for Stream {
             let list = st.router.view().format_candidates(&candidates);
             match host::set_header(Map::Request, &st.cfg.pick_header, list.as_bytes()) {
                 Ok(()) => {
+                    let before = in_flight.get(first as usize).copied().unwrap_or(0);
                     if st.adjust_inflight(first, decision.load, 1, snapshot) {
                         self.picked = Some(first);
                         self.load = decision.load;
+                        if self.submit {
+                            self.queue_runner = Some((first, before));
+                        }
                     }
                     if decision.listed {
                         // Tell the other workers at once, through the poller's table, so they
@@ -450,6 +527,12 @@ impl HttpContext for Stream {
         if self.submit {
             let status = host::get_header(Map::Response, ":status").ok().flatten();
             self.accepted = status.is_some_and(|s| s.first() == Some(&b'2'));
+        }
+        if let Some((idx, before)) = self.queue_runner.take() {
+            // A refused submission is decremented when it ends; nothing to correct.
+            if !self.submit || self.accepted {
+                self.correct_from_runner(idx, before);
+            }
         }
         let Ok(mut st) = self.state.try_borrow_mut() else { return Action::Continue };
         let st = &mut *st;

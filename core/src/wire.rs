@@ -11,6 +11,9 @@ pub const RUNNER_HINTS_HEADER: &str = "x-fal-runner-hints";
 pub const RUNNER_HINT_HEADER: &str = "x-fal-runner-hint";
 /// Response header a runner names itself in (its listen address).
 pub const RUNNER_ID_HEADER: &str = "x-runner-id";
+/// Response header with the runner's requests and jobs in progress as the response starts, the
+/// request answered excluded (`/hints` `in_flight`, between polls). Optional.
+pub const RUNNER_IN_FLIGHT_HEADER: &str = "x-runner-in-flight";
 /// Response header saying whether the request found its model loaded (`hit`) or not (`miss`).
 pub const CACHE_HEADER: &str = "x-cache";
 

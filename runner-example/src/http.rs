@@ -32,7 +32,8 @@
 //! (connections closed unread over `max_connections`); routers ignore fields they do not
 //! know.
 //!
-//! Every response, errors included, carries `x-runner-id` (the advertised address) and
+//! Every response, errors included, carries `x-runner-in-flight` (requests and queued jobs
+//! in progress, the one answered excluded), `x-runner-id` (the advertised address) and
 //! `x-fal-runner-hints` (the advertised hints, as in `/hints`), computed after the request's
 //! own work: a miss's response already lists its model.
 
@@ -44,7 +45,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hint_router_core::hint::is_hint_byte;
-use hint_router_core::wire::{format_hints_header, CACHE_HEADER, RUNNER_HINTS_HEADER, RUNNER_ID_HEADER};
+use hint_router_core::wire::{
+    format_hints_header, CACHE_HEADER, RUNNER_HINTS_HEADER, RUNNER_ID_HEADER, RUNNER_IN_FLIGHT_HEADER,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendError;
@@ -64,6 +67,7 @@ pub const MAX_MODEL_NAME_BYTES: usize = 256;
 const RUNNER_ID: HeaderName = HeaderName::from_static(RUNNER_ID_HEADER);
 const RUNNER_HINTS: HeaderName = HeaderName::from_static(RUNNER_HINTS_HEADER);
 const CACHE: HeaderName = HeaderName::from_static(CACHE_HEADER);
+const RUNNER_IN_FLIGHT: HeaderName = HeaderName::from_static(RUNNER_IN_FLIGHT_HEADER);
 
 /// Body of `POST /`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -326,6 +330,9 @@ async fn runner_headers(State(runner): State<Runner>, request: Request, next: Ne
     if let Ok(hints) = HeaderValue::from_str(&format_hints_header(&runner.hints())) {
         headers.insert(RUNNER_HINTS, hints);
     }
+    // A blocking request's admission is gone by now, a job's is not: the count excludes the
+    // request answered and includes a job it just queued.
+    headers.insert(RUNNER_IN_FLIGHT, HeaderValue::from(runner.in_flight()));
     response
 }
 

@@ -274,6 +274,7 @@ pub const DEMO_EDITS: [(&str, &str); 6] = [
                 - remove: x-cache
                 - remove: x-runner-id
                 - remove: x-runner-overloaded
+                - remove: x-runner-in-flight
                 - remove: x-hint-router-decision
                 - remove: x-hint-router-upstream
 ",
