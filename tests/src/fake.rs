@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ struct Shared {
     polls: AtomicU64,
     /// Close the connection after reading each inference request, without answering.
     reset_inference: AtomicBool,
+    /// Status of `GET /health` and `/healthz`.
+    health: AtomicU16,
 }
 
 /// The fake runner; stops on drop.
@@ -56,6 +58,7 @@ impl FakeRunner {
             inference: AtomicU64::new(0),
             polls: AtomicU64::new(0),
             reset_inference: AtomicBool::new(false),
+            health: AtomicU16::new(200),
         });
         let (s, a) = (shared.clone(), addr.clone());
         std::thread::spawn(move || {
@@ -86,6 +89,11 @@ impl FakeRunner {
     /// without answering (a runner that died while running it).
     pub fn reset_inference(&self, on: bool) {
         self.shared.reset_inference.store(on, Ordering::Relaxed);
+    }
+
+    /// Sets the status `GET /health` answers (Envoy's active health check).
+    pub fn set_health_status(&self, status: u16) {
+        self.shared.health.store(status, Ordering::Relaxed);
     }
 
     /// Inference requests served so far.
@@ -173,7 +181,7 @@ fn serve(mut c: TcpStream, s: &Shared, addr: &str) {
                 HintsMode::Close => false,
             }
         } else if path == "/healthz" || path == "/health" {
-            respond(&mut c, 200, "", b"ok")
+            respond(&mut c, s.health.load(Ordering::Relaxed), "", b"ok")
         } else {
             s.inference.fetch_add(1, Ordering::Relaxed);
             if s.reset_inference.load(Ordering::Relaxed) {

@@ -130,6 +130,12 @@ fn runner_addresses_are_normalised_everywhere() {
         1,
     );
     let first = infer(&e.url(), "m", Some(b"m"), &[]);
+    // The worker that served the miss learned at once; the other one learns when the poller
+    // republishes (milliseconds, longer on a loaded machine). With the raw spelling kept, no
+    // worker ever did.
+    // Two more polls of the runner (which lists `m` by then) settle it either way.
+    let polls = stat(&e, "poll_ok");
+    let learned = wait_until(Duration::from_secs(5), || stat(&e, "poll_ok") >= polls + 2).is_some();
     let second = infer(&e.url(), "m", Some(b"m"), &[]);
     eprintln!(
         "runner listed as 127.0.0.1:0{port}: available {}, decisions {} then {}",
@@ -138,6 +144,7 @@ fn runner_addresses_are_normalised_everywhere() {
         second.decision
     );
     assert_eq!((first.status, second.status), (200, 200));
+    assert!(learned, "the runner was not polled twice within 5 s");
     assert_eq!(second.decision, "hit");
     assert_eq!(second.upstream, r.addr);
 
