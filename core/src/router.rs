@@ -90,6 +90,18 @@ pub struct Router {
     pins: Vec<Pins>,
 }
 
+/// Where equally good runners start being tried ([`rank_by`]'s rotation): for a hinted
+/// request a point fixed by the hint, so that every worker and every Envoy in front of the
+/// same runners (same table order) sends a cold model's first request to the same runner
+/// without talking to each other, and different models still spread over the fleet; for an
+/// unhinted one the caller's per-request `spin`, which rotates.
+fn tie_break(hint: Option<&str>, hash: u64, spin: u32) -> u32 {
+    match hint {
+        Some(_) => (hash >> 32) as u32,
+        None => spin,
+    }
+}
+
 impl Router {
     /// A router over `view` (busy holders handled the default way).
     pub fn new(view: View) -> Router {
@@ -252,6 +264,7 @@ impl Router {
         if hint.is_some() {
             self.popularity.record(hash);
         }
+        let spin = tie_break(hint, hash, spin);
         let outcome = self.rank_hashed(hint, hash, in_flight, now_us, spin, max, out);
         let ahead = out.first().map(|&i| in_flight.get(i as usize).copied().unwrap_or(0)).unwrap_or(0);
         let pin = match (hint, out.first()) {
@@ -527,15 +540,35 @@ mod tests {
     }
 
     #[test]
+    fn independent_routers_send_a_cold_model_to_the_same_runner_and_spread_different_ones() {
+        // Two proxies (or two workers) with their own state and request counters, the same
+        // table: a cold model's first request goes to the same runner from both.
+        let t = table(&[&[], &[], &[], &[], &[], &[], &[], &[]]);
+        let mut firsts = std::collections::HashSet::new();
+        for m in 0..64 {
+            let hint = format!("model-{m}");
+            let (mut a, mut b) = (Router::new(View::from_table(&t)), Router::new(View::from_table(&t)));
+            let mut out = Vec::new();
+            a.route(Some(&hint), &[0; 8], 0, 7, 3, 64, &mut out);
+            let first = out[0];
+            b.route(Some(&hint), &[0; 8], 0, 12_345, 3, 64, &mut out);
+            assert_eq!(out[0], first, "{hint}");
+            firsts.insert(first);
+        }
+        assert!(firsts.len() >= 6, "64 cold models landed on only {} of 8 runners", firsts.len());
+    }
+
+    #[test]
     fn a_duplicate_copy_is_evicted_before_a_single_one() {
         // Runner 1's victim (a) is also held by runner 0: evicting it loses no model.
         let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "a"]])));
         let (d, out) = go(&mut v, Some("new"), &[0, 0]);
         assert_eq!((d.outcome, out[0]), (Outcome::Miss, 1));
         assert_eq!(v.view().holders("a"), &[0]);
-        // Runner 0's victim (c) is now the only copy: ranked as such from now on.
+        // Runner 0's victim (c) is now the only copy, like runner 1's (y): a tie of equally
+        // cold single copies, broken by the hint (the same on every worker and proxy).
         let (_, out) = go(&mut v, Some("new2"), &[0, 0]);
-        assert_eq!(out[0], 0, "z-less tie: the least popular single victim");
+        assert_eq!(out[0], (hint_hash("new2") >> 32) as u32 % 2);
     }
 
     /// Teaches `r` that runner `idx` loads in `load_us` and infers in `infer_us`.
@@ -606,11 +639,12 @@ mod tests {
     #[test]
     fn guesses_survive_a_refresh_that_still_lists_them() {
         let mut v = Router::new(View::from_table(&table(&[&["x"], &["q"]])));
-        go(&mut v, Some("new"), &[0, 0]);
+        let (_, out) = go(&mut v, Some("new"), &[0, 0]);
         let (d, _) = go(&mut v, Some("new"), &[0, 0]);
         assert!(d.load, "joining a guessed load");
         // A table that lists it (another worker forwarded the guess) keeps it a guess.
-        let listed = table(&[&["new", "x"], &["q"]]);
+        let listed =
+            if out[0] == 0 { table(&[&["new", "x"], &["q"]]) } else { table(&[&["x"], &["new", "q"]]) };
         v.refresh(|view| *view = View::from_table(&listed));
         assert!(go(&mut v, Some("new"), &[0, 0]).0.load);
         // A table that does not list it drops the guess.
