@@ -3,8 +3,9 @@
 //! The rules (fal's, plus tie-breaks):
 //! 1. With a hint, runners holding it that are not busy, fewest in flight first.
 //! 2. Otherwise (no holder, or every holder busy) any available runner that is not busy,
-//!    cheapest eviction first (a free cache slot costs nothing; see [`rank_by`]), then the
-//!    fewest in flight.
+//!    cheapest eviction first (a free cache slot costs nothing; see [`rank_by`]), then in the
+//!    hint's own order (so that independent workers and Envoys agree), then the fewest in
+//!    flight.
 //! 3. Without a hint, any available runner that is not busy, fewest in flight.
 //!
 //! Among holders, a runner whose capacity is unknown (0) comes after every runner with a known
@@ -16,8 +17,9 @@
 //!
 //! Nothing ever waits: when every runner is busy the request still gets a list (holders
 //! first, then the least loaded), and when no runner is available the list is empty and
-//! Envoy's fallback policy picks. Ties rotate by a per-request `spin` so repeated misses do
-//! not all land on the same runner.
+//! Envoy's fallback policy picks. Ties rotate by `spin`: the router derives it from the hint
+//! (every proxy orders a model's candidates alike, and different models start at different
+//! runners) and, without a hint, from a per-request counter.
 
 use crate::table::{View, ViewRunner};
 
@@ -213,8 +215,13 @@ pub fn rank_by(
                 continue;
             }
             let holder = any_holder && holders.contains(&i);
+            // Among runners that are not busy and would evict equally little, the hint's own
+            // order (`rot`, fixed by the hint) comes before load: concurrent misses for one
+            // model from several workers or Envoys, none of which knows yet where the others
+            // sent it, all go to the same runner (until it is busy) instead of each loading
+            // it on the least loaded one. Different models still spread: each has its order.
             let key = match (busy(i), holder) {
-                (false, _) => (1, cost(i, r), load(total, i), rot(i)),
+                (false, _) => (1, cost(i, r), rot(i), load(total, i)),
                 (true, true) => (3, 0, load(total, i), rot(i)),
                 (true, false) => (4, cost(i, r), load(total, i), rot(i)),
             };
@@ -293,15 +300,20 @@ mod tests {
     }
 
     #[test]
-    fn misses_are_placed_by_total_load_holders_judged_by_busy_load() {
+    fn misses_follow_the_hints_order_among_runners_that_are_not_busy() {
         // Runner 0 holds a with 3 requests in flight, all waiting for loads (busy load 0);
-        // runner 1 is idle. A hit still goes to 0; a miss goes to the idle runner 1.
+        // runner 1 is idle. A hit still goes to 0. A miss goes where the hint's order (the
+        // rotation the router derives from the hint) starts, whatever the total load, as long
+        // as the runner is not busy: every worker and Envoy picks the same runner for it.
         let v = View::from_table(&table(&[&["a"], &[]]));
         let mut out = Vec::new();
         assert_eq!(rank_loads(&v, Some("a"), &[0, 0], &[3, 0], 0, 1, &mut out), Outcome::Hit);
         assert_eq!(out, vec![0]);
-        assert_eq!(rank_loads(&v, Some("b"), &[0, 0], &[3, 0], 0, 1, &mut out), Outcome::Miss);
-        assert_eq!(out, vec![1]);
+        assert_eq!(rank_loads(&v, Some("b"), &[0, 0], &[3, 0], 0, 2, &mut out), Outcome::Miss);
+        assert_eq!(out, vec![0, 1]);
+        assert_eq!(rank_loads(&v, Some("b"), &[0, 0], &[3, 0], 1, 2, &mut out), Outcome::Miss);
+        assert_eq!(out, vec![1, 0]);
+        // Without a hint, the least loaded first.
         assert_eq!(rank_loads(&v, None, &[0, 0], &[3, 0], 0, 1, &mut out), Outcome::NoHint);
         assert_eq!(out, vec![1]);
     }
