@@ -5,11 +5,11 @@ use crate::{GENERATION_KEY, INFLIGHT_KEY, QUEUE_NAME, TABLE_KEY};
 use hint_router_core::config::Config;
 use hint_router_core::hint::{classify, parse_hint_list, HintClass};
 use hint_router_core::inflight;
-use hint_router_core::queue::{classify_path, QueuePath};
+use hint_router_core::queue::{classify_path, JobOp, QueuePath};
 use hint_router_core::rank::Outcome;
 use hint_router_core::router::{Decision, Router};
 use hint_router_core::table::{encode_header_update, encode_header_update_raw, TableRef};
-use hint_router_core::wire::RUNNER_IN_FLIGHT_HEADER;
+use hint_router_core::wire::{RUNNER_INFER_MS_HEADER, RUNNER_IN_FLIGHT_HEADER, RUNNER_LOAD_MS_HEADER};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
@@ -287,6 +287,7 @@ impl FilterRoot {
             submit: false,
             accepted: false,
             queue_runner: None,
+            job_result: None,
         }
     }
 }
@@ -315,6 +316,9 @@ pub struct Stream {
     /// Queue mode: the runner a submission or job call went to, and its shared in-flight
     /// count (before this request's own increment) when it was routed.
     queue_runner: Option<(u32, u32)>,
+    /// Queue mode: a job's result was asked of this runner; its answer carries the runner's
+    /// own load and inference times, the only ones a queued job teaches.
+    job_result: Option<u32>,
 }
 
 /// What queue mode made of a request before routing.
@@ -324,7 +328,7 @@ enum QueueStep {
     /// Answered by the filter (a malformed, unknown or lost id).
     Answered,
     /// A job call sent to the runner holding the id.
-    Steered(u32),
+    Steered(u32, JobOp),
 }
 
 /// A JSON local reply for fal's queue client: `{"detail": ...}`.
@@ -354,6 +358,31 @@ impl Stream {
         let own = u32::from(self.submit); // the job this submission added is in `reported`
         if st.lower_inflight(idx, reported, before.saturating_add(own)) {
             host::increment_metric(st.metrics.queue_inflight_corrected, 1);
+        }
+    }
+}
+
+impl Stream {
+    /// Queue mode: a job's answer (200) with `x-runner-load-ms` / `x-runner-infer-ms` teaches
+    /// the router that runner's times, so `"fastest"` works for queued jobs too (a submission
+    /// is answered at once: its latency says nothing).
+    fn learn_reported_times(&self, idx: u32) {
+        let ok = host::get_header(Map::Response, ":status").ok().flatten();
+        if ok.as_deref() != Some(b"200") {
+            return;
+        }
+        let ms = |name: &str| {
+            let raw = host::get_header(Map::Response, name).ok().flatten()?;
+            let v = std::str::from_utf8(&raw).ok()?.trim().parse::<u64>().ok()?;
+            // A runner's claim, bounded: an hour at most.
+            Some(v.min(3_600_000).saturating_mul(1000))
+        };
+        let (load, infer) = (ms(RUNNER_LOAD_MS_HEADER), ms(RUNNER_INFER_MS_HEADER));
+        if load.is_none() && infer.is_none() {
+            return;
+        }
+        if let Ok(mut st) = self.state.try_borrow_mut() {
+            st.router.learn_reported(idx, load, infer);
         }
     }
 }
@@ -425,7 +454,7 @@ impl State {
             queue_reply(503, "Cannot route this request");
             return QueueStep::Answered;
         }
-        QueueStep::Steered(idx)
+        QueueStep::Steered(idx, op)
     }
 }
 
@@ -441,7 +470,10 @@ impl HttpContext for Stream {
             match st.queue_job_call() {
                 QueueStep::Submit => self.submit = true,
                 QueueStep::Answered => return Action::Pause,
-                QueueStep::Steered(idx) => {
+                QueueStep::Steered(idx, op) => {
+                    if op == JobOp::Result {
+                        self.job_result = Some(idx);
+                    }
                     st.read_loads();
                     self.queue_runner = Some((idx, st.loads.get(idx as usize).copied().unwrap_or(0)));
                     return Action::Continue;
@@ -534,9 +566,14 @@ impl HttpContext for Stream {
                 self.correct_from_runner(idx, before);
             }
         }
+        if let Some(idx) = self.job_result.take() {
+            self.learn_reported_times(idx);
+        }
         let Ok(mut st) = self.state.try_borrow_mut() else { return Action::Continue };
         let st = &mut *st;
-        let learn = st.cfg.learn_from_responses;
+        // A submission's answer lists the runner's hints from before its job asked for the
+        // model: learning from it would drop the guess that the runner is loading it now.
+        let learn = st.cfg.learn_from_responses && !self.submit;
         let debug = st.cfg.debug_headers;
         if !learn && !debug {
             return Action::Continue;

@@ -209,6 +209,27 @@ impl Router {
         changed
     }
 
+    /// Learns runner `idx`'s times from what it reported itself about one request (a queued
+    /// job's answer: `x-runner-load-ms`, `x-runner-infer-ms`), where the proxy could not time
+    /// the request. The same estimates [`Router::observe`] feeds.
+    pub fn learn_reported(&mut self, idx: u32, load_us: Option<u64>, infer_us: Option<u64>) {
+        if self.view.runner(idx).is_none() {
+            return;
+        }
+        if let Some(load) = load_us {
+            self.fleet.load.add(load);
+            if let Some(t) = self.times.get_mut(idx as usize) {
+                t.load.add(load);
+            }
+        }
+        if let Some(infer) = infer_us {
+            self.fleet.infer.add(infer);
+            if let Some(t) = self.times.get_mut(idx as usize) {
+                t.infer.add(infer);
+            }
+        }
+    }
+
     /// Learns from a request that ended: `decision` routed it to runner `idx`, and it took
     /// `elapsed_us` from routing to its end. A request that started a load teaches the load
     /// time (less the inference time known so far); a plain hit teaches the inference time

@@ -14,6 +14,12 @@ pub const RUNNER_ID_HEADER: &str = "x-runner-id";
 /// Response header with the runner's requests and jobs in progress as the response starts, the
 /// request answered excluded (`/hints` `in_flight`, between polls). Optional.
 pub const RUNNER_IN_FLIGHT_HEADER: &str = "x-runner-in-flight";
+/// Response header of an inference answer: milliseconds the inference took (the runner's own
+/// measure, free of queueing and network). Optional; the queue filter learns times from it.
+pub const RUNNER_INFER_MS_HEADER: &str = "x-runner-infer-ms";
+/// Response header of an inference answer that waited for its model to load: how long, in
+/// milliseconds. Optional.
+pub const RUNNER_LOAD_MS_HEADER: &str = "x-runner-load-ms";
 /// Response header saying whether the request found its model loaded (`hit`) or not (`miss`).
 pub const CACHE_HEADER: &str = "x-cache";
 

@@ -46,7 +46,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use hint_router_core::hint::is_hint_byte;
 use hint_router_core::wire::{
-    format_hints_header, CACHE_HEADER, RUNNER_HINTS_HEADER, RUNNER_ID_HEADER, RUNNER_IN_FLIGHT_HEADER,
+    format_hints_header, CACHE_HEADER, RUNNER_HINTS_HEADER, RUNNER_ID_HEADER, RUNNER_INFER_MS_HEADER,
+    RUNNER_IN_FLIGHT_HEADER, RUNNER_LOAD_MS_HEADER,
 };
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +69,8 @@ const RUNNER_ID: HeaderName = HeaderName::from_static(RUNNER_ID_HEADER);
 const RUNNER_HINTS: HeaderName = HeaderName::from_static(RUNNER_HINTS_HEADER);
 const CACHE: HeaderName = HeaderName::from_static(CACHE_HEADER);
 const RUNNER_IN_FLIGHT: HeaderName = HeaderName::from_static(RUNNER_IN_FLIGHT_HEADER);
+const INFER_MS: HeaderName = HeaderName::from_static(RUNNER_INFER_MS_HEADER);
+const LOAD_MS: HeaderName = HeaderName::from_static(RUNNER_LOAD_MS_HEADER);
 
 /// Body of `POST /`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -234,6 +237,12 @@ pub(crate) fn inference_answer(model: String, result: Result<Inference, InferErr
             };
             let mut answer = Answer::json(StatusCode::OK, &body);
             answer.headers.insert(CACHE, HeaderValue::from_static(cache));
+            // The runner's own times, for routers that cannot time the request themselves (a
+            // queued job's answer comes long after its submission was answered).
+            answer.headers.insert(INFER_MS, HeaderValue::from(body.infer_ms));
+            if done.load > std::time::Duration::ZERO {
+                answer.headers.insert(LOAD_MS, HeaderValue::from(body.load_ms));
+            }
             answer
         }
         Err(e) => infer_error(&e),

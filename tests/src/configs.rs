@@ -53,6 +53,8 @@ pub const DEMO_EDITS: [(&str, &str); 6] = [
                 - remove: x-runner-id
                 - remove: x-runner-overloaded
                 - remove: x-runner-in-flight
+                - remove: x-runner-load-ms
+                - remove: x-runner-infer-ms
                 - remove: x-hint-router-decision
                 - remove: x-hint-router-upstream
 ",
