@@ -314,7 +314,7 @@ pub fn queue_table(p: &PointResult) -> String {
             .map(|x| format!("; {x:.1} status polls/request"))
             .unwrap_or_default();
         s.push_str(&format!(
-            "  queue vs blocking, {}: hit {:.1}% vs {:.1}%, {:+.1} points (target: within {QUEUE_HIT_TARGET_POINTS:.0} points below) [{}]{polls}\n",
+            "  queue vs blocking, {}: hit {:.2}% vs {:.2}%, {:+.2} points (target: within {QUEUE_HIT_TARGET_POINTS:.0} points below) [{}]{polls}\n",
             c.policy,
             c.queue_hit,
             c.blocking_hit,

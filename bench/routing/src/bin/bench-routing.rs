@@ -373,7 +373,7 @@ fn print_targets(results: &[PointResult]) {
         }
         for c in queue_comparisons(pr) {
             println!(
-                "  {:<12} real {:<12} queue hit {:.1}% vs blocking {:.1}%: {:+.1} points (target: within {QUEUE_HIT_TARGET_POINTS:.0} below) [{}]",
+                "  {:<12} real {:<12} queue hit {:.2}% vs blocking {:.2}%: {:+.2} points (target: within {QUEUE_HIT_TARGET_POINTS:.0} below) [{}]",
                 pr.name,
                 c.policy.name(),
                 c.queue_hit,
