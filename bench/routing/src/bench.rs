@@ -175,9 +175,13 @@ pub struct PolicyResult {
     /// Real runs: 99th percentile of how late requests were sent after their schedule, ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub send_lag_p99_ms: Option<f64>,
-    /// Simulated hint policy: its decisions in the measured window (hit, miss, ...).
+    /// Hint policies: the decisions in the measured window (hit, miss, ...): the simulator's,
+    /// or the real filter's counters (with its `queue.*` ones).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub decisions: BTreeMap<String, u64>,
+    /// Queue door: status polls per request (mean over the measured window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polls_per_request: Option<f64>,
 }
 
 /// Fills in `gap_closed` of every result from the round-robin result among them.
@@ -203,6 +207,7 @@ pub fn sim_point(params: &SimParams, trace: &Trace, policies: &[Policy], belady:
                 achieved_rps: None,
                 send_lag_p99_ms: None,
                 decisions: run.decisions.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                polls_per_request: None,
             }
         })
         .collect();
@@ -227,6 +232,106 @@ pub struct PointResult {
     pub real: Vec<PolicyResult>,
     /// Simulator runs of the same trace.
     pub sim: Vec<PolicyResult>,
+    /// Hint policies through fal's queue door, side by side with `real` (`--queue-mode`;
+    /// empty when not run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queue: Vec<PolicyResult>,
+}
+
+/// Issue 13's target: the queue door's hit rate within this many points of the blocking one.
+pub const QUEUE_HIT_TARGET_POINTS: f64 = 3.0;
+
+/// One hint policy through both doors at one point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueComparison {
+    /// The policy.
+    pub policy: Policy,
+    /// Hit rate through the blocking door, percent.
+    pub blocking_hit: f64,
+    /// Hit rate through the queue door, percent.
+    pub queue_hit: f64,
+}
+
+impl QueueComparison {
+    /// Queue minus blocking, points.
+    pub fn diff_points(&self) -> f64 {
+        self.queue_hit - self.blocking_hit
+    }
+
+    /// Whether the queue door's hit rate is within [`QUEUE_HIT_TARGET_POINTS`] below the
+    /// blocking door's (a higher queue hit rate meets it too).
+    pub fn met(&self) -> bool {
+        self.diff_points() >= -QUEUE_HIT_TARGET_POINTS
+    }
+}
+
+/// Each queue row with the blocking row of the same policy.
+pub fn queue_comparisons(p: &PointResult) -> Vec<QueueComparison> {
+    p.queue
+        .iter()
+        .filter_map(|q| {
+            let b = p.real.iter().find(|r| r.policy == q.policy)?;
+            Some(QueueComparison {
+                policy: q.policy,
+                blocking_hit: b.summary.hit_rate * 100.0,
+                queue_hit: q.summary.hit_rate * 100.0,
+            })
+        })
+        .collect()
+}
+
+/// The filter decisions worth printing (hit, miss, busy_fallback, ...), as `name n` pairs.
+pub fn decision_line(d: &BTreeMap<String, u64>) -> String {
+    const SHOWN: [&str; 8] = [
+        "hit",
+        "miss",
+        "busy_fallback",
+        "saturated",
+        "no_hint",
+        "no_candidates",
+        "queue.submits",
+        "queue.inflight_corrected",
+    ];
+    SHOWN
+        .iter()
+        .filter_map(|&k| d.get(k).filter(|&&v| v > 0).map(|v| format!("{k} {v}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The queue door's lines of one point: its table and the comparison with the blocking door.
+pub fn queue_table(p: &PointResult) -> String {
+    if p.queue.is_empty() {
+        return String::new();
+    }
+    let mut s = table("queue", &p.queue);
+    for c in queue_comparisons(p) {
+        let polls = p
+            .queue
+            .iter()
+            .find(|q| q.policy == c.policy)
+            .and_then(|q| q.polls_per_request)
+            .map(|x| format!("; {x:.1} status polls/request"))
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "  queue vs blocking, {}: hit {:.2}% vs {:.2}%, {:+.2} points (target: within {QUEUE_HIT_TARGET_POINTS:.0} points below) [{}]{polls}\n",
+            c.policy,
+            c.queue_hit,
+            c.blocking_hit,
+            c.diff_points(),
+            if c.met() { "met" } else { "MISSED" },
+        ));
+    }
+    for (door, list) in [("blocking", &p.real), ("queue", &p.queue)] {
+        for r in list.iter().filter(|r| r.policy.is_hint() && !r.decisions.is_empty()) {
+            s.push_str(&format!(
+                "  filter decisions, {} {door}: {}\n",
+                r.policy,
+                decision_line(&r.decisions)
+            ));
+        }
+    }
+    s
 }
 
 fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
@@ -302,6 +407,21 @@ mod tests {
         assert!("zipf1.2@0".parse::<Point>().is_err());
         assert_eq!(parse_policies("hint,ring_hash").unwrap(), vec![Policy::Hint, Policy::RingHash]);
         assert!(parse_policies("maglev").is_err());
+    }
+
+    #[test]
+    fn queue_comparison_target() {
+        let c = QueueComparison { policy: Policy::Hint, blocking_hit: 80.0, queue_hit: 77.5 };
+        assert!((c.diff_points() + 2.5).abs() < 1e-9);
+        assert!(c.met());
+        assert!(!QueueComparison { queue_hit: 76.9, ..c }.met());
+        assert!(QueueComparison { queue_hit: 85.0, ..c }.met());
+        let mut d = BTreeMap::new();
+        d.insert("hit".to_string(), 5);
+        d.insert("miss".to_string(), 0);
+        d.insert("queue.submits".to_string(), 7);
+        d.insert("table_reloads".to_string(), 9);
+        assert_eq!(decision_line(&d), "hit 5, queue.submits 7");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::sim::Policy;
 use crate::workload::{model_name, Trace};
 use anyhow::{anyhow, bail, Context, Result};
 use hint_router_e2e::{runner_bin, Envoy, EnvoyOptions};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -94,7 +95,7 @@ pub fn config_edits(
     policy: Policy,
     hash_balance_factor: u32,
 ) -> Result<Vec<(String, String)>> {
-    let mut edits = Vec::new();
+    let mut edits = vec![plain_queue_listener(shipped)?];
     // Keep the runner's identity header on responses, to count requests per runner.
     let hide = "              response_headers_to_remove: [x-runner-id]\n";
     if shipped.contains(hide) {
@@ -166,6 +167,21 @@ pub fn config_edits(
     Ok(edits)
 }
 
+/// The edit that makes the queue listener (`public_queue`) plain HTTP: the bench's client
+/// speaks no TLS. Everything else of the listener is kept.
+fn plain_queue_listener(shipped: &str) -> Result<(String, String)> {
+    let tls = "    - transport_socket: *dev_tls_socket\n      filters:\n";
+    let at = shipped
+        .find("  - name: public_queue\n")
+        .ok_or_else(|| anyhow!("the queue listener public_queue is not in the shipped config"))?;
+    let listener =
+        block_from(shipped.get(at..).unwrap_or(""), "  - name: public_queue\n", 3).unwrap_or_default();
+    if !listener.contains(tls) || shipped.matches(tls).count() != 1 {
+        bail!("the queue listener's TLS transport socket is not where expected in the shipped config");
+    }
+    Ok((tls.to_string(), "    - filters:\n".to_string()))
+}
+
 /// The text from the line `start` to the next line indented less than `indent` spaces, or
 /// (at the same indentation) starting a new list item; `None` if `start` is absent.
 fn block_from(text: &str, start: &str, indent: usize) -> Option<String> {
@@ -185,24 +201,55 @@ fn block_from(text: &str, start: &str, indent: usize) -> Option<String> {
     text.get(at..at + len).map(str::to_string)
 }
 
+/// Which of Envoy's doors a stack's requests use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Door {
+    /// `POST /` on the public listener: the answer is the inference's.
+    #[default]
+    Blocking,
+    /// fal's queue on the queue listener: submit, poll the status until COMPLETED, fetch the
+    /// result (docs/queue.md).
+    Queue,
+}
+
+impl Door {
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Door::Blocking => "blocking",
+            Door::Queue => "queue",
+        }
+    }
+}
+
+/// The app path the queue driver submits to (`/<owner>/<alias>`; any app reaches the runners).
+pub const QUEUE_APP: &str = "/bench/app";
+
 /// One policy's stack: its runners and its Envoy.
 pub struct Stack {
     /// Which policy.
     pub policy: Policy,
+    /// Which door the trace goes through.
+    pub door: Door,
     // Envoy first: dropped (killed) before the runners.
     envoy: Envoy,
     runners: Vec<BenchRunner>,
 }
 
 impl Stack {
-    /// Starts `n` runners and an Envoy configured for `policy`.
+    /// Starts `n` runners and an Envoy configured for `policy`; the trace will go through
+    /// `door`.
     pub fn start(
         policy: Policy,
+        door: Door,
         n: usize,
         runner_args: &[String],
         envoy_concurrency: u32,
         hash_balance_factor: u32,
     ) -> Result<Stack> {
+        if door == Door::Queue && !policy.is_hint() {
+            bail!("the queue door needs the hint-router filter (policy {policy} has none there)");
+        }
         let runners = (0..n).map(|_| BenchRunner::start(runner_args)).collect::<Result<Vec<_>>>()?;
         let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
         let opts = EnvoyOptions::default();
@@ -220,7 +267,15 @@ impl Stack {
         let envoy =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Envoy::start(&addrs, &opts, expect)))
                 .map_err(|_| anyhow!("envoy for policy {policy} did not start (see its log above)"))?;
-        Ok(Stack { policy, envoy, runners })
+        Ok(Stack { policy, door, envoy, runners })
+    }
+
+    /// `policy`, and ` (queue)` for the queue door.
+    pub fn label(&self) -> String {
+        match self.door {
+            Door::Blocking => self.policy.to_string(),
+            Door::Queue => format!("{} (queue)", self.policy),
+        }
     }
 
     /// The runners' addresses, in config order.
@@ -233,9 +288,19 @@ impl Stack {
         self.runners.iter().map(BenchRunner::loads).sum()
     }
 
-    /// Envoy's listener URL.
+    /// Envoy's public listener URL.
     pub fn url(&self) -> String {
         self.envoy.url()
+    }
+
+    /// The queue listener's base URL (plain HTTP in the bench), no trailing slash.
+    pub fn queue_base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.envoy.queue_port)
+    }
+
+    /// Envoy's admin base URL, no trailing slash.
+    pub fn admin_base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.envoy.admin)
     }
 
     /// Envoy's scratch directory (config and log).
@@ -255,6 +320,72 @@ pub struct RealRun {
     pub achieved_rps: f64,
     /// 99th percentile of the send lag (actual - scheduled), ms.
     pub send_lag_p99_ms: f64,
+    /// The filter's counters (`wasmcustom.hint_router.*`, the prefix dropped) over the
+    /// measured window; empty without the filter.
+    pub filter_counters: BTreeMap<String, u64>,
+    /// Queue door: status polls per measured request (mean).
+    pub polls_per_request: Option<f64>,
+}
+
+/// How the driver sends requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Drive {
+    /// Each request's limit, from its scheduled send time.
+    pub timeout: Duration,
+    /// Queue door: the wait between status polls (also before the first).
+    pub poll: Duration,
+}
+
+/// What one request task reports.
+struct Sent {
+    rec: Record,
+    /// Send lag, microseconds.
+    lag_us: u64,
+    /// Status polls (queue door).
+    polls: u64,
+}
+
+/// The answer that decides a request's record.
+struct Answer {
+    status: u16,
+    overflow: bool,
+    hit: bool,
+    runner: Option<usize>,
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+fn request_body(model: &str) -> String {
+    format!("{{\"model\":\"{model}\",\"prompt\":\"hello\"}}")
+}
+
+/// Turns the driver's outcome into a record.
+fn record(
+    result: Result<Result<Answer>, tokio::time::error::Elapsed>,
+    sched: Instant,
+    timeout: Duration,
+) -> Record {
+    let latency_us = Instant::now().saturating_duration_since(sched).as_micros() as u64;
+    let mut rec = Record { latency_us, ..Record::default() };
+    match result {
+        Err(_) => {
+            rec.status = Status::Timeout;
+            rec.latency_us = timeout.as_micros() as u64;
+        }
+        Ok(Err(_)) => rec.status = Status::Error,
+        Ok(Ok(a)) => {
+            rec.status = match a.status {
+                200 => Status::Ok,
+                503 if a.overflow => Status::Overflow,
+                _ => Status::Error,
+            };
+            rec.hit = a.hit;
+            rec.runner = a.runner.map(|i| i as u32);
+        }
+    }
+    rec
 }
 
 async fn one_request(
@@ -264,107 +395,251 @@ async fn one_request(
     sched: Instant,
     timeout: Duration,
     addrs: Arc<Vec<String>>,
-) -> (Record, u64) {
-    let lag = Instant::now().saturating_duration_since(sched).as_micros() as u64;
-    let body = format!("{{\"model\":\"{model}\",\"prompt\":\"hello\"}}");
+) -> Sent {
+    let lag_us = Instant::now().saturating_duration_since(sched).as_micros() as u64;
     let fut = async {
         let resp = client
             .post(&url)
             .header("content-type", "application/json")
             .header("x-fal-runner-hint", &model)
-            .body(body)
+            .body(request_body(&model))
             .send()
             .await?;
         let status = resp.status().as_u16();
-        let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let (cache, runner) = (header("x-cache"), header("x-runner-id"));
-        let overflow = header("x-envoy-overloaded").is_some();
+        let (cache, runner) = (header(&resp, "x-cache"), header(&resp, "x-runner-id"));
+        let overflow = header(&resp, "x-envoy-overloaded").is_some();
         resp.bytes().await?;
-        Ok::<_, reqwest::Error>((status, cache, runner, overflow))
+        Ok(Answer {
+            status,
+            overflow,
+            hit: cache.as_deref() == Some("hit"),
+            runner: runner.and_then(|r| addrs.iter().position(|a| *a == r)),
+        })
     };
     let result = tokio::time::timeout_at(sched + timeout, fut).await;
-    let latency_us = Instant::now().saturating_duration_since(sched).as_micros() as u64;
-    let mut rec = Record { latency_us, ..Record::default() };
-    match result {
-        Err(_) => {
-            rec.status = Status::Timeout;
-            rec.latency_us = timeout.as_micros() as u64;
-        }
-        Ok(Err(_)) => rec.status = Status::Error,
-        Ok(Ok((status, cache, runner, overflow))) => {
-            rec.status = match status {
-                200 => Status::Ok,
-                503 if overflow => Status::Overflow,
-                _ => Status::Error,
-            };
-            rec.hit = cache.as_deref() == Some("hit");
-            rec.runner = runner.and_then(|r| addrs.iter().position(|a| *a == r)).map(|i| i as u32);
-        }
-    }
-    (rec, lag)
+    Sent { rec: record(result, sched, timeout), lag_us, polls: 0 }
 }
 
-/// Sends `trace` to every stack at once (each request at its scheduled time to all of them)
-/// and waits for all answers (each bounded by `timeout`).
-pub async fn run_trace(stacks: &[Stack], trace: &Trace, timeout: Duration) -> Result<Vec<RealRun>> {
+/// `url` with its scheme and authority replaced by `base` (`http://host:port`): the runner
+/// builds job URLs from the request's `Host` and `x-forwarded-proto`.
+fn rebase(url: &str, base: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let path = rest.find('/').and_then(|i| rest.get(i..))?;
+    Some(format!("{base}{path}"))
+}
+
+/// The runner holding a request id: by its queue token (`<token>-<hex>`).
+fn runner_by_token(id: &str, tokens: &[Option<String>]) -> Option<usize> {
+    let token = id.split_once('-')?.0;
+    tokens.iter().position(|t| t.as_deref() == Some(token))
+}
+
+/// The runners' queue tokens (`/hints` `queue_token`), in `addrs` order.
+async fn queue_tokens(client: &reqwest::Client, addrs: &[String]) -> Vec<Option<String>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        let token = async {
+            let body = client.get(format!("http://{a}/hints")).send().await.ok()?.bytes().await.ok()?;
+            let doc: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            doc.get("queue_token")?.as_str().map(str::to_string)
+        };
+        out.push(token.await);
+    }
+    out
+}
+
+/// The queue door's driver for one request: submit, poll the status every `poll` until
+/// COMPLETED, fetch the result. Latency runs from the scheduled time to the result's end.
+async fn one_queue_request(
+    client: reqwest::Client,
+    base: String,
+    model: String,
+    sched: Instant,
+    drive: Drive,
+    addrs: Arc<Vec<String>>,
+    tokens: Arc<Vec<Option<String>>>,
+) -> Sent {
+    let lag_us = Instant::now().saturating_duration_since(sched).as_micros() as u64;
+    let polls = AtomicU64::new(0);
+    let fut = async {
+        let resp = client
+            .post(format!("{base}{QUEUE_APP}"))
+            .header("content-type", "application/json")
+            .header("x-fal-runner-hint", &model)
+            .body(request_body(&model))
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let overflow = header(&resp, "x-envoy-overloaded").is_some();
+        let body = resp.bytes().await?;
+        if status != 200 {
+            return Ok(Answer { status, overflow, hit: false, runner: None });
+        }
+        let doc: serde_json::Value = serde_json::from_slice(&body).context("submit answer")?;
+        let field = |name: &str| doc.get(name).and_then(|v| v.as_str()).map(str::to_string);
+        let id = field("request_id").ok_or_else(|| anyhow!("no request_id in the submit answer"))?;
+        let job = format!("{base}{QUEUE_APP}/requests/{id}");
+        let status_url =
+            field("status_url").and_then(|u| rebase(&u, &base)).unwrap_or(format!("{job}/status"));
+        let response_url = field("response_url").and_then(|u| rebase(&u, &base)).unwrap_or(job);
+        loop {
+            tokio::time::sleep(drive.poll).await;
+            polls.fetch_add(1, Ordering::Relaxed);
+            let resp = client.get(&status_url).send().await?;
+            let code = resp.status().as_u16();
+            let body = resp.bytes().await?;
+            if code != 200 {
+                return Ok(Answer { status: code, overflow: false, hit: false, runner: None });
+            }
+            let st: serde_json::Value = serde_json::from_slice(&body).context("status answer")?;
+            if st.get("status").and_then(|v| v.as_str()) == Some("COMPLETED") {
+                if st.get("error").is_some_and(|e| !e.is_null()) {
+                    return Ok(Answer { status: 500, overflow: false, hit: false, runner: None });
+                }
+                break;
+            }
+        }
+        let resp = client.get(&response_url).send().await?;
+        let status = resp.status().as_u16();
+        let (cache_header, runner) = (header(&resp, "x-cache"), header(&resp, "x-runner-id"));
+        let body = resp.bytes().await?;
+        let cache = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|d| d.get("cache").and_then(|c| c.as_str()).map(str::to_string))
+            .or(cache_header);
+        let runner =
+            runner.and_then(|r| addrs.iter().position(|a| *a == r)).or_else(|| runner_by_token(&id, &tokens));
+        Ok(Answer { status, overflow: false, hit: cache.as_deref() == Some("hit"), runner })
+    };
+    let result = tokio::time::timeout_at(sched + drive.timeout, fut).await;
+    Sent { rec: record(result, sched, drive.timeout), lag_us, polls: polls.load(Ordering::Relaxed) }
+}
+
+/// The filter's counters of one Envoy (`wasmcustom.hint_router.*`, the prefix dropped).
+async fn filter_counters(client: &reqwest::Client, admin: &str) -> BTreeMap<String, u64> {
+    let prefix = "wasmcustom.hint_router.";
+    let url = format!("{admin}/stats?filter=^wasmcustom\\.hint_router\\.");
+    let Ok(resp) = client.get(url).send().await else { return BTreeMap::new() };
+    let Ok(text) = resp.text().await else { return BTreeMap::new() };
+    text.lines()
+        .filter_map(|l| {
+            let (name, v) = l.split_once(": ")?;
+            Some((name.strip_prefix(prefix)?.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Every stack's filter counters.
+type Counters = Vec<BTreeMap<String, u64>>;
+
+/// Every stack's filter counters (`admins`: the Envoys' admin URLs, `None` without the filter).
+async fn all_counters(client: reqwest::Client, admins: Vec<Option<String>>) -> Counters {
+    let mut out = Vec::with_capacity(admins.len());
+    for a in &admins {
+        out.push(match a {
+            Some(a) => filter_counters(&client, a).await,
+            None => BTreeMap::new(),
+        });
+    }
+    out
+}
+
+/// Sends `trace` to every stack at once (each request at its scheduled time to all of them,
+/// through each stack's door) and waits for all answers (each bounded by `drive.timeout`).
+pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<Vec<RealRun>> {
     let client = reqwest::Client::builder()
         .pool_idle_timeout(Duration::from_secs(30))
         .build()
         .context("building the HTTP client")?;
     let names: Vec<String> = (0..trace.spec.models as u32).map(model_name).collect();
-    let targets: Vec<(String, Arc<Vec<String>>)> =
-        stacks.iter().map(|s| (s.url(), Arc::new(s.addrs()))).collect();
+    let mut targets = Vec::with_capacity(stacks.len());
+    for s in stacks {
+        let addrs = s.addrs();
+        let tokens = match s.door {
+            Door::Queue => queue_tokens(&client, &addrs).await,
+            Door::Blocking => Vec::new(),
+        };
+        let url = match s.door {
+            Door::Blocking => s.url(),
+            Door::Queue => s.queue_base(),
+        };
+        targets.push((s.door, url, Arc::new(addrs), Arc::new(tokens)));
+    }
     let n = trace.reqs.len();
-    let mut handles: Vec<Vec<tokio::task::JoinHandle<(Record, u64)>>> =
+    let mut handles: Vec<Vec<tokio::task::JoinHandle<Sent>>> =
         targets.iter().map(|_| Vec::with_capacity(n)).collect();
     let start = Instant::now() + Duration::from_millis(50);
     let w0 = start + Duration::from_micros(trace.spec.warmup_us);
     let w1 = w0 + Duration::from_micros(trace.spec.measure_us);
-    let mut loads_at_w0: Option<Vec<u64>> = None;
-    let mut loads_at_w1: Option<Vec<u64>> = None;
+    let admins: Vec<Option<String>> =
+        stacks.iter().map(|s| s.policy.is_hint().then(|| s.admin_base())).collect();
+    // Read in a task of its own, not to delay the sends.
+    let mut at_w0: Option<(Vec<u64>, tokio::task::JoinHandle<Counters>)> = None;
     for req in &trace.reqs {
         let sched = start + Duration::from_micros(req.at_us);
-        if loads_at_w0.is_none() && sched >= w0 {
+        if at_w0.is_none() && sched >= w0 {
             tokio::time::sleep_until(w0).await;
-            loads_at_w0 = Some(stacks.iter().map(Stack::loads).collect());
+            let loads = stacks.iter().map(Stack::loads).collect();
+            at_w0 = Some((loads, tokio::spawn(all_counters(client.clone(), admins.clone()))));
         }
         tokio::time::sleep_until(sched).await;
         let model = names.get(req.model as usize).cloned().unwrap_or_default();
-        for ((url, addrs), hs) in targets.iter().zip(handles.iter_mut()) {
-            hs.push(tokio::spawn(one_request(
-                client.clone(),
-                url.clone(),
-                model.clone(),
-                sched,
-                timeout,
-                Arc::clone(addrs),
-            )));
+        for ((door, url, addrs, tokens), hs) in targets.iter().zip(handles.iter_mut()) {
+            let (client, url, model, addrs) = (client.clone(), url.clone(), model.clone(), Arc::clone(addrs));
+            hs.push(match door {
+                Door::Blocking => tokio::spawn(one_request(client, url, model, sched, drive.timeout, addrs)),
+                Door::Queue => tokio::spawn(one_queue_request(
+                    client,
+                    url,
+                    model,
+                    sched,
+                    drive,
+                    addrs,
+                    Arc::clone(tokens),
+                )),
+            });
         }
     }
     tokio::time::sleep_until(w1).await;
-    loads_at_w1.get_or_insert_with(|| stacks.iter().map(Stack::loads).collect());
-    let l0 = loads_at_w0.unwrap_or_else(|| vec![0; stacks.len()]);
-    let l1 = loads_at_w1.unwrap_or_else(|| vec![0; stacks.len()]);
+    let l1: Vec<u64> = stacks.iter().map(Stack::loads).collect();
+    let c1 = tokio::spawn(all_counters(client.clone(), admins));
+    let (l0, c0) = match at_w0 {
+        Some((loads, counters)) => (loads, counters.await.context("reading the filter counters")?),
+        None => (vec![0; stacks.len()], vec![BTreeMap::new(); stacks.len()]),
+    };
+    let c1 = c1.await.context("reading the filter counters")?;
     let secs = trace.spec.measure_us as f64 / 1e6;
     let mut runs = Vec::with_capacity(stacks.len());
-    for (k, hs) in handles.into_iter().enumerate() {
+    for (k, (hs, (door, ..))) in handles.into_iter().zip(&targets).enumerate() {
         let mut records = Vec::with_capacity(n);
         let mut lags = Vec::with_capacity(n);
-        let mut sent_in_window = 0u64;
+        let (mut sent_in_window, mut polls) = (0u64, 0u64);
         for (i, h) in hs.into_iter().enumerate() {
-            let (rec, lag) = h.await.context("request task failed")?;
+            let sent = h.await.context("request task failed")?;
             if i >= trace.first_measured {
-                lags.push(lag);
+                lags.push(sent.lag_us);
                 sent_in_window += 1;
+                polls += sent.polls;
             }
-            records.push(rec);
+            records.push(sent.rec);
         }
         lags.sort_unstable();
+        let before = c0.get(k).cloned().unwrap_or_default();
+        let filter_counters = c1
+            .get(k)
+            .map(|m| {
+                m.iter()
+                    .map(|(name, v)| (name.clone(), v.saturating_sub(before.get(name).copied().unwrap_or(0))))
+                    .collect()
+            })
+            .unwrap_or_default();
         runs.push(RealRun {
             records,
             loads_in_window: l1.get(k).copied().unwrap_or(0).saturating_sub(l0.get(k).copied().unwrap_or(0)),
             achieved_rps: sent_in_window as f64 / secs,
             send_lag_p99_ms: quantile(&lags, 0.99) as f64 / 1000.0,
+            filter_counters,
+            polls_per_request: (*door == Door::Queue).then(|| polls as f64 / sent_in_window.max(1) as f64),
         });
     }
     Ok(runs)
@@ -410,7 +685,34 @@ mod tests {
             }
             // The poll cluster keeps its own policy.
             assert!(t.contains("x-hint-router-poll-target"));
+            // The queue listener is plain HTTP; the HTTPS listener keeps its certificate.
+            assert!(!t.contains("*dev_tls_socket"), "{policy}");
+            assert!(t.contains("- transport_socket: &dev_tls_socket"), "{policy}");
+            let queue = t.find("  - name: public_queue\n").unwrap();
+            let listener = block_from(&t[queue..], "  - name: public_queue\n", 3).unwrap();
+            assert!(listener.contains("    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n"));
+            assert!(listener.contains("stat_prefix: public_queue"));
+            assert_eq!(listener.contains("root_id: hint_router_queue"), policy.is_hint(), "{policy}");
         }
+    }
+
+    #[test]
+    fn job_urls_and_tokens() {
+        let base = "http://127.0.0.1:4000";
+        assert_eq!(
+            rebase("https://example.com:10444/bench/app/requests/ab-cd/status", base).unwrap(),
+            "http://127.0.0.1:4000/bench/app/requests/ab-cd/status"
+        );
+        assert_eq!(
+            rebase("http://127.0.0.1:4000/bench/app/requests/x", base).unwrap(),
+            "http://127.0.0.1:4000/bench/app/requests/x"
+        );
+        assert!(rebase("no-scheme/path", base).is_none());
+        assert!(rebase("http://host-only", base).is_none());
+        let tokens = vec![Some("00aa".to_string()), None, Some("11bb".to_string())];
+        assert_eq!(runner_by_token("11bb-0123", &tokens), Some(2));
+        assert_eq!(runner_by_token("22cc-0123", &tokens), None);
+        assert_eq!(runner_by_token("nodash", &tokens), None);
     }
 
     #[test]

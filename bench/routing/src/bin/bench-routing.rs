@@ -4,15 +4,17 @@
 //! cargo build --release -p runner-example && cargo build --release --target wasm32-wasip1 -p hint-router
 //! cargo run --release -p hint-router-bench-routing --bin bench-routing            # default run
 //! cargo run --release -p hint-router-bench-routing --bin bench-routing -- --quick # smoke check
+//! cargo run --release -p hint-router-bench-routing --bin bench-routing -- --quick --queue-mode
 //! ```
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use hint_router_bench_routing::bench::{
-    bounds, fill_gap_closed, heading, parse_points, parse_policies, table, Cluster, PointResult, PolicyResult,
+    bounds, fill_gap_closed, heading, parse_points, parse_policies, queue_comparisons, queue_table, table,
+    Cluster, PointResult, PolicyResult, QUEUE_HIT_TARGET_POINTS,
 };
 use hint_router_bench_routing::plot::plot;
-use hint_router_bench_routing::real::{run_trace, Stack};
+use hint_router_bench_routing::real::{run_trace, Door, Drive, Stack};
 use hint_router_bench_routing::report::summarize;
 use hint_router_bench_routing::sim::{simulate, Policy, SimParams};
 use hint_router_bench_routing::workload::{Trace, TraceSpec};
@@ -62,6 +64,14 @@ struct Args {
     /// Request timeout from the scheduled send time, seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout_s: f64,
+    /// Also run every hint policy through fal's queue door (submit, poll the status, fetch the
+    /// result; docs/queue.md), on a stack of its own fed the same trace at the same time, and
+    /// compare its hit rate with the blocking door's.
+    #[arg(long)]
+    queue_mode: bool,
+    /// Queue door: milliseconds between status polls (also before the first).
+    #[arg(long, default_value_t = 20)]
+    queue_poll_ms: u64,
     /// Envoy worker threads.
     #[arg(long, default_value_t = 2)]
     envoy_concurrency: u32,
@@ -92,8 +102,14 @@ fn main() -> Result<()> {
         a.warmup_s = 3.0;
         a.measure_s = 10.0;
     }
-    if a.runners == 0 || a.models == 0 || a.infer_ms == 0 || a.capacity == 0 || a.max_concurrency == 0 {
-        bail!("--runners, --models, --capacity, --max-concurrency and --infer-ms must be positive");
+    if a.runners == 0
+        || a.models == 0
+        || a.infer_ms == 0
+        || a.capacity == 0
+        || a.max_concurrency == 0
+        || a.queue_poll_ms == 0
+    {
+        bail!("--runners, --models, --capacity, --max-concurrency, --infer-ms and --queue-poll-ms must be positive");
     }
     let points = parse_points(&a.points).map_err(anyhow::Error::msg)?;
     let mut policies = parse_policies(&a.policies).map_err(anyhow::Error::msg)?;
@@ -133,6 +149,13 @@ fn main() -> Result<()> {
     .map(|s| s.to_string())
     .collect();
     let timeout = Duration::from_secs_f64(a.timeout_s);
+    let drive = Drive { timeout, poll: Duration::from_millis(a.queue_poll_ms) };
+    // The stacks of one point: every policy through the blocking door, and with --queue-mode
+    // every hint policy again through the queue door.
+    let mut doors: Vec<(Policy, Door)> = policies.iter().map(|&p| (p, Door::Blocking)).collect();
+    if a.queue_mode {
+        doors.extend(policies.iter().filter(|p| p.is_hint()).map(|&p| (p, Door::Queue)));
+    }
     let base_params = SimParams {
         runners: a.runners,
         capacity: a.capacity,
@@ -146,7 +169,7 @@ fn main() -> Result<()> {
     };
     println!(
         "bench-routing: {} runners x {} slots, max_concurrency {}, {} models, load {} ms, infer {} ms; \
-         warm-up {} s + measured {} s per point; {} point(s) x {} policies{}",
+         warm-up {} s + measured {} s per point; {} point(s) x {} policies{}{}",
         a.runners,
         a.capacity,
         a.max_concurrency,
@@ -157,7 +180,16 @@ fn main() -> Result<()> {
         a.measure_s,
         points.len(),
         policies.len(),
-        if a.sim_only { " (simulator only)" } else { "" }
+        if a.sim_only { " (simulator only)" } else { "" },
+        if a.queue_mode && !a.sim_only {
+            format!(
+                "; queue door for {} hint polic(ies), status polled every {} ms",
+                doors.len() - policies.len(),
+                a.queue_poll_ms
+            )
+        } else {
+            String::new()
+        }
     );
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let began = Instant::now();
@@ -182,35 +214,42 @@ fn main() -> Result<()> {
             bounds: b,
             real: Vec::new(),
             sim: Vec::new(),
+            queue: Vec::new(),
         };
         // Runner addresses per policy (the ring depends on them); synthetic when not run.
         let mut addrs: Vec<Vec<String>> = vec![Vec::new(); policies.len()];
         if !a.sim_only {
             let mut stacks = Vec::new();
-            for &p in &policies {
+            for &(p, door) in &doors {
                 stacks.push(Stack::start(
                     p,
+                    door,
                     a.runners,
                     &runner_args,
                     a.envoy_concurrency,
                     base_params.hash_balance_factor,
                 )?);
             }
-            addrs = stacks.iter().map(Stack::addrs).collect();
+            addrs = stacks.iter().filter(|s| s.door == Door::Blocking).map(Stack::addrs).collect();
             let runs = rt.block_on(async {
                 tokio::select! {
-                    r = run_trace(&stacks, &trace, timeout) => r,
+                    r = run_trace(&stacks, &trace, drive) => r,
                     _ = tokio::signal::ctrl_c() => bail!("interrupted"),
                 }
             })?;
             for (stack, run) in stacks.iter().zip(runs) {
-                pr.real.push(PolicyResult {
+                let result = PolicyResult {
                     policy: stack.policy,
                     summary: summarize(&trace, &run.records, run.loads_in_window, a.runners),
                     achieved_rps: Some(run.achieved_rps),
                     send_lag_p99_ms: Some(run.send_lag_p99_ms),
-                    decisions: Default::default(),
-                });
+                    decisions: run.filter_counters,
+                    polls_per_request: run.polls_per_request,
+                };
+                match stack.door {
+                    Door::Blocking => pr.real.push(result),
+                    Door::Queue => pr.queue.push(result),
+                }
             }
             let dirs: Vec<PathBuf> = stacks.iter().map(|s| s.dir().to_path_buf()).collect();
             drop(stacks);
@@ -218,6 +257,10 @@ fn main() -> Result<()> {
                 let _ = std::fs::remove_dir_all(d);
             }
             fill_gap_closed(&mut pr.real, b.belady);
+            let base = pr.real.iter().find(|r| r.policy == Policy::RoundRobin).cloned();
+            pr.queue.extend(base);
+            fill_gap_closed(&mut pr.queue, b.belady);
+            pr.queue.retain(|r| r.policy.is_hint());
         }
         let (w0, w1) = (trace.spec.warmup_us, trace.spec.warmup_us + trace.spec.measure_us);
         for (&policy, addrs) in policies.iter().zip(addrs) {
@@ -230,6 +273,7 @@ fn main() -> Result<()> {
                 achieved_rps: None,
                 send_lag_p99_ms: None,
                 decisions: run.decisions.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                polls_per_request: None,
             });
         }
         fill_gap_closed(&mut pr.sim, b.belady);
@@ -237,6 +281,7 @@ fn main() -> Result<()> {
         if !pr.real.is_empty() {
             print!("{}", table("real", &pr.real));
         }
+        print!("{}", queue_table(&pr));
         print!("{}", table("sim", &pr.sim));
         results.push(pr);
     }
@@ -252,6 +297,7 @@ fn main() -> Result<()> {
         "envoy_concurrency": a.envoy_concurrency,
         "seed": a.seed,
         "sim_overhead_ms": SIM_OVERHEAD_MS,
+        "queue_poll_ms": a.queue_mode.then_some(a.queue_poll_ms),
         "points": results,
     });
     let json = out.join("routing.json");
@@ -324,6 +370,17 @@ fn print_targets(results: &[PointResult]) {
                 yes(gap >= 0.85),
             );
             }
+        }
+        for c in queue_comparisons(pr) {
+            println!(
+                "  {:<12} real {:<12} queue hit {:.2}% vs blocking {:.2}%: {:+.2} points (target: within {QUEUE_HIT_TARGET_POINTS:.0} below) [{}]",
+                pr.name,
+                c.policy.name(),
+                c.queue_hit,
+                c.blocking_hit,
+                c.diff_points(),
+                if c.met() { "met" } else { "MISSED" },
+            );
         }
     }
 }

@@ -162,6 +162,7 @@ fn main() -> Result<()> {
             bounds: b,
             real: Vec::new(),
             sim,
+            queue: Vec::new(),
         };
         print!("\n{}", heading(&pr));
         print!("{}", table("sim", &pr.sim));
