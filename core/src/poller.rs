@@ -137,15 +137,7 @@ impl Slot {
     /// A slot for the runner at `addr`: unavailable until it answers a poll, due at once.
     fn occupied(addr: String, envoy_healthy: bool, now_ms: u64) -> Slot {
         Slot {
-            runner: TableRunner {
-                addr,
-                available: false,
-                hints: Vec::new(),
-                capacity: 0,
-                max_concurrency: 1,
-                queue_token: 0,
-                unreachable: false,
-            },
+            runner: TableRunner::unpolled(addr),
             phase: Phase::Idle,
             next_due_ms: now_ms,
             reported_in_flight: None,

@@ -31,6 +31,22 @@ pub struct TableRunner {
     pub unreachable: bool,
 }
 
+impl TableRunner {
+    /// A runner at `addr` (empty: a vacant slot) that has not answered a poll yet: unavailable,
+    /// nothing known.
+    pub fn unpolled(addr: String) -> TableRunner {
+        TableRunner {
+            addr,
+            available: false,
+            hints: Vec::new(),
+            capacity: 0,
+            max_concurrency: 1,
+            queue_token: 0,
+            unreachable: false,
+        }
+    }
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }

@@ -80,9 +80,11 @@ fn a_cold_burst_split_over_two_envoys_starts_no_more_loads_than_through_one_in_a
         // runner, two if each picked its own. 20: more than one runner can take at once.
         for n in [4, 20] {
             let one = format!("cold-one-{mode}-{n}");
-            (settle(&a, 3), settle(&b, 3));
+            settle(&a, 3);
+            settle(&b, 3);
             burst(&[a.url()], &one, n);
-            (settle(&a, 3), settle(&b, 3));
+            settle(&a, 3);
+            settle(&b, 3);
             let two = format!("cold-two-{mode}-{n}");
             let seen = burst(&[a.url(), b.url()], &two, n);
             let (l1, l2) = (loads(&runners, &one), loads(&runners, &two));

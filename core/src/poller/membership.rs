@@ -34,15 +34,7 @@ impl Churn {
 
 impl Slot {
     fn vacate(&mut self) {
-        self.runner = TableRunner {
-            addr: String::new(),
-            available: false,
-            hints: Vec::new(),
-            capacity: 0,
-            max_concurrency: 1,
-            queue_token: 0,
-            unreachable: false,
-        };
+        self.runner = TableRunner::unpolled(String::new());
         // A poll still in flight for the old runner is ignored when it answers.
         self.phase = Phase::Idle;
         self.reported_in_flight = None;
