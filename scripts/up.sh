@@ -33,6 +33,8 @@ Stack up: Envoy on http://127.0.0.1:10000 (admin http://127.0.0.1:9901), runners
 Logs in .run/. (Demo config: responses carry x-hint-router-upstream/-decision and x-cache.) Try:
   curl -si http://127.0.0.1:10000/ -H 'x-fal-runner-hint: llama' -d '{"model":"llama","prompt":"hi"}'
   curl -s http://127.0.0.1:9901/stats | grep hint_router
+fal_client: FAL_RUN_HOST=127.0.0.1:10443 (run) and FAL_QUEUE_RUN_HOST=127.0.0.1:10444 (submit,
+status, result, cancel), with SSL_CERT_FILE=target/dev-tls/cert.pem and any FAL_KEY.
 Ctrl-C stops everything.
 MSG
 wait
