@@ -25,7 +25,7 @@ use crate::hint::HintList;
 use crate::learned::Times;
 use crate::placement::{pinned_victim_cost, victim_cost, victim_of, Pins, Victim, ALL_PINNED_COST, MAX_PINS};
 use crate::popularity::{hint_hash, Popularity};
-use crate::rank::{rank_by, slot_cost, Outcome};
+use crate::rank::{rank_by, slot_cost, Costs, Outcome};
 use crate::table::{View, ViewRunner};
 use serde::Deserialize;
 
@@ -171,6 +171,15 @@ impl Router {
         }
     }
 
+    /// Counts a request for `hint` in the popularity estimate; returns its hash (0 without a
+    /// hint).
+    fn record(&mut self, hint: Option<&str>) -> u64 {
+        let Some(h) = hint else { return 0 };
+        let hash = hint_hash(h);
+        self.popularity.record(hash);
+        hash
+    }
+
     /// Runner `idx` itself confirmed its hint list is what the view has: our guesses for it
     /// are now facts. Returns whether there were guesses (the view then knew more than the
     /// published table, which should hear of it).
@@ -248,11 +257,24 @@ impl Router {
         max_hints: usize,
         out: &mut Vec<u32>,
     ) -> Decision {
-        let hash = hint.map(hint_hash).unwrap_or(0);
-        if hint.is_some() {
-            self.popularity.record(hash);
-        }
+        let hash = self.record(hint);
         let outcome = self.rank_hashed(hint, hash, in_flight, now_us, spin, max, out);
+        self.follow(hint, hash, outcome, in_flight, now_us, max_hints, out)
+    }
+
+    /// What [`Router::route`] does once `out` is ranked (`outcome`): the decision, a pin for
+    /// its model, and a miss listed on the first candidate.
+    #[allow(clippy::too_many_arguments)]
+    fn follow(
+        &mut self,
+        hint: Option<&str>,
+        hash: u64,
+        outcome: Outcome,
+        in_flight: &[u32],
+        now_us: u64,
+        max_hints: usize,
+        out: &[u32],
+    ) -> Decision {
         let ahead = out.first().map(|&i| in_flight.get(i as usize).copied().unwrap_or(0)).unwrap_or(0);
         let pin = match (hint, out.first()) {
             (Some(_), Some(&first)) => self.pin(first, hash).then_some(hash),
@@ -360,7 +382,9 @@ impl Router {
             Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
             _ => victim_cost(popularity, victims, i, r),
         };
-        let outcome = rank_by(view, hint, in_flight, in_flight, cost, spin, max, out);
+        // No floors (all 0): every runner the scan admits is priced.
+        let costs = Costs { floor: &[], exact: |i: u32, _| view.runner(i).map_or(0, |r| cost(i, r)) };
+        let outcome = rank_by(view, hint, in_flight, in_flight, costs, spin, max, out);
         if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
             if let Some(holder) = self.faster_holder(h, hash, in_flight, now_us, out.first().copied()) {
                 out.retain(|&x| x != holder);
@@ -439,5 +463,7 @@ impl Router {
     }
 }
 
+#[cfg(test)]
+mod reference;
 #[cfg(test)]
 mod tests;

@@ -179,6 +179,10 @@ type Holders = SmallVec<[u32; 3]>;
 pub struct View {
     generation: u64,
     runners: Vec<ViewRunner>,
+    /// Per runner, what the fleet scan reads (see [`View::gates`]): compact arrays, where a scan
+    /// over the `ViewRunner`s cost 4-5 ns per runner.
+    gates: Vec<u32>,
+    slot_costs: Vec<u32>,
     by_hint: FastMap<String, Holders>,
     by_addr: FastMap<String, u32>,
 }
@@ -197,6 +201,8 @@ impl View {
         let mut v = View {
             generation: table.generation,
             runners: Vec::with_capacity(n),
+            gates: Vec::with_capacity(n),
+            slot_costs: Vec::with_capacity(n),
             by_hint: FastMap::with_capacity_and_hasher(total / 2, Default::default()),
             by_addr: FastMap::with_capacity_and_hasher(n, Default::default()),
         };
@@ -215,6 +221,9 @@ impl View {
                 queue_token: r.queue_token,
                 unreachable: r.unreachable,
             });
+            v.gates.push(0);
+            v.slot_costs.push(0);
+            v.relane(idx);
         }
         v
     }
@@ -248,6 +257,19 @@ impl View {
                 let old = std::mem::replace(&mut v.hints, new);
                 self.reindex(idx, &old);
             }
+            self.relane(idx);
+        }
+    }
+
+    /// Brings runner `idx`'s lanes up to date with the runner (after any change to it).
+    fn relane(&mut self, idx: u32) {
+        let i = idx as usize;
+        let Some(r) = self.runners.get(i) else { return };
+        // max_concurrency is at least 1, so 0 can only mean "unavailable".
+        let gate = if r.available { r.max_concurrency } else { 0 };
+        let cost = crate::rank::slot_cost(r);
+        if let (Some(g), Some(c)) = (self.gates.get_mut(i), self.slot_costs.get_mut(i)) {
+            (*g, *c) = (gate, cost);
         }
     }
 
@@ -291,6 +313,18 @@ impl View {
         &self.runners
     }
 
+    /// Per runner, in table order: its `max_concurrency` if it is available (busy at that many
+    /// in flight), else 0. With [`View::slot_costs`], all a miss or an unhinted request needs
+    /// to know of each runner besides its load.
+    pub(crate) fn gates(&self) -> &[u32] {
+        &self.gates
+    }
+
+    /// Per runner, in table order: [`crate::rank::slot_cost`].
+    pub(crate) fn slot_costs(&self) -> &[u32] {
+        &self.slot_costs
+    }
+
     /// A runner by index.
     pub fn runner(&self, idx: u32) -> Option<&ViewRunner> {
         self.runners.get(idx as usize)
@@ -331,6 +365,7 @@ impl View {
         }
         let old = std::mem::replace(&mut r.hints, hints.hints.clone());
         self.reindex(idx, &old);
+        self.relane(idx);
         true
     }
 

@@ -42,6 +42,9 @@ fn view_indexes_hints_and_addresses() {
 #[test]
 fn set_runner_hints_reindexes() {
     let mut v = View::from_table(&table(&[&["a", "b"], &["b"]]));
+    assert!(v.set_runner_hints(1, &parse_hint_list(b"b,x,y", 64, 8)));
+    assert_eq!(v.slot_costs(), &[0, 1], "runner 1 is full now");
+    assert!(v.set_runner_hints(1, &parse_hint_list(b"b", 64, 8)));
     assert!(v.set_runner_hints(0, &parse_hint_list(b"c", 64, 8)));
     assert!(v.holders("a").is_empty());
     assert_eq!(v.holders("b"), &[1]);
@@ -82,6 +85,14 @@ fn from_owned_matches_from_table() {
     assert_eq!(x.hint_count(), y.hint_count());
 }
 
+/// The fleet scan's lanes, as kept by `v`, and as its runners say they should be.
+fn lanes_of_view(v: &View) -> [(Vec<u32>, Vec<u32>); 2] {
+    let runners = v.runners();
+    let gates = runners.iter().map(|r| if r.available { r.max_concurrency } else { 0 }).collect();
+    let costs = runners.iter().map(crate::rank::slot_cost).collect();
+    [(v.gates().to_vec(), v.slot_costs().to_vec()), (gates, costs)]
+}
+
 /// Holder lists as sets, for every hint of either view.
 fn index_of_view(v: &View) -> Vec<(String, Vec<u32>)> {
     let mut hints: Vec<String> = v.runners().iter().flat_map(|r| r.hints.clone()).collect();
@@ -113,6 +124,8 @@ fn refresh_from_equals_a_rebuild() {
     assert_eq!(v.generation(), 2);
     assert_eq!(v.hint_count(), fresh.hint_count());
     assert_eq!(index_of_view(&v), index_of_view(&fresh));
+    let [kept, wanted] = lanes_of_view(&v);
+    assert_eq!(kept, wanted);
     assert!(v.holders("a") == [3] && v.holders("c") == [1] && v.holders("zz").is_empty());
     // A different runner list: rebuilt from scratch.
     let other = table(&[&["q"]]);
@@ -148,6 +161,8 @@ fn table_ref_parses_what_encode_writes_and_refreshes_like_a_rebuild() {
     assert_eq!(v.runners(), fresh.runners());
     assert_eq!(v.generation(), 5);
     assert_eq!(index_of_view(&v), index_of_view(&fresh));
+    let [kept, wanted] = lanes_of_view(&v);
+    assert_eq!(kept, wanted);
     assert_eq!(v.hint_count(), fresh.hint_count());
     // A different runner list: rebuilt.
     let other = table(&[&["z"]]);
