@@ -23,9 +23,9 @@
 
 use crate::hint::HintList;
 use crate::learned::Times;
-use crate::placement::{pinned_victim_cost, victim_cost, victim_of, Pins, Victim, ALL_PINNED_COST, MAX_PINS};
+use crate::placement::{miss_cost, miss_cost_floor, victim_of, Pins, Victim, ALL_PINNED_COST, MAX_PINS};
 use crate::popularity::{hint_hash, Popularity};
-use crate::rank::{rank_by, slot_cost, Costs, Outcome};
+use crate::rank::{rank_by, slot_cost, Costs, Outcome, UNKNOWN_CAPACITY_COST};
 use crate::table::{View, ViewRunner};
 use serde::Deserialize;
 
@@ -88,6 +88,9 @@ pub struct Router {
     times: Vec<Times>,
     fleet: Times,
     pins: Vec<Pins>,
+    /// Per runner: a floor of the cost of a miss there ([`miss_cost_floor`]), read by the fleet
+    /// scan; recomputed whenever what it depends on changes.
+    floors: Vec<u32>,
 }
 
 impl Router {
@@ -162,6 +165,7 @@ impl Router {
         // TinyLFU's sample size: about ten times the cache, here every slot of the fleet.
         let slots: u64 = self.view.runners().iter().map(|r| u64::from(r.capacity.max(1))).sum();
         self.popularity.set_window(u32::try_from(slots.saturating_mul(16)).unwrap_or(u32::MAX));
+        self.refloor_all();
     }
 
     fn reindex(&mut self, idx: u32) {
@@ -169,14 +173,48 @@ impl Router {
         if let Some(slot) = self.victims.get_mut(idx as usize) {
             *slot = v;
         }
+        self.refloor(idx);
+    }
+
+    /// Recomputes runner `idx`'s cost floor (its runner, victim or pins changed).
+    fn refloor(&mut self, idx: u32) {
+        let (popularity, victims, pins) = (&self.popularity, &self.victims, &self.pins);
+        let floor = self.view.runner(idx).map(|r| miss_cost_floor(popularity, victims, pins, idx, r));
+        if let (Some(f), Some(slot)) = (floor, self.floors.get_mut(idx as usize)) {
+            *slot = f;
+        }
+    }
+
+    /// Recomputes every runner's cost floor.
+    fn refloor_all(&mut self) {
+        let (popularity, victims, pins) = (&self.popularity, &self.victims, &self.pins);
+        let runners = (0u32..).zip(self.view.runners());
+        self.floors.clear();
+        self.floors.extend(runners.map(|(i, r)| miss_cost_floor(popularity, victims, pins, i, r)));
     }
 
     /// Counts a request for `hint` in the popularity estimate; returns its hash (0 without a
-    /// hint).
+    /// hint). The cost floors stay floors while counts grow. When the counters halve they may
+    /// not: all are recomputed. So are the floors of runners whose victim this hint is: they
+    /// would lag behind, and the scan would price those runners exactly on every miss.
     fn record(&mut self, hint: Option<&str>) -> u64 {
         let Some(h) = hint else { return 0 };
         let hash = hint_hash(h);
-        self.popularity.record(hash);
+        if self.popularity.record(hash) {
+            self.refloor_all();
+            return hash;
+        }
+        let (view, popularity, victims, pins) = (&self.view, &self.popularity, &self.victims, &self.pins);
+        for &j in view.holders(h) {
+            let (Some(v), Some(r), Some(slot)) =
+                (victims.get(j as usize), view.runner(j), self.floors.get_mut(j as usize))
+            else {
+                continue;
+            };
+            if v.hash == hash {
+                *slot = miss_cost_floor(popularity, victims, pins, j, r);
+            }
+        }
         hash
     }
 
@@ -222,6 +260,7 @@ impl Router {
                         p.swap_remove(k);
                     }
                 }
+                self.refloor(idx);
             }
         }
         let (Some(r), Some(elapsed_us)) = (self.view.runner(idx), elapsed_us) else { return };
@@ -374,16 +413,12 @@ impl Router {
         max: usize,
         out: &mut Vec<u32>,
     ) -> Outcome {
-        let (popularity, victims) = (&self.popularity, &self.victims);
-        let (view, pins) = (&self.view, &self.pins);
-        let cost = |i: u32, r: &ViewRunner| match pins.get(i as usize) {
-            // As many models in use as slots (some perhaps no longer listed): a load waits.
-            Some(p) if r.capacity > 0 && p.len() >= r.capacity as usize => ALL_PINNED_COST,
-            Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
-            _ => victim_cost(popularity, victims, i, r),
+        let (view, popularity, victims, pins) = (&self.view, &self.popularity, &self.victims, &self.pins);
+        let exact = |i: u32, floor: u32| match floor {
+            0 | ALL_PINNED_COST | UNKNOWN_CAPACITY_COST => floor, // always exact (miss_cost_floor)
+            _ => view.runner(i).map_or(floor, |r| miss_cost(view, popularity, victims, pins, i, r)),
         };
-        // No floors (all 0): every runner the scan admits is priced.
-        let costs = Costs { floor: &[], exact: |i: u32, _| view.runner(i).map_or(0, |r| cost(i, r)) };
+        let costs = Costs { floor: &self.floors, exact };
         let outcome = rank_by(view, hint, in_flight, in_flight, costs, spin, max, out);
         if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
             if let Some(holder) = self.faster_holder(h, hash, in_flight, now_us, out.first().copied()) {
@@ -408,6 +443,7 @@ impl Router {
             return false;
         }
         p.push((hash, 1));
+        self.refloor(idx);
         true
     }
 

@@ -58,6 +58,19 @@ impl Router {
         }
         outcome
     }
+
+    /// Every cost floor is at most the exact cost, and the ones the scan takes for exact are.
+    fn check_floors(&self) {
+        assert_eq!(self.floors.len(), self.view.runners().len());
+        for (i, r) in (0u32..).zip(self.view.runners()) {
+            let exact = miss_cost(&self.view, &self.popularity, &self.victims, &self.pins, i, r);
+            let floor = self.floors[i as usize];
+            assert!(floor <= exact, "runner {i}: floor {floor} > cost {exact}");
+            if matches!(floor, 0 | ALL_PINNED_COST | UNKNOWN_CAPACITY_COST) {
+                assert_eq!(floor, exact, "runner {i}");
+            }
+        }
+    }
 }
 
 const MODELS: u64 = 16;
@@ -184,6 +197,7 @@ fn random_traces_route_as_the_reference_scan() {
                     92..=95 => t.confirm(&mut rng),
                     _ => t.publish(&mut rng),
                 }
+                t.new.check_floors();
             }
             assert_eq!(t.new.view().runners(), t.old.view().runners(), "seed {seed} {mode:?}");
         }
