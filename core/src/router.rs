@@ -194,26 +194,15 @@ impl Router {
     }
 
     /// Counts a request for `hint` in the popularity estimate; returns its hash (0 without a
-    /// hint). The cost floors stay floors while counts grow. When the counters halve they may
-    /// not: all are recomputed. So are the floors of runners whose victim this hint is: they
-    /// would lag behind, and the scan would price those runners exactly on every miss.
+    /// hint). The cost floors stay floors while counts grow; when the counters halve they may
+    /// not, and all are recomputed. (A floor that lags behind a growing count is still one:
+    /// the scan then prices that runner exactly. A hit on a runner whose victim it is brings
+    /// that floor up to date.)
     fn record(&mut self, hint: Option<&str>) -> u64 {
         let Some(h) = hint else { return 0 };
         let hash = hint_hash(h);
         if self.popularity.record(hash) {
             self.refloor_all();
-            return hash;
-        }
-        let (view, popularity, victims, pins) = (&self.view, &self.popularity, &self.victims, &self.pins);
-        for &j in view.holders(h) {
-            let (Some(v), Some(r), Some(slot)) =
-                (victims.get(j as usize), view.runner(j), self.floors.get_mut(j as usize))
-            else {
-                continue;
-            };
-            if v.hash == hash {
-                *slot = miss_cost_floor(popularity, victims, pins, j, r);
-            }
         }
         hash
     }
@@ -258,9 +247,9 @@ impl Router {
                     Some((_, c)) if *c > 1 => *c -= 1,
                     _ => {
                         p.swap_remove(k);
+                        self.refloor(idx);
                     }
                 }
-                self.refloor(idx);
             }
         }
         let (Some(r), Some(elapsed_us)) = (self.view.runner(idx), elapsed_us) else { return };
@@ -329,6 +318,10 @@ impl Router {
         if r.hints.iter().any(|x| x == h) {
             // A hit, unless the hint is only our own guess: then it joins a load.
             let guessed = self.guessed.get(first as usize).is_some_and(|g| g.iter().any(|(x, _)| x == h));
+            if self.victims.get(first as usize).is_some_and(|v| v.hash == hash) {
+                // Its victim was just requested: keep its floor up with the count.
+                self.refloor(first);
+            }
             return Decision { load: guessed, ..plain };
         }
         let keep = if r.capacity > 0 { r.capacity as usize } else { max_hints.max(1) };
