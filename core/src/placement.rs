@@ -41,6 +41,46 @@ pub(crate) fn victim_cost(popularity: &Popularity, victims: &[Victim], i: u32, r
     }
 }
 
+/// The cost of a miss on runner `i` as the router prices it (with `pins`, the models in use
+/// on each runner): what [`crate::rank::rank_by`] orders the runners for a miss by.
+pub(crate) fn miss_cost(
+    view: &View,
+    popularity: &Popularity,
+    victims: &[Victim],
+    pins: &[Pins],
+    i: u32,
+    r: &ViewRunner,
+) -> u32 {
+    match pins.get(i as usize) {
+        // As many models in use as slots (some perhaps no longer listed): a load waits.
+        Some(p) if r.capacity > 0 && p.len() >= r.capacity as usize => ALL_PINNED_COST,
+        Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
+        _ => victim_cost(popularity, victims, i, r),
+    }
+}
+
+/// A floor of [`miss_cost`] read without looking up any hint, which the fleet scan reads for
+/// every runner: 1 for a full runner with models in use (its victim is found by a walk of its
+/// hints; it costs at least 1), otherwise exact when computed. It stays a floor while the
+/// runner, its victim and its pins do not change (the router recomputes it when they do) and
+/// the popularity counters do not halve (they only grow in between; the router recomputes
+/// every floor when they halve). Floors of 0, [`ALL_PINNED_COST`] and
+/// [`crate::rank::UNKNOWN_CAPACITY_COST`] are always exact: they depend on the runner and its
+/// pins alone.
+pub(crate) fn miss_cost_floor(
+    popularity: &Popularity,
+    victims: &[Victim],
+    pins: &[Pins],
+    i: u32,
+    r: &ViewRunner,
+) -> u32 {
+    match pins.get(i as usize) {
+        Some(p) if r.capacity > 0 && p.len() >= r.capacity as usize => ALL_PINNED_COST,
+        Some(p) if !p.is_empty() && slot_cost(r) == 1 => 1,
+        _ => victim_cost(popularity, victims, i, r),
+    }
+}
+
 /// [`victim_cost`] for a full runner with models in use (`pins`): its victim is the least
 /// recently used listed model not in use, as a runner evicts; [`ALL_PINNED_COST`] if none.
 pub(crate) fn pinned_victim_cost(

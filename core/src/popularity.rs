@@ -53,9 +53,10 @@ impl Popularity {
         self.window = window.max(MIN_WINDOW);
     }
 
-    /// Counts one request for the hint with hash `hash`.
+    /// Counts one request for the hint with hash `hash`. Returns whether every counter was
+    /// halved (estimates only grow otherwise).
     #[inline]
-    pub fn record(&mut self, hash: u64) {
+    pub fn record(&mut self, hash: u64) -> bool {
         let min = self.estimate(hash);
         if min < u8::MAX {
             // Conservative update: only the counters at the minimum move.
@@ -73,7 +74,9 @@ impl Popularity {
             for c in &mut self.counters {
                 *c >>= 1;
             }
+            return true;
         }
+        false
     }
 
     /// The decayed count of the hint with hash `hash` (an over-estimate at worst).

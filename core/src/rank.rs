@@ -23,6 +23,10 @@
 
 use crate::table::{View, ViewRunner};
 
+#[cfg(test)]
+pub(crate) mod reference;
+mod scan;
+
 /// Eviction cost of a runner whose capacity is unknown: after every known one.
 pub const UNKNOWN_CAPACITY_COST: u32 = u32::MAX;
 
@@ -148,19 +152,30 @@ pub fn rank_loads(
     max: usize,
     out: &mut Vec<u32>,
 ) -> Outcome {
-    rank_by(view, hint, busy_load, total, |_, r| slot_cost(r), spin, max, out)
+    let costs = Costs { floor: view.slot_costs(), exact: |_, floor| floor };
+    rank_by(view, hint, busy_load, total, costs, spin, max, out)
 }
 
-/// [`rank_loads`] with the eviction cost of a miss on each runner given by `cost(idx, runner)`
-/// (0 for a free slot; lower is better; ties go to the fewest in flight): the router passes
-/// the popularity of each runner's eviction victim.
+/// The eviction cost of a miss on each runner, as [`rank_by`] orders misses by it (0 for a free
+/// slot; lower is better; ties go to the fewest in flight). A miss reads every runner's floor,
+/// and asks for the exact cost only of runners whose floor could still make the list: the
+/// router's floors are one array read, its exact costs may look up a runner's hints.
+pub struct Costs<'a, F: Fn(u32, u32) -> u32> {
+    /// `floor[i]` is at most runner `i`'s cost (runners past its end count as 0).
+    pub floor: &'a [u32],
+    /// `exact(i, floor[i])`: runner `i`'s cost.
+    pub exact: F,
+}
+
+/// [`rank_loads`] with the eviction cost of a miss on each runner given by `costs`: the router
+/// passes the popularity of each runner's eviction victim.
 #[allow(clippy::too_many_arguments)]
-pub fn rank_by(
+pub fn rank_by<F: Fn(u32, u32) -> u32>(
     view: &View,
     hint: Option<&str>,
     busy_load: &[u32],
     total: &[u32],
-    cost: impl Fn(u32, &ViewRunner) -> u32,
+    costs: Costs<'_, F>,
     spin: u32,
     max: usize,
     out: &mut Vec<u32>,
@@ -208,44 +223,9 @@ pub fn rank_by(
         }
         // Scan the fleet: tiers 1 not busy (cheapest eviction first), 3 busy holder, 4 busy
         // other (cheapest eviction first: a load there still evicts).
-        let holders = view.holders(h);
-        let mut top = TopK::new(max);
-        for (i, r) in (0u32..).zip(runners.iter()) {
-            if !r.available {
-                continue;
-            }
-            let holder = any_holder && holders.contains(&i);
-            // Among runners that are not busy and would evict equally little, the hint's own
-            // order (`rot`, fixed by the hint) comes before load: concurrent misses for one
-            // model from several workers or Envoys, none of which knows yet where the others
-            // sent it, all go to the same runner (until it is busy) instead of each loading
-            // it on the least loaded one. Different models still spread: each has its order.
-            let key = match (busy(i), holder) {
-                (false, _) => (1, cost(i, r), rot(i), load(total, i)),
-                (true, true) => (3, 0, load(total, i), rot(i)),
-                (true, false) => (4, cost(i, r), load(total, i), rot(i)),
-            };
-            top.offer(key, i);
-        }
-        let outcome = match top.first_tier() {
-            None => Outcome::NoCandidates,
-            Some(1) if any_holder => Outcome::BusyFallback,
-            Some(1) => Outcome::Miss,
-            Some(_) => Outcome::Saturated,
-        };
-        top.drain_into(out);
-        return outcome;
+        return scan::miss(view, view.holders(h), any_holder, busy_load, total, &costs, start, max, out);
     }
-
-    let mut top = TopK::new(max);
-    for (i, r) in (0u32..).zip(runners.iter()) {
-        if r.available {
-            top.offer((u8::from(busy(i)), 0, load(total, i), rot(i)), i);
-        }
-    }
-    let outcome = if top.first_tier().is_some() { Outcome::NoHint } else { Outcome::NoCandidates };
-    top.drain_into(out);
-    outcome
+    scan::unhinted(view, busy_load, total, start, max, out)
 }
 
 #[cfg(test)]

@@ -23,9 +23,9 @@
 
 use crate::hint::HintList;
 use crate::learned::Times;
-use crate::placement::{pinned_victim_cost, victim_cost, victim_of, Pins, Victim, ALL_PINNED_COST, MAX_PINS};
+use crate::placement::{miss_cost, miss_cost_floor, victim_of, Pins, Victim, ALL_PINNED_COST, MAX_PINS};
 use crate::popularity::{hint_hash, Popularity};
-use crate::rank::{rank_by, slot_cost, Outcome};
+use crate::rank::{rank_by, slot_cost, Costs, Outcome, UNKNOWN_CAPACITY_COST};
 use crate::table::{View, ViewRunner};
 use serde::Deserialize;
 
@@ -88,6 +88,9 @@ pub struct Router {
     times: Vec<Times>,
     fleet: Times,
     pins: Vec<Pins>,
+    /// Per runner: a floor of the cost of a miss there ([`miss_cost_floor`]), read by the fleet
+    /// scan; recomputed whenever what it depends on changes.
+    floors: Vec<u32>,
 }
 
 /// Where equally good runners start being tried ([`rank_by`]'s rotation): for a hinted
@@ -174,6 +177,7 @@ impl Router {
         // TinyLFU's sample size: about ten times the cache, here every slot of the fleet.
         let slots: u64 = self.view.runners().iter().map(|r| u64::from(r.capacity.max(1))).sum();
         self.popularity.set_window(u32::try_from(slots.saturating_mul(16)).unwrap_or(u32::MAX));
+        self.refloor_all();
     }
 
     fn reindex(&mut self, idx: u32) {
@@ -181,6 +185,38 @@ impl Router {
         if let Some(slot) = self.victims.get_mut(idx as usize) {
             *slot = v;
         }
+        self.refloor(idx);
+    }
+
+    /// Recomputes runner `idx`'s cost floor (its runner, victim or pins changed).
+    fn refloor(&mut self, idx: u32) {
+        let (popularity, victims, pins) = (&self.popularity, &self.victims, &self.pins);
+        let floor = self.view.runner(idx).map(|r| miss_cost_floor(popularity, victims, pins, idx, r));
+        if let (Some(f), Some(slot)) = (floor, self.floors.get_mut(idx as usize)) {
+            *slot = f;
+        }
+    }
+
+    /// Recomputes every runner's cost floor.
+    fn refloor_all(&mut self) {
+        let (popularity, victims, pins) = (&self.popularity, &self.victims, &self.pins);
+        let runners = (0u32..).zip(self.view.runners());
+        self.floors.clear();
+        self.floors.extend(runners.map(|(i, r)| miss_cost_floor(popularity, victims, pins, i, r)));
+    }
+
+    /// Counts a request for `hint` in the popularity estimate; returns its hash (0 without a
+    /// hint). The cost floors stay floors while counts grow; when the counters halve they may
+    /// not, and all are recomputed. (A floor that lags behind a growing count is still one:
+    /// the scan then prices that runner exactly. A hit on a runner whose victim it is brings
+    /// that floor up to date.)
+    fn record(&mut self, hint: Option<&str>) -> u64 {
+        let Some(h) = hint else { return 0 };
+        let hash = hint_hash(h);
+        if self.popularity.record(hash) {
+            self.refloor_all();
+        }
+        hash
     }
 
     /// Runner `idx` itself confirmed its hint list is what the view has: our guesses for it
@@ -244,6 +280,7 @@ impl Router {
                     Some((_, c)) if *c > 1 => *c -= 1,
                     _ => {
                         p.swap_remove(k);
+                        self.refloor(idx);
                     }
                 }
             }
@@ -281,12 +318,25 @@ impl Router {
         max_hints: usize,
         out: &mut Vec<u32>,
     ) -> Decision {
-        let hash = hint.map(hint_hash).unwrap_or(0);
-        if hint.is_some() {
-            self.popularity.record(hash);
-        }
+        let hash = self.record(hint);
         let spin = tie_break(hint, hash, spin);
         let outcome = self.rank_hashed(hint, hash, in_flight, now_us, spin, max, out);
+        self.follow(hint, hash, outcome, in_flight, now_us, max_hints, out)
+    }
+
+    /// What [`Router::route`] does once `out` is ranked (`outcome`): the decision, a pin for
+    /// its model, and a miss listed on the first candidate.
+    #[allow(clippy::too_many_arguments)]
+    fn follow(
+        &mut self,
+        hint: Option<&str>,
+        hash: u64,
+        outcome: Outcome,
+        in_flight: &[u32],
+        now_us: u64,
+        max_hints: usize,
+        out: &[u32],
+    ) -> Decision {
         let ahead = out.first().map(|&i| in_flight.get(i as usize).copied().unwrap_or(0)).unwrap_or(0);
         let pin = match (hint, out.first()) {
             (Some(_), Some(&first)) => self.pin(first, hash).then_some(hash),
@@ -302,6 +352,10 @@ impl Router {
         if r.hints.iter().any(|x| x == h) {
             // A hit, unless the hint is only our own guess: then it joins a load.
             let guessed = self.guessed.get(first as usize).is_some_and(|g| g.iter().any(|(x, _)| x == h));
+            if self.victims.get(first as usize).is_some_and(|v| v.hash == hash) {
+                // Its victim was just requested: keep its floor up with the count.
+                self.refloor(first);
+            }
             return Decision { load: guessed, ..plain };
         }
         let keep = if r.capacity > 0 { r.capacity as usize } else { max_hints.max(1) };
@@ -386,15 +440,13 @@ impl Router {
         max: usize,
         out: &mut Vec<u32>,
     ) -> Outcome {
-        let (popularity, victims) = (&self.popularity, &self.victims);
-        let (view, pins) = (&self.view, &self.pins);
-        let cost = |i: u32, r: &ViewRunner| match pins.get(i as usize) {
-            // As many models in use as slots (some perhaps no longer listed): a load waits.
-            Some(p) if r.capacity > 0 && p.len() >= r.capacity as usize => ALL_PINNED_COST,
-            Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
-            _ => victim_cost(popularity, victims, i, r),
+        let (view, popularity, victims, pins) = (&self.view, &self.popularity, &self.victims, &self.pins);
+        let exact = |i: u32, floor: u32| match floor {
+            0 | ALL_PINNED_COST | UNKNOWN_CAPACITY_COST => floor, // always exact (miss_cost_floor)
+            _ => view.runner(i).map_or(floor, |r| miss_cost(view, popularity, victims, pins, i, r)),
         };
-        let outcome = rank_by(view, hint, in_flight, in_flight, cost, spin, max, out);
+        let costs = Costs { floor: &self.floors, exact };
+        let outcome = rank_by(view, hint, in_flight, in_flight, costs, spin, max, out);
         if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
             if let Some(holder) = self.faster_holder(h, hash, in_flight, now_us, out.first().copied()) {
                 out.retain(|&x| x != holder);
@@ -418,6 +470,7 @@ impl Router {
             return false;
         }
         p.push((hash, 1));
+        self.refloor(idx);
         true
     }
 
@@ -474,223 +527,6 @@ impl Router {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::table::tests::table;
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
-    fn go(r: &mut Router, hint: Option<&str>, inf: &[u32]) -> (Decision, Vec<u32>) {
-        let mut out = Vec::new();
-        let d = r.route(hint, inf, 0, 0, 2, 64, &mut out);
-        (d, out)
-    }
-
-    /// Routes `n` concurrent requests for `hint` (none ends), counting them in `inf`.
-    fn burst(r: &mut Router, hint: &str, inf: &mut [u32], n: u32) {
-        let mut out = Vec::new();
-        for k in 0..n {
-            r.route(Some(hint), inf, 0, k, 2, 64, &mut out);
-            inf[out[0] as usize] += 1;
-        }
-    }
-
-    #[test]
-    fn requests_waiting_for_a_load_count_as_busy() {
-        // 40 concurrent requests for a cold model over 4 idle runners (max_concurrency 2):
-        // the router used to count the ones joining the load as not busy, for their whole
-        // life, and sent all 40 to one runner ([40, 0, 0, 0]).
-        for mode in [WhenHoldersBusy::AnyAvailable, WhenHoldersBusy::Fastest] {
-            let mut r = Router::with_mode(View::from_table(&table(&[&[], &[], &[], &[]])), mode);
-            let mut inf = vec![0u32; 4];
-            burst(&mut r, "cold", &mut inf, 40);
-            assert_eq!(inf, vec![10, 10, 10, 10], "{mode:?}");
-            // Once the first runner confirmed the load, its waiters still make it busy: the
-            // next request goes to another holder.
-            assert!(r.confirm(0));
-            let (d, out) = go(&mut r, Some("cold"), &[2, 0, 0, 0]);
-            assert_eq!((d.outcome, out[0]), (Outcome::Hit, 1), "{mode:?}");
-        }
-    }
-
-    #[test]
-    fn a_miss_evicts_the_coldest_victim_fleet_wide() {
-        // Both runners are full; runner 0's victim (c) is hot, runner 1's (z) cold. Rotation
-        // (spin 0) and load alone would pick runner 0 and evict the hot model.
-        let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "z"]])));
-        for _ in 0..20 {
-            let (d, out) = go(&mut v, Some("c"), &[0, 0]);
-            assert_eq!((out[0], d.pin.is_some()), (0, true));
-            v.observe(0, &d, Some(10_000)); // ended: c is no longer in use
-        }
-        let (d, out) = go(&mut v, Some("new"), &[0, 0]);
-        assert_eq!((d.outcome, out), (Outcome::Miss, vec![1, 0]));
-        assert_eq!(v.view().runner(1).unwrap().hints, vec!["new", "x", "y"]);
-        assert!(v.popularity_bytes() <= 8192);
-    }
-
-    #[test]
-    fn a_model_in_use_is_no_victim() {
-        // Runner 0's victim c is cold but in use (a request of ours in flight): the runner
-        // would evict b instead, which is hot; runner 1's victim z is cold and free.
-        let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "z"]])));
-        for _ in 0..20 {
-            let (d, _) = go(&mut v, Some("b"), &[0, 0]);
-            v.observe(0, &d, None);
-        }
-        let (busy_c, _) = go(&mut v, Some("c"), &[0, 0]);
-        let (miss, out) = go(&mut v, Some("new"), &[1, 0]);
-        assert_eq!(out[0], 1);
-        v.observe(0, &busy_c, Some(10_000));
-        v.observe(1, &miss, None);
-        assert!(v.pins.iter().all(|p| p.is_empty()), "every pin released");
-    }
-
-    #[test]
-    fn a_miss_on_a_runner_listing_far_more_than_its_capacity_stays_linear() {
-        // A hostile runner: capacity 1, 60,000 hints listed (max_hints_per_runner allows
-        // 100,000). Listing a miss there keeps one hint; with a quadratic drop this took minutes.
-        let many: Vec<String> = (0..60_000).map(|i| format!("h{i}")).collect();
-        let mut t = table(&[&[]]);
-        t.runners[0].hints = many;
-        t.runners[0].capacity = 1;
-        let mut v = Router::new(View::from_table(&t));
-        let (d, _) = go(&mut v, Some("new"), &[0]);
-        assert!(d.listed);
-        assert_eq!(v.view().runner(0).unwrap().hints, vec!["new"]);
-    }
-
-    #[test]
-    fn independent_routers_send_a_cold_model_to_the_same_runner_and_spread_different_ones() {
-        // Two proxies (or two workers) with their own state and request counters, the same
-        // table: a cold model's first request goes to the same runner from both.
-        let t = table(&[&[], &[], &[], &[], &[], &[], &[], &[]]);
-        let mut firsts = std::collections::HashSet::new();
-        for m in 0..64 {
-            let hint = format!("model-{m}");
-            let (mut a, mut b) = (Router::new(View::from_table(&t)), Router::new(View::from_table(&t)));
-            let mut out = Vec::new();
-            a.route(Some(&hint), &[0; 8], 0, 7, 3, 64, &mut out);
-            let first = out[0];
-            b.route(Some(&hint), &[0; 8], 0, 12_345, 3, 64, &mut out);
-            assert_eq!(out[0], first, "{hint}");
-            firsts.insert(first);
-        }
-        assert!(firsts.len() >= 6, "64 cold models landed on only {} of 8 runners", firsts.len());
-    }
-
-    #[test]
-    fn a_duplicate_copy_is_evicted_before_a_single_one() {
-        // Runner 1's victim (a) is also held by runner 0: evicting it loses no model.
-        let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "a"]])));
-        let (d, out) = go(&mut v, Some("new"), &[0, 0]);
-        assert_eq!((d.outcome, out[0]), (Outcome::Miss, 1));
-        assert_eq!(v.view().holders("a"), &[0]);
-        // Runner 0's victim (c) is now the only copy, like runner 1's (y): a tie of equally
-        // cold single copies, broken by the hint (the same on every worker and proxy).
-        let (_, out) = go(&mut v, Some("new2"), &[0, 0]);
-        assert_eq!(out[0], (hint_hash("new2") >> 32) as u32 % 2);
-    }
-
-    /// Teaches `r` that runner `idx` loads in `load_us` and infers in `infer_us`.
-    fn teach(r: &mut Router, idx: u32, load_us: u64, infer_us: u64) {
-        let hit = Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 0, pin: None };
-        r.observe(idx, &hit, Some(infer_us));
-        let load = Decision { outcome: Outcome::Miss, load: true, listed: true, ahead: 0, pin: None };
-        r.observe(idx, &load, Some(load_us + infer_us));
-    }
-
-    #[test]
-    fn fastest_waits_for_a_short_queue_any_available_does_not() {
-        let t = table(&[&["a"], &["q"]]);
-        let mut any = Router::with_mode(View::from_table(&t), WhenHoldersBusy::AnyAvailable);
-        let mut fast = Router::with_mode(View::from_table(&t), WhenHoldersBusy::Fastest);
-        // Nothing learned yet: fastest behaves as any_available.
-        assert_eq!(go(&mut fast.clone(), Some("a"), &[2, 0]).0.outcome, Outcome::BusyFallback);
-        for r in [&mut any, &mut fast] {
-            teach(r, 0, 200_000, 10_000);
-            assert_eq!(r.learned_times(0), (Some(200_000), Some(10_000)));
-            assert_eq!(r.learned_times(1), (Some(200_000), Some(10_000)), "the fleet's");
-        }
-        // Holder 0 is busy (2 in flight, max_concurrency 2): one round of 10 ms ahead.
-        let (d, out) = go(&mut any, Some("a"), &[2, 0]);
-        assert_eq!((d.outcome, d.load, out[0]), (Outcome::BusyFallback, true, 1));
-        let (d, out) = go(&mut fast, Some("a"), &[2, 0]);
-        assert_eq!((d.outcome, d.load, d.ahead, out[0]), (Outcome::Hit, false, 2, 0));
-        // A queue longer than a load (30 rounds of 10 ms > 200 + 10 ms): load elsewhere.
-        let (d, out) = go(&mut fast, Some("a"), &[60, 0]);
-        assert_eq!((d.outcome, out[0]), (Outcome::BusyFallback, 1));
-    }
-
-    #[test]
-    fn observe_learns_inference_from_queued_hits_and_ignores_unknown_runners() {
-        let mut r = Router::new(View::from_table(&table(&[&["a"]])));
-        // 4 ahead with max_concurrency 2: the request waited 2 rounds, then ran (3 x 10 ms).
-        let queued = Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 4, pin: None };
-        r.observe(0, &queued, Some(30_000));
-        assert_eq!(r.learned_times(0), (None, Some(10_000)));
-        r.observe(7, &queued, Some(1));
-        r.observe(0, &queued, None); // no answer: nothing learned
-        assert_eq!(r.learned_times(0), (None, Some(10_000)));
-        r.observe(0, &queued, Some(u64::MAX)); // clamped, no overflow
-        assert!(r.learned_times(0).1.unwrap() < 100_000_000);
-    }
-
-    #[test]
-    fn a_miss_lists_its_hint_on_the_chosen_runner_at_once() {
-        let mut v = Router::new(View::from_table(&table(&[&["x", "y", "z"], &["q"]])));
-        let (d, out) = go(&mut v, Some("new"), &[0, 0]);
-        assert_eq!((d.outcome, d.load, d.listed, out[0]), (Outcome::Miss, true, true, 1));
-        assert_eq!(v.view().runner(1).unwrap().hints, vec!["new", "q"]);
-        assert_eq!(v.view().holders("new"), &[1]);
-        // The next request for it follows, as a hit, but joins the load: counted as one.
-        let (d, out) = go(&mut v, Some("new"), &[0, 1]);
-        assert_eq!((d.outcome, d.load, d.listed, out[0]), (Outcome::Hit, true, false, 1));
-        // Once the runner confirms it (same list, or a new one), requests are plain hits.
-        let mut w = v.clone();
-        assert!(w.confirm(1));
-        assert!(!w.confirm(1));
-        let d = go(&mut w, Some("new"), &[0, 1]).0;
-        assert_eq!((d.outcome, d.load, d.listed, d.ahead), (Outcome::Hit, false, false, 1));
-        assert!(!v.learn(1, &HintList { hints: vec!["new".into(), "q".into()], invalid: 0, truncated: 0 }));
-        let (d, _) = go(&mut v, Some("new"), &[0, 1]);
-        assert_eq!((d.outcome, d.load), (Outcome::Hit, false));
-    }
-
-    #[test]
-    fn guesses_survive_a_refresh_that_still_lists_them() {
-        let mut v = Router::new(View::from_table(&table(&[&["x"], &["q"]])));
-        let (_, out) = go(&mut v, Some("new"), &[0, 0]);
-        let (d, _) = go(&mut v, Some("new"), &[0, 0]);
-        assert!(d.load, "joining a guessed load");
-        // A table that lists it (another worker forwarded the guess) keeps it a guess.
-        let listed =
-            if out[0] == 0 { table(&[&["new", "x"], &["q"]]) } else { table(&[&["x"], &["new", "q"]]) };
-        v.refresh(|view| *view = View::from_table(&listed));
-        assert!(go(&mut v, Some("new"), &[0, 0]).0.load);
-        // A table that does not list it drops the guess.
-        v.refresh(|view| *view = View::from_table(&table(&[&["x"], &["q"]])));
-        assert!(!v.confirm(0) && !v.confirm(1));
-    }
-
-    #[test]
-    fn a_full_runner_drops_its_least_recently_used_hint() {
-        // Runner 0 is the only one: full (capacity 3), the new model evicts the last-listed.
-        let mut v = Router::new(View::from_table(&table(&[&["x", "y", "z"]])));
-        let (d, _) = go(&mut v, Some("new"), &[0]);
-        assert!(d.load);
-        assert_eq!(v.view().runner(0).unwrap().hints, vec!["new", "x", "y"]);
-        assert!(v.view().holders("z").is_empty());
-    }
-
-    #[test]
-    fn no_hint_and_no_candidates_change_nothing() {
-        let mut v = Router::new(View::from_table(&table(&[&["x"]])));
-        let (d, out) = go(&mut v, None, &[0]);
-        assert_eq!((d.outcome, d.load, out), (Outcome::NoHint, false, vec![0]));
-        let mut empty = Router::default();
-        let (d, out) = go(&mut empty, Some("a"), &[]);
-        assert_eq!((d.outcome, d.load, out), (Outcome::NoCandidates, false, vec![]));
-        assert_eq!(v.view().runner(0).unwrap().hints, vec!["x"]);
-    }
-}
+mod reference;
+#[cfg(test)]
+mod tests;

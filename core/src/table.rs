@@ -195,6 +195,10 @@ type Holders = SmallVec<[u32; 3]>;
 pub struct View {
     generation: u64,
     runners: Vec<ViewRunner>,
+    /// Per runner, what the fleet scan reads (see [`View::gates`]): compact arrays, where a scan
+    /// over the `ViewRunner`s cost 4-5 ns per runner.
+    gates: Vec<u32>,
+    slot_costs: Vec<u32>,
     by_hint: FastMap<String, Holders>,
     by_addr: FastMap<String, u32>,
 }
@@ -213,6 +217,8 @@ impl View {
         let mut v = View {
             generation: table.generation,
             runners: Vec::with_capacity(n),
+            gates: Vec::with_capacity(n),
+            slot_costs: Vec::with_capacity(n),
             by_hint: FastMap::with_capacity_and_hasher(total / 2, Default::default()),
             by_addr: FastMap::with_capacity_and_hasher(n, Default::default()),
         };
@@ -231,6 +237,9 @@ impl View {
                 queue_token: r.queue_token,
                 unreachable: r.unreachable,
             });
+            v.gates.push(0);
+            v.slot_costs.push(0);
+            v.relane(idx);
         }
         v
     }
@@ -264,6 +273,19 @@ impl View {
                 let old = std::mem::replace(&mut v.hints, new);
                 self.reindex(idx, &old);
             }
+            self.relane(idx);
+        }
+    }
+
+    /// Brings runner `idx`'s lanes up to date with the runner (after any change to it).
+    fn relane(&mut self, idx: u32) {
+        let i = idx as usize;
+        let Some(r) = self.runners.get(i) else { return };
+        // max_concurrency is at least 1, so 0 can only mean "unavailable".
+        let gate = if r.available { r.max_concurrency } else { 0 };
+        let cost = crate::rank::slot_cost(r);
+        if let (Some(g), Some(c)) = (self.gates.get_mut(i), self.slot_costs.get_mut(i)) {
+            (*g, *c) = (gate, cost);
         }
     }
 
@@ -307,6 +329,18 @@ impl View {
         &self.runners
     }
 
+    /// Per runner, in table order: its `max_concurrency` if it is available (busy at that many
+    /// in flight), else 0. With [`View::slot_costs`], all a miss or an unhinted request needs
+    /// to know of each runner besides its load.
+    pub(crate) fn gates(&self) -> &[u32] {
+        &self.gates
+    }
+
+    /// Per runner, in table order: [`crate::rank::slot_cost`].
+    pub(crate) fn slot_costs(&self) -> &[u32] {
+        &self.slot_costs
+    }
+
     /// A runner by index.
     pub fn runner(&self, idx: u32) -> Option<&ViewRunner> {
         self.runners.get(idx as usize)
@@ -347,6 +381,7 @@ impl View {
         }
         let old = std::mem::replace(&mut r.hints, hints.hints.clone());
         self.reindex(idx, &old);
+        self.relane(idx);
         true
     }
 
@@ -421,198 +456,4 @@ pub fn decode_header_update(msg: &[u8]) -> Option<(&str, &[u8])> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::hint::parse_hint_list;
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
-    /// A table of runners `127.0.0.1:1..`, each with the given hints, capacity 3,
-    /// max_concurrency 2, all available.
-    pub(crate) fn table(hints: &[&[&str]]) -> Table {
-        Table {
-            generation: 1,
-            runners: hints
-                .iter()
-                .enumerate()
-                .map(|(i, hs)| TableRunner {
-                    addr: format!("127.0.0.1:{}", i + 1),
-                    available: true,
-                    hints: hs.iter().map(|s| s.to_string()).collect(),
-                    capacity: 3,
-                    max_concurrency: 2,
-                    queue_token: 0,
-                    unreachable: false,
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn view_indexes_hints_and_addresses() {
-        let v = View::from_table(&table(&[&["a", "b"], &["b"], &[]]));
-        assert_eq!(v.holders("a"), &[0]);
-        assert_eq!(v.holders("b"), &[0, 1]);
-        assert!(v.holders("zz").is_empty());
-        assert_eq!(v.index_of("127.0.0.1:3"), Some(2));
-        assert_eq!(v.index_of("127.0.0.1:9"), None);
-        assert_eq!(v.format_candidates(&[2, 0, 99]), "127.0.0.1:3,127.0.0.1:1");
-        assert!(v.runner(2).unwrap().has_free_slot());
-    }
-
-    #[test]
-    fn set_runner_hints_reindexes() {
-        let mut v = View::from_table(&table(&[&["a", "b"], &["b"]]));
-        assert!(v.set_runner_hints(0, &parse_hint_list(b"c", 64, 8)));
-        assert!(v.holders("a").is_empty());
-        assert_eq!(v.holders("b"), &[1]);
-        assert_eq!(v.holders("c"), &[0]);
-        assert_eq!(v.hint_count(), 2);
-        assert!(!v.set_runner_hints(0, &parse_hint_list(b"c", 64, 8)));
-        assert!(!v.set_runner_hints(7, &parse_hint_list(b"c", 64, 8)));
-    }
-
-    #[test]
-    fn holders_spill_past_three_and_shrink_back() {
-        let hs: Vec<&[&str]> = vec![&["a"], &["a", "b"], &["a"], &["a"], &["a"]];
-        let mut v = View::from_table(&table(&hs));
-        assert_eq!(v.holders("a"), &[0, 1, 2, 3, 4]);
-        for i in [4, 0, 2] {
-            assert!(v.set_runner_hints(i, &parse_hint_list(b"", 64, 8)));
-        }
-        assert_eq!(v.holders("a"), &[1, 3]);
-        assert!(v.set_runner_hints(1, &parse_hint_list(b"b", 64, 8)));
-        assert!(v.set_runner_hints(3, &parse_hint_list(b"b,c", 64, 8)));
-        assert!(v.holders("a").is_empty());
-        assert_eq!(v.holders("b"), &[1, 3]);
-        assert_eq!(v.hint_count(), 2);
-        // Re-listing a hint moves the runner to the end, as before.
-        let mut v = View::from_table(&table(&[&["a"], &["a"]]));
-        assert!(v.set_runner_hints(0, &parse_hint_list(b"a,z", 64, 8)));
-        assert_eq!(v.holders("a"), &[1, 0]);
-    }
-
-    #[test]
-    fn from_owned_matches_from_table() {
-        let t = table(&[&["a", "b"], &["b"], &[]]);
-        let (x, y) = (View::from_table(&t), View::from_owned(t));
-        assert_eq!(x.runners(), y.runners());
-        for h in ["a", "b", "c"] {
-            assert_eq!(x.holders(h), y.holders(h));
-        }
-        assert_eq!(x.hint_count(), y.hint_count());
-    }
-
-    /// Holder lists as sets, for every hint of either view.
-    fn index_of_view(v: &View) -> Vec<(String, Vec<u32>)> {
-        let mut hints: Vec<String> = v.runners().iter().flat_map(|r| r.hints.clone()).collect();
-        hints.sort();
-        hints.dedup();
-        hints
-            .into_iter()
-            .map(|h| {
-                let mut l = v.holders(&h).to_vec();
-                l.sort();
-                (h, l)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn refresh_from_equals_a_rebuild() {
-        let before = table(&[&["a", "b"], &["b", "c"], &["d"], &[]]);
-        let mut after = table(&[&["b", "x"], &["b", "c"], &[], &["a", "d"]]);
-        after.generation = 2;
-        after.runners[1].available = false;
-        after.runners[2].capacity = 9;
-        after.runners[3].max_concurrency = 0;
-        let mut v = View::from_table(&before);
-        let bytes = after.encode();
-        v.refresh_from_ref(TableRef::parse(&bytes).unwrap());
-        let fresh = View::from_table(&after);
-        assert_eq!(v.runners(), fresh.runners());
-        assert_eq!(v.generation(), 2);
-        assert_eq!(v.hint_count(), fresh.hint_count());
-        assert_eq!(index_of_view(&v), index_of_view(&fresh));
-        assert!(v.holders("a") == [3] && v.holders("c") == [1] && v.holders("zz").is_empty());
-        // A different runner list: rebuilt from scratch.
-        let other = table(&[&["q"]]);
-        let bytes = other.encode();
-        v.refresh_from_ref(TableRef::parse(&bytes).unwrap());
-        assert_eq!(v.runners(), View::from_table(&other).runners());
-        assert_eq!(v.index_of("127.0.0.1:2"), None);
-        assert_eq!(v.holders("q"), &[0]);
-        assert!(v.holders("b").is_empty());
-    }
-
-    #[test]
-    fn table_ref_parses_what_encode_writes_and_refreshes_like_a_rebuild() {
-        let mut t = table(&[&["a", "q\"uo\\te"], &["b"], &[]]);
-        t.runners[1].available = false;
-        let bytes = t.encode();
-        let r = TableRef::parse(&bytes).unwrap();
-        assert!(matches!(r.runners[0].hints[0].0, Cow::Borrowed(_)));
-        assert!(matches!(r.runners[0].addr, Cow::Borrowed(_)));
-        assert!(matches!(r.runners[0].hints[1].0, Cow::Owned(_)), "escaped: copied");
-        assert_eq!(r.into_owned(), t);
-        assert!(TableRef::parse(b"{garbage").is_none());
-        assert!(
-            TableRef::parse(br#"{"generation":1}"#).is_none()
-                && Table::decode(br#"{"generation":1}"#).is_none()
-        );
-
-        let mut after = table(&[&["b", "x"], &["b"], &["a"]]);
-        after.generation = 5;
-        after.runners[0].capacity = 7;
-        let mut v = View::from_table(&t);
-        v.refresh_from_ref(TableRef::parse(&after.encode()).unwrap());
-        let fresh = View::from_table(&after);
-        assert_eq!(v.runners(), fresh.runners());
-        assert_eq!(v.generation(), 5);
-        assert_eq!(index_of_view(&v), index_of_view(&fresh));
-        assert_eq!(v.hint_count(), fresh.hint_count());
-        // A different runner list: rebuilt.
-        let other = table(&[&["z"]]);
-        v.refresh_from_ref(TableRef::parse(&other.encode()).unwrap());
-        assert_eq!(v.runners(), View::from_table(&other).runners());
-        assert_eq!(v.holders("z"), &[0]);
-    }
-
-    #[test]
-    fn runner_hints_equal_iff_parsing_changes_nothing() {
-        let v = View::from_table(&table(&[&["a", "bb"], &[]]));
-        for (idx, raw, same) in [
-            (0u32, &b"a,bb"[..], true),
-            (0, b"a, bb", false),
-            (0, b"a,bb,", false),
-            (0, b"bb,a", false),
-            (0, b"a", false),
-            (0, b"a,b", false),
-            (0, b"a,bbc", false),
-            (0, b"", false),
-            (1, b"", true),
-            (1, b"a", false),
-            (9, b"", false),
-        ] {
-            assert_eq!(v.runner_hints_equal(idx, raw, 64, 8), same, "{idx} {raw:?}");
-            let changes = v.clone().set_runner_hints(idx, &parse_hint_list(raw, 64, 8));
-            if same {
-                assert!(!changes, "{idx} {raw:?}");
-            }
-        }
-        // Caps the view's hints exceed: parse would differ, so not equal.
-        assert!(!v.runner_hints_equal(0, b"a,bb", 64, 1));
-        assert!(!v.runner_hints_equal(0, b"a,bb", 1, 8));
-    }
-
-    #[test]
-    fn table_and_queue_messages_round_trip() {
-        let t = table(&[&["a"], &[]]);
-        assert_eq!(Table::decode(&t.encode()), Some(t));
-        assert_eq!(Table::decode(b"{garbage"), None);
-        let m = encode_header_update("127.0.0.1:5", &["x".into(), "y".into()]);
-        assert_eq!(decode_header_update(&m), Some(("127.0.0.1:5", &b"x,y"[..])));
-        assert_eq!(decode_header_update(b"no-newline"), None);
-        assert_eq!(decode_header_update(b"\xff\n"), None);
-    }
-}
+pub(crate) mod tests;

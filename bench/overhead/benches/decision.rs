@@ -6,6 +6,9 @@
 //!   (`Router::route` on a hit, including the popularity count and the pin `Router::observe`
 //!   releases; `Router::rank` on a miss, the eviction-aware placement, with free slots
 //!   everywhere or every cache full so each runner's victim is priced).
+//! * `router/miss_cold/N`: a miss when every cache is full and each runner's victim is its
+//!   only copy, requested 0-7 times before (the steady state of a busy fleet: each runner is
+//!   priced by its victim's popularity).
 //! * `inflight/{decode,adjust}/N`: the per-request in-flight counter work (decode the shared
 //!   array for ranking; one counter update).
 //! * `response/{parse_unchanged,compare_unchanged}/N`: what `on_http_response_headers` does
@@ -98,8 +101,25 @@ fn bench_router(c: &mut Criterion) {
                 d
             })
         });
-        for (case, table) in [("miss", &free), ("miss_full", &full)] {
-            let router = Router::with_mode(View::from_table(table), WhenHoldersBusy::Fastest);
+        let mut cold = full.clone();
+        for (i, r) in cold.runners.iter_mut().enumerate() {
+            if let Some(last) = r.hints.last_mut() {
+                *last = format!("victim-{i}");
+            }
+        }
+        for (case, table) in [("miss", &free), ("miss_full", &full), ("miss_cold", &cold)] {
+            let mut router = Router::with_mode(View::from_table(table), WhenHoldersBusy::Fastest);
+            if case == "miss_cold" {
+                for i in 0..n {
+                    for _ in 0..i % 8 {
+                        let v = format!("victim-{i}");
+                        let d = router.route(Some(v.as_str()), &loads, 0, 1, MAX_CANDIDATES, 64, &mut out);
+                        if let Some(&first) = out.first() {
+                            router.observe(first, &d, Some(10_000));
+                        }
+                    }
+                }
+            }
             assert_eq!(
                 router.rank(Some(miss.as_str()), &loads, 0, 1, MAX_CANDIDATES, &mut out),
                 Outcome::Miss
@@ -236,6 +256,7 @@ fn main() {
         ("router", "hit"),
         ("router", "miss"),
         ("router", "miss_full"),
+        ("router", "miss_cold"),
         ("inflight", "decode"),
         ("inflight", "adjust"),
         ("response", "parse_unchanged"),
