@@ -5,9 +5,6 @@
 //! hints clients send: a one-off hint costs nothing but a few counter increments that age away.
 //! Collisions can only make a hint look more popular than it is, never less.
 
-use rustc_hash::FxHasher;
-use std::hash::Hasher;
-
 /// Counters per row (a power of two).
 const WIDTH: usize = 1024;
 /// Rows (independent hash functions).
@@ -15,12 +12,16 @@ const ROWS: usize = 4;
 /// Fewest increments between two halvings.
 const MIN_WINDOW: u32 = 256;
 
-/// The hash the sketch is indexed by (one per request; reused for every row).
+/// The hash the sketch is indexed by (one per request; reused for every row), and the hint's
+/// tie-break order among runners. The same on every platform (FxHash's is not: it works in
+/// `usize`), so the filter (wasm32) and the simulator and tests (native) decide alike, and so
+/// do Envoys on different machines: 64-bit FNV-1a, then splitmix64's finaliser, which mixes
+/// FNV's weak low bits.
 pub fn hint_hash(hint: &str) -> u64 {
-    let mut h = FxHasher::default();
-    h.write(hint.as_bytes());
-    // FxHash's low bits are weak for short keys: mix them (splitmix64's finaliser).
-    let mut x = h.finish();
+    let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in hint.as_bytes() {
+        x = (x ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)

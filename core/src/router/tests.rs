@@ -35,7 +35,8 @@ fn requests_waiting_for_a_load_count_as_busy() {
         // next request goes to another holder.
         assert!(r.confirm(0));
         let (d, out) = go(&mut r, Some("cold"), &[2, 0, 0, 0]);
-        assert_eq!((d.outcome, out[0]), (Outcome::Hit, 1), "{mode:?}");
+        assert_eq!(d.outcome, Outcome::Hit, "{mode:?}");
+        assert_ne!(out[0], 0, "{mode:?}: another holder");
     }
 }
 
