@@ -326,7 +326,7 @@ fn hostile_fal_runners_get_capped_ignored_or_no_hints_and_crash_nothing() {
     let m = (0..9)
         .map(|i| format!("x{i}"))
         .filter(|m| served.get(m).is_some_and(|r| r == "nonlatin"))
-        .last()
+        .next_back()
         .expect("nonlatin served a miss");
     let m = m.as_str();
     // Every worker's view, not only the one that served the miss: after a few more probes
