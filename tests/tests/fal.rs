@@ -325,8 +325,7 @@ fn hostile_fal_runners_get_capped_ignored_or_no_hints_and_crash_nothing() {
     // The last model it served: an earlier one may have been evicted since (capacity 2).
     let m = (0..9)
         .map(|i| format!("x{i}"))
-        .filter(|m| served.get(m).is_some_and(|r| r == "nonlatin"))
-        .next_back()
+        .rfind(|m| served.get(m).is_some_and(|r| r == "nonlatin"))
         .expect("nonlatin served a miss");
     let m = m.as_str();
     // Every worker's view, not only the one that served the miss: after a few more probes
