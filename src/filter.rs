@@ -393,11 +393,7 @@ impl State {
     /// to it). Returns whether it lowered it.
     fn lower_inflight(&self, idx: u32, reported: u32, baseline: u32) -> bool {
         let runners = self.router.view().runners().len();
-        let n = 2 * runners;
-        let mut counts = Vec::with_capacity(n);
-        for _ in 0..CAS_ATTEMPTS {
-            let Ok((bytes, cas)) = host::get_shared(INFLIGHT_KEY) else { return false };
-            inflight::decode(&bytes.unwrap_or_default(), n, &mut counts);
+        crate::update_inflight(runners, CAS_ATTEMPTS, |counts| {
             let now = counts.get(idx as usize).copied().unwrap_or(0);
             let target = reported.saturating_add(now.saturating_sub(baseline));
             if target >= now {
@@ -409,13 +405,8 @@ impl State {
             if let Some(c) = counts.get_mut(runners + idx as usize) {
                 *c = (*c).min(target);
             }
-            match host::set_shared(INFLIGHT_KEY, &inflight::encode(&counts), cas) {
-                Ok(()) => return true,
-                Err(host::HostError::CasMismatch) => continue,
-                Err(_) => return false,
-            }
-        }
-        false
+            true
+        })
     }
 
     /// Queue mode, before routing: answers or steers a job call. Submissions are routed by

@@ -39,6 +39,32 @@ pub(crate) const INFLIGHT_KEY: &str = "hint_router.inflight";
 /// Shared queue over which workers send hints seen in response headers to the poller.
 pub(crate) const QUEUE_NAME: &str = "hint_router.response_hints";
 
+/// Rewrites the shared in-flight counters of `runners` runners (`2 * runners` values: in
+/// flight, then loading): `edit` gets the decoded counts and returns whether to write them
+/// back; the write is a compare-and-swap, retried with a fresh read up to `attempts` times on
+/// a lost race. Returns whether it wrote. The per-request increments use
+/// `filter::State::adjust_counters` instead, which edits the bytes in place.
+pub(crate) fn update_inflight(
+    runners: usize,
+    attempts: usize,
+    mut edit: impl FnMut(&mut Vec<u32>) -> bool,
+) -> bool {
+    let mut counts = Vec::with_capacity(2 * runners);
+    for _ in 0..attempts {
+        let Ok((bytes, cas)) = host::get_shared(INFLIGHT_KEY) else { return false };
+        hint_router_core::inflight::decode(&bytes.unwrap_or_default(), 2 * runners, &mut counts);
+        if !edit(&mut counts) {
+            return false;
+        }
+        match host::set_shared(INFLIGHT_KEY, &hint_router_core::inflight::encode(&counts), cas) {
+            Ok(()) => return true,
+            Err(host::HostError::CasMismatch) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 proxy_wasm::main! {{
     host::init_logging();
     proxy_wasm::set_root_context(|_| Box::new(Root::default()));

@@ -270,10 +270,7 @@ impl PollerRoot {
     /// runner's first poll).
     fn reset_counters(&mut self, slots: &[usize]) {
         let n = self.poller.len();
-        for _ in 0..8 {
-            let Ok((bytes, cas)) = host::get_shared(INFLIGHT_KEY) else { return };
-            let mut counts = Vec::with_capacity(2 * n);
-            inflight::decode(&bytes.unwrap_or_default(), 2 * n, &mut counts);
+        crate::update_inflight(n, 8, |counts| {
             for &i in slots {
                 for c in [i, n + i] {
                     if let Some(v) = counts.get_mut(c) {
@@ -281,11 +278,8 @@ impl PollerRoot {
                     }
                 }
             }
-            match host::set_shared(INFLIGHT_KEY, &inflight::encode(&counts), cas) {
-                Err(host::HostError::CasMismatch) => continue,
-                _ => return,
-            }
-        }
+            true
+        });
     }
 
     fn membership_failed(&mut self, now: u64, why: &str) {
@@ -371,22 +365,22 @@ impl PollerRoot {
     /// compare-and-swap race just waits for the next poll.
     fn rebase_in_flight(&mut self, idx: usize) {
         let n = self.poller.len();
-        let Ok((bytes, cas)) = host::get_shared(INFLIGHT_KEY) else { return };
-        let bytes = bytes.unwrap_or_default();
-        let mut counts = Vec::with_capacity(2 * n);
-        inflight::decode(&bytes, 2 * n, &mut counts);
-        let now = counts.get(idx).copied().unwrap_or(0);
-        let Some(target) = self.poller.rebased_in_flight(idx, now) else { return };
-        // Both counters of the runner: in flight, and (never above it) loading.
-        let loading = counts.get(n + idx).copied().unwrap_or(0);
-        if let Some(c) = counts.get_mut(idx) {
-            *c = target;
-        }
-        if let Some(c) = counts.get_mut(n + idx) {
-            *c = loading.min(target);
-        }
-        let next = inflight::encode(&counts);
-        if host::set_shared(INFLIGHT_KEY, &next, cas).is_ok() {
+        let (mut now, mut target) = (0, 0);
+        // One attempt: a lost race just waits for the next poll.
+        let wrote = crate::update_inflight(n, 1, |counts| {
+            now = counts.get(idx).copied().unwrap_or(0);
+            let Some(t) = self.poller.rebased_in_flight(idx, now) else { return false };
+            target = t;
+            // Both counters of the runner: in flight, and (never above it) loading.
+            if let Some(c) = counts.get_mut(idx) {
+                *c = target;
+            }
+            if let Some(c) = counts.get_mut(n + idx) {
+                *c = (*c).min(target);
+            }
+            true
+        });
+        if wrote {
             if target < now {
                 host::increment_metric(self.metrics.inflight_repaired, i64::from(now - target));
                 log::debug!(
