@@ -55,6 +55,7 @@ struct Metrics {
     queue_runner_lost: u32,
     queue_no_runner: u32,
     queue_inflight_corrected: u32,
+    warm_misses: u32,
 }
 
 fn outcome_slot(o: Outcome) -> usize {
@@ -97,6 +98,7 @@ impl Metrics {
             queue_runner_lost: c("hint_router.queue.runner_unreachable"),
             queue_no_runner: c("hint_router.queue.no_queue_runner"),
             queue_inflight_corrected: c("hint_router.queue.inflight_corrected"),
+            warm_misses: c("hint_router.warm_miss"),
         }
     }
 
@@ -511,6 +513,9 @@ impl HttpContext for Stream {
         }
         let outcome = decision.outcome;
         host::increment_metric(st.metrics.outcome(outcome), 1);
+        if decision.warm {
+            host::increment_metric(st.metrics.warm_misses, 1);
+        }
         self.outcome = Some(outcome);
         if let Some(&first) = candidates.first() {
             // Whatever happens next, the router hears when this request ends (it may have

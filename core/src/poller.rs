@@ -363,6 +363,7 @@ impl Poller {
                     max_concurrency: report.max_concurrency,
                     queue_token,
                     unreachable: false,
+                    warm: report.warm.hints,
                 };
                 if next != s.runner {
                     s.runner = next;
@@ -405,6 +406,7 @@ impl Poller {
         next.available = s.envoy_healthy;
         next.unreachable = false;
         next.queue_token = 0;
+        next.warm = Vec::new(); // a header reports no warm tier
         if let Some(l) = list {
             next.hints = l.hints;
         }

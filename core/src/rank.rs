@@ -2,10 +2,10 @@
 //!
 //! The rules (fal's, plus tie-breaks):
 //! 1. With a hint, runners holding it that are not busy, fewest in flight first.
-//! 2. Otherwise (no holder, or every holder busy) any available runner that is not busy,
-//!    cheapest eviction first (a free cache slot costs nothing; see [`rank_by`]), then in the
-//!    hint's own order (so that independent workers and Envoys agree), then the fewest in
-//!    flight.
+//! 2. Otherwise (no holder, or every holder busy) any available runner that is not busy:
+//!    first those that report the model `warm` (a load from host memory), then the others;
+//!    within each, cheapest eviction first (a free cache slot costs nothing; see [`rank_by`]),
+//!    then in the hint's own order (so that independent workers and Envoys agree).
 //! 3. Without a hint, any available runner that is not busy, fewest in flight.
 //!
 //! Among holders, a runner whose capacity is unknown (0) comes after every runner with a known
@@ -22,6 +22,7 @@
 //! runners) and, without a hint, from a per-request counter.
 
 use crate::table::{View, ViewRunner};
+use smallvec::SmallVec;
 
 #[cfg(test)]
 pub(crate) mod reference;
@@ -221,9 +222,29 @@ pub fn rank_by<F: Fn(u32, u32) -> u32>(
             }
             return Outcome::Hit;
         }
+        // A miss, then. Runners that hold the model warm (in host memory: the load is one
+        // copy, not a disk read and checks) and are not busy come first, cheapest eviction
+        // first, then in the hint's order.
+        let mut warm = TopK::new(max);
+        for &i in view.warm_holders(h) {
+            if view.runner(i).is_some_and(|r| r.available) && !busy(i) {
+                let floor = costs.floor.get(i as usize).copied().unwrap_or(0);
+                warm.offer((0, (costs.exact)(i, floor), 0, rot(i)), i);
+            }
+        }
         // Scan the fleet: tiers 1 not busy (cheapest eviction first), 3 busy holder, 4 busy
         // other (cheapest eviction first: a load there still evicts).
-        return scan::miss(view, view.holders(h), any_holder, busy_load, total, &costs, start, max, out);
+        let outcome =
+            scan::miss(view, view.holders(h), any_holder, busy_load, total, &costs, start, max, out);
+        if !warm.items.is_empty() {
+            // A warm runner is not busy, so the scan listed idle runners too: the outcome
+            // stands, and the warm runners move to the front.
+            let first: SmallVec<[u32; 4]> = warm.items.iter().map(|&(_, i)| i).collect();
+            out.retain(|i| !first.contains(i));
+            out.splice(0..0, first);
+            out.truncate(max);
+        }
+        return outcome;
     }
     scan::unhinted(view, busy_load, total, start, max, out)
 }
@@ -311,6 +332,41 @@ mod tests {
         assert_eq!(run(&v, Some("new"), &[0, 1, 1], 0, 1), (Outcome::Miss, vec![1]));
         assert_eq!(run(&v, Some("new"), &[0, 0, 0], 0, 3), (Outcome::Miss, vec![1, 2, 0]));
         assert_eq!(run(&v, Some("new"), &[0, 0, 0], 2, 3), (Outcome::Miss, vec![2, 1, 0]));
+    }
+
+    #[test]
+    fn a_miss_goes_first_to_runners_holding_the_model_warm() {
+        // Runner 0 is full but has "a" warm; 1 has a free slot; 3 also has "a" warm, with room.
+        let mut t = table(&[&["x", "y", "z"], &[], &["q"], &["p"]]);
+        t.runners[0].warm = vec!["a".into()];
+        t.runners[3].warm = vec!["b".into(), "a".into()];
+        let v = View::from_table(&t);
+        assert_eq!(v.warm_holders("a"), &[0, 3]);
+        // Warm first (the one with room before the full one), then the cold runners by cost.
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0, 0], 0, 4), (Outcome::Miss, vec![3, 0, 1, 2]));
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0, 0], 0, 1), (Outcome::Miss, vec![3]));
+        // A busy warm runner is not preferred: it ranks as any busy runner.
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0, 2], 0, 3), (Outcome::Miss, vec![0, 1, 2]));
+        // Nor is an unavailable one.
+        t.runners[3].available = false;
+        let v = View::from_table(&t);
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0, 0], 0, 2), (Outcome::Miss, vec![0, 1]));
+        // Other models are unaffected.
+        assert_eq!(run(&v, Some("n"), &[0, 0, 0, 0], 0, 2), (Outcome::Miss, vec![1, 2]));
+    }
+
+    #[test]
+    fn busy_holders_fall_back_to_a_warm_runner_first() {
+        // Runner 0 holds a and is busy; 2 has a free slot; 1 is full with a warm.
+        let mut t = table(&[&["a"], &["x", "y", "z"], &[]]);
+        t.runners[1].warm = vec!["a".into()];
+        let v = View::from_table(&t);
+        assert_eq!(run(&v, Some("a"), &[2, 0, 0], 0, 3), (Outcome::BusyFallback, vec![1, 2, 0]));
+        // A holder that also lists the model warm is a holder: a free one is a hit.
+        t.runners[0].warm = vec!["a".into()];
+        let v = View::from_table(&t);
+        assert_eq!(run(&v, Some("a"), &[0, 0, 0], 0, 1), (Outcome::Hit, vec![0]));
+        assert_eq!(run(&v, Some("a"), &[2, 0, 0], 0, 3), (Outcome::BusyFallback, vec![1, 2, 0]));
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //!   are counted, not stored. A body of a million entries costs one pass and `cap` strings.
 //! * Every other field is optional (runners that report only their hints are welcome):
 //!   `runner` (identity; checked only when present), `capacity`, `max_concurrency`,
-//!   `in_flight` (defaults in [`Defaults`]), `draining`. Other fields, including `loading`,
-//!   are skipped without being built.
+//!   `in_flight` (defaults in [`Defaults`]), `draining`, `queue_token`, and `warm` (streamed
+//!   and capped as `hints` are). Other fields, including `loading`, are skipped without being
+//!   built.
 //! * Numbers must be non-negative integers (else the report is rejected); values above the
 //!   bounds below are clamped, and the clamp is reported so the caller can count and log it.
 
@@ -52,6 +53,9 @@ pub struct Report {
     pub runner: Option<String>,
     /// Its hints, sanitised and capped.
     pub hints: HintList,
+    /// The models it reports `warm` (loadable from host memory), sanitised and capped as
+    /// `hints` (empty when absent).
+    pub warm: HintList,
     /// Cache capacity (0 = unknown), clamped to [`Limits::max_hints`].
     pub capacity: u32,
     /// Inferences at once, in `1..=MAX_CONCURRENCY`.
@@ -108,6 +112,7 @@ pub fn parse(body: &[u8], limits: Limits, defaults: Defaults) -> Result<Report, 
     Ok(Report {
         runner: raw.runner,
         hints,
+        warm: raw.warm.unwrap_or_default(),
         capacity,
         max_concurrency,
         in_flight,
@@ -122,6 +127,7 @@ pub fn parse(body: &[u8], limits: Limits, defaults: Defaults) -> Result<Report, 
 struct RawReport {
     runner: Option<String>,
     hints: Option<HintList>,
+    warm: Option<HintList>,
     capacity: Option<u64>,
     max_concurrency: Option<u64>,
     in_flight: Option<u64>,
@@ -153,6 +159,7 @@ impl<'de> Visitor<'de> for ReportSeed {
             match key.as_ref() {
                 "runner" => r.runner = Some(map.next_value()?),
                 "hints" => r.hints = Some(map.next_value_seed(HintsSeed { limits: self.limits })?),
+                "warm" => r.warm = Some(map.next_value_seed(HintsSeed { limits: self.limits })?),
                 "capacity" => r.capacity = Some(map.next_value()?),
                 "max_concurrency" => r.max_concurrency = Some(map.next_value()?),
                 "in_flight" => r.in_flight = Some(map.next_value()?),
@@ -276,6 +283,19 @@ mod tests {
         assert_eq!((r.hints.invalid, r.hints.truncated), (1, 4));
         for bad in
             [r#"{"hints":"a"}"#, r#"{"hints":[1]}"#, r#"{"hints":[["a"]]}"#, r#"[]"#, r#"{"hints":[]} x"#]
+        {
+            assert!(parse(bad.as_bytes(), LIMITS, DEFAULTS).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn warm_is_optional_and_read_like_hints() {
+        assert!(ok(r#"{"hints":["a"]}"#).warm.hints.is_empty());
+        let r = ok(r#"{"hints":["a"],"warm":["b","bad hint","b","c","d","e","f"]}"#);
+        assert_eq!(r.warm.hints, vec!["b", "c", "d", "e"]);
+        assert_eq!((r.warm.invalid, r.warm.truncated), (1, 1));
+        assert!(r.hints.invalid == 0 && r.hints.truncated == 0);
+        for bad in [r#"{"hints":[],"warm":"a"}"#, r#"{"hints":[],"warm":[1]}"#, r#"{"hints":[],"warm":null}"#]
         {
             assert!(parse(bad.as_bytes(), LIMITS, DEFAULTS).is_err(), "{bad}");
         }

@@ -71,6 +71,9 @@ pub struct Decision {
     /// The hint's hash, when this request pins its model on the first candidate (until
     /// [`Router::observe`] hears that it ended).
     pub pin: Option<u64>,
+    /// The first candidate will load the model from its warm tier (it reports the model
+    /// `warm`): a cheap load, not taught as a load time.
+    pub warm: bool,
 }
 
 /// A worker's routing state: its [`View`] of the fleet, plus the hints it listed on runners
@@ -287,7 +290,9 @@ impl Router {
         }
         let (Some(r), Some(elapsed_us)) = (self.view.runner(idx), elapsed_us) else { return };
         let mc = r.max_concurrency.max(1);
-        if decision.listed {
+        if decision.listed && !decision.warm {
+            // (A load from the warm tier is no sample of a load from disk, which is what the
+            // `fastest` rule weighs a busy holder's queue against.)
             let infer = self.learned_times(idx).1.unwrap_or(0);
             let sample = elapsed_us.saturating_sub(infer);
             self.fleet.load.add(sample);
@@ -342,7 +347,7 @@ impl Router {
             (Some(_), Some(&first)) => self.pin(first, hash).then_some(hash),
             _ => None,
         };
-        let plain = Decision { outcome, load: false, listed: false, ahead, pin };
+        let plain = Decision { outcome, load: false, listed: false, ahead, pin, warm: false };
         let (Some(h), Some(&first)) = (hint, out.first()) else {
             return plain;
         };
@@ -358,6 +363,7 @@ impl Router {
             }
             return Decision { load: guessed, ..plain };
         }
+        let warm = r.warm.iter().any(|x| x == h);
         let keep = if r.capacity > 0 { r.capacity as usize } else { max_hints.max(1) };
         // The runner makes room by evicting its least recently used models not in use; if all
         // are in use the load waits, and the list still holds `keep` models.
@@ -412,7 +418,7 @@ impl Router {
             g.insert(0, (h.to_string(), now_us));
             g.truncate(keep);
         }
-        Decision { load: true, listed: true, ..plain }
+        Decision { load: true, listed: true, warm, ..plain }
     }
 
     /// The ranking part of [`Router::route`] alone: what it would answer, without recording

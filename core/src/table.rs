@@ -29,6 +29,10 @@ pub struct TableRunner {
     /// Its last poll failed (dead, frozen or unreachable), as opposed to merely draining.
     #[serde(default, skip_serializing_if = "is_false")]
     pub unreachable: bool,
+    /// Models it reported as `warm`: not resident, but loadable from host memory (a cheap
+    /// miss), sanitised and capped like `hints`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warm: Vec<String>,
 }
 
 impl TableRunner {
@@ -43,6 +47,7 @@ impl TableRunner {
             max_concurrency: 1,
             queue_token: 0,
             unreachable: false,
+            warm: Vec::new(),
         }
     }
 }
@@ -114,6 +119,9 @@ pub struct TableRunnerRef<'a> {
     /// As [`TableRunner::unreachable`].
     #[serde(default)]
     pub unreachable: bool,
+    /// As [`TableRunner::warm`].
+    #[serde(borrow, default)]
+    pub warm: Vec<Str<'a>>,
 }
 
 impl<'a> TableRef<'a> {
@@ -142,6 +150,7 @@ impl TableRunnerRef<'_> {
             max_concurrency: self.max_concurrency,
             queue_token: self.queue_token,
             unreachable: self.unreachable,
+            warm: self.warm.into_iter().map(|h| h.0.into_owned()).collect(),
         }
     }
 }
@@ -167,6 +176,8 @@ pub struct ViewRunner {
     pub queue_token: u64,
     /// Its last poll failed.
     pub unreachable: bool,
+    /// Models it can load cheaply (its warm tier), as last polled.
+    pub warm: Vec<String>,
 }
 
 impl ViewRunner {
@@ -200,6 +211,8 @@ pub struct View {
     gates: Vec<u32>,
     slot_costs: Vec<u32>,
     by_hint: FastMap<String, Holders>,
+    /// Warm model -> runners that report it warm (most runners report none).
+    by_warm: FastMap<String, Holders>,
     by_addr: FastMap<String, u32>,
 }
 
@@ -220,13 +233,17 @@ impl View {
             gates: Vec::with_capacity(n),
             slot_costs: Vec::with_capacity(n),
             by_hint: FastMap::with_capacity_and_hasher(total / 2, Default::default()),
+            by_warm: FastMap::default(),
             by_addr: FastMap::with_capacity_and_hasher(n, Default::default()),
         };
         for (i, r) in table.runners.into_iter().enumerate() {
             let idx = i as u32;
             v.by_addr.insert(r.addr.clone(), idx);
             for h in &r.hints {
-                v.index_hint(h, idx);
+                index(&mut v.by_hint, h, idx);
+            }
+            for h in &r.warm {
+                index(&mut v.by_warm, h, idx);
             }
             v.runners.push(ViewRunner {
                 addr: r.addr,
@@ -236,6 +253,7 @@ impl View {
                 hints: r.hints,
                 queue_token: r.queue_token,
                 unreachable: r.unreachable,
+                warm: r.warm,
             });
             v.gates.push(0);
             v.slot_costs.push(0);
@@ -267,8 +285,21 @@ impl View {
             v.max_concurrency = t.max_concurrency.max(1);
             v.queue_token = t.queue_token;
             v.unreachable = t.unreachable;
-            let same = v.hints.len() == t.hints.len() && v.hints.iter().zip(&t.hints).all(|(a, b)| *a == b.0);
-            if !same {
+            let same =
+                |a: &[String], b: &[Str<'_>]| a.len() == b.len() && a.iter().zip(b).all(|(a, b)| *a == b.0);
+            let warm_changed = !same(&v.warm, &t.warm);
+            if warm_changed {
+                let new = t.warm.into_iter().map(|h| h.0.into_owned()).collect();
+                let old = std::mem::replace(&mut v.warm, new);
+                unindex(&mut self.by_warm, idx, &old);
+                if let Some(r) = self.runners.get(i) {
+                    for h in &r.warm {
+                        index(&mut self.by_warm, h, idx);
+                    }
+                }
+            }
+            let Some(v) = self.runners.get_mut(i) else { continue };
+            if !same(&v.hints, &t.hints) {
                 let new = t.hints.into_iter().map(|h| h.0.into_owned()).collect();
                 let old = std::mem::replace(&mut v.hints, new);
                 self.reindex(idx, &old);
@@ -291,30 +322,10 @@ impl View {
 
     /// Moves runner `idx` in the hint index from its `old` hints to its current ones.
     fn reindex(&mut self, idx: u32, old: &[String]) {
-        for h in old {
-            if let Some(list) = self.by_hint.get_mut(h.as_str()) {
-                list.retain(|x| *x != idx);
-                if list.is_empty() {
-                    self.by_hint.remove(h.as_str());
-                }
-            }
-        }
-        // Taken out while the index is updated, then put back.
-        let new =
-            self.runners.get_mut(idx as usize).map(|r| std::mem::take(&mut r.hints)).unwrap_or_default();
-        for h in &new {
-            self.index_hint(h, idx);
-        }
-        if let Some(r) = self.runners.get_mut(idx as usize) {
-            r.hints = new;
-        }
-    }
-
-    fn index_hint(&mut self, h: &str, idx: u32) {
-        match self.by_hint.get_mut(h) {
-            Some(list) => list.push(idx),
-            None => {
-                self.by_hint.insert(h.to_owned(), smallvec![idx]);
+        unindex(&mut self.by_hint, idx, old);
+        if let Some(r) = self.runners.get(idx as usize) {
+            for h in &r.hints {
+                index(&mut self.by_hint, h, idx);
             }
         }
     }
@@ -363,6 +374,13 @@ impl View {
     /// Runners (available or not) that list `hint`.
     pub fn holders(&self, hint: &str) -> &[u32] {
         self.by_hint.get(hint).map(|h| h.as_slice()).unwrap_or(&[])
+    }
+
+    /// Runners (available or not) that report `hint` warm: a miss there is a copy from host
+    /// memory, not a disk read (a runner may list a model both as a hint and warm, for a
+    /// while: its hints come from response headers, its warm list only from polls).
+    pub fn warm_holders(&self, hint: &str) -> &[u32] {
+        self.by_warm.get(hint).map(|h| h.as_slice()).unwrap_or(&[])
     }
 
     /// Number of distinct hints indexed.
@@ -429,6 +447,28 @@ impl View {
             }
         }
         out
+    }
+}
+
+/// Adds runner `idx` to `h`'s list in `map`.
+fn index(map: &mut FastMap<String, Holders>, h: &str, idx: u32) {
+    match map.get_mut(h) {
+        Some(list) => list.push(idx),
+        None => {
+            map.insert(h.to_owned(), smallvec![idx]);
+        }
+    }
+}
+
+/// Takes runner `idx` off the lists of its `old` entries in `map`.
+fn unindex(map: &mut FastMap<String, Holders>, idx: u32, old: &[String]) {
+    for h in old {
+        if let Some(list) = map.get_mut(h.as_str()) {
+            list.retain(|x| *x != idx);
+            if list.is_empty() {
+                map.remove(h.as_str());
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! front of real `runner-example` processes on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use hint_router_e2e::{infer, EnvoyOptions, Stack};
+use hint_router_e2e::{infer, runner_bin, scratch_dir, Envoy, EnvoyOptions, Runner, Stack};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -215,4 +215,63 @@ fn bad_plugin_config_is_rejected_naming_the_field() {
     let (accepted, log) = hint_router_e2e::util::validate_config("badcfg", &text);
     assert!(!accepted, "envoy accepted a bad config:\n{log}");
     assert!(log.contains("field `max_candidates`"), "error does not name the field:\n{log}");
+}
+
+/// A miss goes to the runner that has the model in its warm tier (`/hints` `warm`, host
+/// memory: a copy instead of a disk read and checks), even where the eviction it causes looks
+/// dearer than on a runner that has the model nowhere.
+#[test]
+fn a_miss_goes_to_the_runner_holding_the_model_warm() {
+    let dir = scratch_dir("models");
+    let make_models = runner_bin().with_file_name("make-models");
+    let made = std::process::Command::new(&make_models)
+        .args(["--dir", dir.to_str().unwrap(), "--count", "6", "--size-mb", "1"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{}: {e}", make_models.display()));
+    assert!(made.success());
+    let args = [
+        "--backend",
+        "cpu",
+        "--models-dir",
+        dir.to_str().unwrap(),
+        "--capacity",
+        "1",
+        "--host-cache-mb",
+        "64",
+    ];
+    let runners = [Runner::start(&args), Runner::start(&args)];
+    // Straight to the runners, before Envoy: runner 0 loads model-0..3 in turn (one slot, so
+    // it ends holding model-3 with the other three warm), runner 1 loads model-5.
+    let direct = |r: &Runner, m: &str| {
+        let a = infer(&format!("http://{}", r.addr), m, None, &[]);
+        assert_eq!(a.status, 200, "{a:?}");
+    };
+    for m in ["model-0", "model-1", "model-2", "model-3"] {
+        direct(&runners[0], m);
+    }
+    direct(&runners[1], "model-5");
+    let report = runners[0].hints().unwrap();
+    assert_eq!(report.hints, ["model-3"]);
+    assert_eq!(report.warm, ["model-2", "model-1", "model-0"]);
+    assert!(runners[1].hints().unwrap().warm.is_empty());
+    let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
+    let envoy = Envoy::start(&addrs, &EnvoyOptions::default(), 2);
+    let url = envoy.url();
+    // Each of model-0..2 is a miss (held nowhere), and goes to runner 0. From the second
+    // on, runner 0's eviction victim is the model just requested, runner 1's one never asked
+    // for: by eviction cost alone these would go to runner 1.
+    for m in ["model-0", "model-1", "model-2"] {
+        let a = infer(&url, m, hint(m), &[]);
+        assert_eq!(
+            (a.status, a.decision.as_str(), a.upstream.as_str()),
+            (200, "miss", addrs[0].as_str()),
+            "{m}: {a:?}"
+        );
+    }
+    assert_eq!(envoy.stat("wasmcustom.hint_router.warm_miss"), Some(3));
+    // A model warm nowhere is an ordinary miss: not counted as warm.
+    let a = infer(&url, "model-4", hint("model-4"), &[]);
+    assert_eq!((a.status, a.decision.as_str()), (200, "miss"), "{a:?}");
+    assert_eq!(envoy.stat("wasmcustom.hint_router.warm_miss"), Some(3));
 }

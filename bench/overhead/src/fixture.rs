@@ -56,6 +56,7 @@ pub fn table_for(addrs: &[String], h: usize) -> Table {
                 max_concurrency: MAX_CONCURRENCY,
                 queue_token: 0,
                 unreachable: false,
+                warm: Vec::new(),
             })
             .collect(),
     }

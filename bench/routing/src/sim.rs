@@ -272,6 +272,7 @@ pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
                 max_concurrency: p.max_concurrency,
                 queue_token: 0,
                 unreachable: false,
+                warm: Vec::new(),
             })
             .collect(),
     };

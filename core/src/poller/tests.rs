@@ -315,3 +315,21 @@ fn header_hints_update_known_runners_only() {
     assert!(p.on_header_hints("127.0.0.1:9", b"x").is_none());
     assert_eq!(p.take_table().unwrap().runners[1].hints, vec!["x", "y"]);
 }
+
+#[test]
+fn a_reported_warm_list_is_published_capped_and_emptied_by_a_report_without_it() {
+    let mut p = poller();
+    p.take_table();
+    let mut v: serde_json::Value = serde_json::from_slice(&body("127.0.0.1:1", &["a"])).unwrap();
+    v["warm"] = serde_json::json!(["w1", "bad hint", "w2", "w3"]);
+    p.on_sent(0, 1, 0, 0);
+    p.on_response(0, 1, Some(200), None, Ok(&serde_json::to_vec(&v).unwrap()));
+    let t = p.take_table().unwrap();
+    // max_hints_per_runner is 2 here: the warm list is capped like the hints.
+    assert_eq!(t.runners[0].warm, vec!["w1", "w2"]);
+    assert!(t.runners[1].warm.is_empty());
+    // Without the field, the list is empty again.
+    p.on_sent(0, 2, 100, 0);
+    p.on_response(0, 101, Some(200), None, Ok(&body("127.0.0.1:1", &["a"])));
+    assert!(p.take_table().unwrap().runners[0].warm.is_empty());
+}

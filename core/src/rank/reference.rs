@@ -152,6 +152,7 @@ impl Rng {
             max_concurrency: self.below(4) as u32,
             queue_token: 0,
             unreachable: false,
+            warm: Vec::new(),
         }
     }
 

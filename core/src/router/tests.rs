@@ -121,9 +121,11 @@ fn a_duplicate_copy_is_evicted_before_a_single_one() {
 
 /// Teaches `r` that runner `idx` loads in `load_us` and infers in `infer_us`.
 fn teach(r: &mut Router, idx: u32, load_us: u64, infer_us: u64) {
-    let hit = Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 0, pin: None };
+    let hit =
+        Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 0, pin: None, warm: false };
     r.observe(idx, &hit, Some(infer_us));
-    let load = Decision { outcome: Outcome::Miss, load: true, listed: true, ahead: 0, pin: None };
+    let load =
+        Decision { outcome: Outcome::Miss, load: true, listed: true, ahead: 0, pin: None, warm: false };
     r.observe(idx, &load, Some(load_us + infer_us));
 }
 
@@ -153,7 +155,8 @@ fn fastest_waits_for_a_short_queue_any_available_does_not() {
 fn observe_learns_inference_from_queued_hits_and_ignores_unknown_runners() {
     let mut r = Router::new(View::from_table(&table(&[&["a"]])));
     // 4 ahead with max_concurrency 2: the request waited 2 rounds, then ran (3 x 10 ms).
-    let queued = Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 4, pin: None };
+    let queued =
+        Decision { outcome: Outcome::Hit, load: false, listed: false, ahead: 4, pin: None, warm: false };
     r.observe(0, &queued, Some(30_000));
     assert_eq!(r.learned_times(0), (None, Some(10_000)));
     r.observe(7, &queued, Some(1));
@@ -218,4 +221,26 @@ fn no_hint_and_no_candidates_change_nothing() {
     let (d, out) = go(&mut empty, Some("a"), &[]);
     assert_eq!((d.outcome, d.load, out), (Outcome::NoCandidates, false, vec![]));
     assert_eq!(v.view().runner(0).unwrap().hints, vec!["x"]);
+}
+
+#[test]
+fn a_miss_on_a_warm_runner_is_marked_warm_and_teaches_no_load_time() {
+    // Runner 0 is full with "a" warm, runner 1 has room: the miss goes to 0, as a warm load.
+    let mut t = table(&[&["x", "y", "z"], &[]]);
+    t.runners[0].warm = vec!["a".into()];
+    let mut r = Router::new(View::from_table(&t));
+    let (d, out) = go(&mut r, Some("a"), &[0, 0]);
+    assert_eq!((d.outcome, d.load, d.listed, d.warm, out[0]), (Outcome::Miss, true, true, true, 0));
+    // The guess lists it on runner 0 at once: the next request is a hit there.
+    let (d, out) = go(&mut r, Some("a"), &[1, 0]);
+    assert_eq!((d.outcome, d.warm, out[0]), (Outcome::Hit, false, 0));
+    r.observe(
+        0,
+        &Decision { outcome: Outcome::Miss, load: true, listed: true, ahead: 0, pin: None, warm: true },
+        Some(5_000),
+    );
+    assert_eq!(r.learned_times(0).0, None, "a warm load is no sample of a load from disk");
+    // A cold miss is not marked warm.
+    let (d, out) = go(&mut r, Some("b"), &[0, 0]);
+    assert_eq!((d.outcome, d.warm, out[0]), (Outcome::Miss, false, 1));
 }

@@ -22,6 +22,7 @@ pub(crate) fn table(hints: &[&[&str]]) -> Table {
                 max_concurrency: 2,
                 queue_token: 0,
                 unreachable: false,
+                warm: Vec::new(),
             })
             .collect(),
     }
@@ -207,4 +208,31 @@ fn table_and_queue_messages_round_trip() {
     assert_eq!(decode_header_update(&m), Some(("127.0.0.1:5", &b"x,y"[..])));
     assert_eq!(decode_header_update(b"no-newline"), None);
     assert_eq!(decode_header_update(b"\xff\n"), None);
+}
+
+#[test]
+fn warm_lists_are_indexed_kept_through_a_refresh_and_encoded_only_when_set() {
+    let mut t = table(&[&["a"], &["b"]]);
+    assert!(!String::from_utf8(t.encode()).unwrap().contains("warm"), "absent when empty");
+    t.runners[0].warm = vec!["w".into(), "v".into()];
+    let bytes = t.encode();
+    assert_eq!(Table::decode(&bytes).unwrap(), t);
+    assert_eq!(TableRef::parse(&bytes).unwrap().into_owned(), t);
+    let mut v = View::from_table(&t);
+    assert_eq!(
+        (v.warm_holders("w"), v.warm_holders("v"), v.warm_holders("a")),
+        (&[0][..], &[0][..], &[][..])
+    );
+    // A refresh in place moves the warm index with the reports.
+    t.runners[0].warm = vec!["v".into()];
+    t.runners[1].warm = vec!["w".into(), "v".into()];
+    v.refresh_from_ref(TableRef::parse(&t.encode()).unwrap());
+    assert_eq!((v.warm_holders("w"), v.warm_holders("v")), (&[1][..], &[0, 1][..]));
+    assert_eq!(v.runner(1).unwrap().warm, vec!["w", "v"]);
+    t.runners[0].warm.clear();
+    t.runners[1].warm.clear();
+    v.refresh_from_ref(TableRef::parse(&t.encode()).unwrap());
+    assert!(v.warm_holders("w").is_empty() && v.warm_holders("v").is_empty());
+    // Hints are untouched by all of it.
+    assert_eq!((v.holders("a"), v.holders("b")), (&[0][..], &[1][..]));
 }
