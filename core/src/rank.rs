@@ -224,7 +224,10 @@ pub fn rank_by<F: Fn(u32, u32) -> u32>(
         }
         // A miss, then. Runners that hold the model warm (in host memory: the load is one
         // copy, not a disk read and checks) and are not busy come first, cheapest eviction
-        // first, then in the hint's order.
+        // first, then in the hint's order. First whatever their eviction costs: in the
+        // simulator (`simulate --host-cache`) that gave the lowest mean latency on every
+        // shape tried, where letting eviction cost outweigh warmth (by up to 0, 8 or 32
+        // popularity counts) was slower on some; it does cost hit rate (more, cheaper loads).
         let mut warm = TopK::new(max);
         for &i in view.warm_holders(h) {
             if view.runner(i).is_some_and(|r| r.available) && !busy(i) {

@@ -287,16 +287,8 @@ impl View {
             v.unreachable = t.unreachable;
             let same =
                 |a: &[String], b: &[Str<'_>]| a.len() == b.len() && a.iter().zip(b).all(|(a, b)| *a == b.0);
-            let warm_changed = !same(&v.warm, &t.warm);
-            if warm_changed {
-                let new = t.warm.into_iter().map(|h| h.0.into_owned()).collect();
-                let old = std::mem::replace(&mut v.warm, new);
-                unindex(&mut self.by_warm, idx, &old);
-                if let Some(r) = self.runners.get(i) {
-                    for h in &r.warm {
-                        index(&mut self.by_warm, h, idx);
-                    }
-                }
+            if !same(&v.warm, &t.warm) {
+                self.set_runner_warm(idx, t.warm.into_iter().map(|h| h.0.into_owned()).collect());
             }
             let Some(v) = self.runners.get_mut(i) else { continue };
             if !same(&v.hints, &t.hints) {
@@ -400,6 +392,24 @@ impl View {
         let old = std::mem::replace(&mut r.hints, hints.hints.clone());
         self.reindex(idx, &old);
         self.relane(idx);
+        true
+    }
+
+    /// Replaces one runner's warm list (as a poll would); returns whether it changed.
+    pub fn set_runner_warm(&mut self, idx: u32, warm: Vec<String>) -> bool {
+        let Some(r) = self.runners.get_mut(idx as usize) else {
+            return false;
+        };
+        if r.warm == warm {
+            return false;
+        }
+        let old = std::mem::replace(&mut r.warm, warm);
+        unindex(&mut self.by_warm, idx, &old);
+        if let Some(r) = self.runners.get(idx as usize) {
+            for h in &r.warm {
+                index(&mut self.by_warm, h, idx);
+            }
+        }
         true
     }
 

@@ -5,7 +5,9 @@
 //! load per absent model (single flight), a FIFO queue of absent models when every slot is
 //! pinned or loading, loads that hold no inference slot, and `max_concurrency` inference slots
 //! served first come first served. A request that times out is cancelled as Envoy would reset
-//! it: it leaves any queue, frees its inference slot and unpins its model.
+//! it: it leaves any queue, frees its inference slot and unpins its model. With
+//! `host_cache`, each runner also keeps a warm tier in host memory (`--host-cache-mb`): loads
+//! of models in it take `warm_load_us`, and polls report them as `warm`.
 //!
 //! The hint policies are the filter's own [`hint_router_core::router::Router`] (one per
 //! `when_holders_busy` mode), fed as the filter feeds it: every runner is polled every
@@ -19,165 +21,13 @@ use crate::rng::Rng;
 use crate::workload::{model_name, Trace};
 use hint_router_core::hint::HintList;
 use hint_router_core::rank::{rank, Outcome};
-use hint_router_core::router::{Decision, Router, WhenHoldersBusy};
+use hint_router_core::router::{Decision, Router};
 use hint_router_core::table::{Table, TableRunner, View};
-use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
-use std::fmt;
-use std::str::FromStr;
 
-/// A routing policy under test.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Policy {
-    /// The hint-router filter with `when_holders_busy: "any_available"`.
-    Hint,
-    /// The hint-router filter with `when_holders_busy: "fastest"`.
-    HintFastest,
-    /// Envoy `round_robin`.
-    RoundRobin,
-    /// Envoy `least_request` (two random choices).
-    LeastRequest,
-    /// Envoy `ring_hash` on the hint header.
-    RingHash,
-    /// Envoy `ring_hash` on the hint header with `hash_balance_factor: 150`.
-    RingHashBounded,
-}
-
-impl Policy {
-    /// Every policy, the filter first.
-    pub const ALL: [Policy; 6] = [
-        Policy::Hint,
-        Policy::HintFastest,
-        Policy::RoundRobin,
-        Policy::LeastRequest,
-        Policy::RingHash,
-        Policy::RingHashBounded,
-    ];
-
-    /// The hint-router policies.
-    pub fn is_hint(self) -> bool {
-        matches!(self, Policy::Hint | Policy::HintFastest)
-    }
-
-    /// The filter's `when_holders_busy` for a hint-router policy.
-    pub fn when_holders_busy(self) -> WhenHoldersBusy {
-        match self {
-            Policy::HintFastest => WhenHoldersBusy::Fastest,
-            _ => WhenHoldersBusy::AnyAvailable,
-        }
-    }
-
-    /// Short name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Policy::Hint => "hint",
-            Policy::HintFastest => "hint_fastest",
-            Policy::RoundRobin => "round_robin",
-            Policy::LeastRequest => "least_request",
-            Policy::RingHash => "ring_hash",
-            Policy::RingHashBounded => "ring_hash_bounded",
-        }
-    }
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Policy {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Policy, String> {
-        Policy::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
-            format!(
-                "unknown policy {s:?} (one of {})",
-                Policy::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
-            )
-        })
-    }
-}
-
-/// The simulated system.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SimParams {
-    /// Number of runners.
-    pub runners: usize,
-    /// Models each runner's cache holds.
-    pub capacity: usize,
-    /// Inferences a runner runs at once.
-    pub max_concurrency: u32,
-    /// Load time of a model, microseconds.
-    pub load_us: u64,
-    /// Inference time, microseconds.
-    pub infer_us: u64,
-    /// The filter's poll interval, microseconds.
-    pub poll_interval_us: u64,
-    /// The filter learns hints from response headers.
-    pub learn_from_responses: bool,
-    /// Fixed time added to every request (proxy, network, timer granularity), microseconds.
-    pub overhead_us: u64,
-    /// Requests not answered within this are cancelled and count as errors, microseconds.
-    pub timeout_us: u64,
-    /// Requests in flight through the proxy beyond which new ones fail at once (Envoy's
-    /// default circuit breakers: 1024 connections + 1024 pending).
-    pub max_inflight: u32,
-    /// `hash_balance_factor` of the bounded ring hash.
-    pub hash_balance_factor: u32,
-    /// Runner addresses (for the ring); empty: `127.0.0.1:18081...`.
-    pub addrs: Vec<String>,
-    /// Seed for the policies' own randomness.
-    pub seed: u64,
-    /// What-if (not what the filter does): right after routing a request whose hint the
-    /// chosen runner does not list, list it there (as the runner soon will).
-    #[serde(default)]
-    pub what_if_optimistic_hints: bool,
-    /// What-if (an oracle the filter does not have): requests waiting for a model load do not
-    /// count towards a runner being busy.
-    #[serde(default)]
-    pub what_if_loading_not_busy: bool,
-    /// Route with the filter's rules before `hint_router_core::router` (plain `rank` on all
-    /// in-flight requests, no optimistic listing), for comparison. The what-ifs apply only
-    /// with this set.
-    #[serde(default)]
-    pub plain_rank: bool,
-}
-
-impl Default for SimParams {
-    fn default() -> Self {
-        SimParams {
-            runners: 8,
-            capacity: 3,
-            max_concurrency: 4,
-            load_us: 200_000,
-            infer_us: 10_000,
-            poll_interval_us: 500_000,
-            learn_from_responses: true,
-            overhead_us: 1_000,
-            timeout_us: 10_000_000,
-            max_inflight: 2048,
-            hash_balance_factor: 150,
-            addrs: Vec::new(),
-            seed: 1,
-            what_if_optimistic_hints: false,
-            what_if_loading_not_busy: false,
-            plain_rank: false,
-        }
-    }
-}
-
-impl SimParams {
-    /// The runner addresses used (given, or synthetic).
-    pub fn runner_addrs(&self) -> Vec<String> {
-        if self.addrs.len() == self.runners {
-            self.addrs.clone()
-        } else {
-            (0..self.runners).map(|i| format!("127.0.0.{}:{}", 1 + i / 50_000, 18081 + i % 50_000)).collect()
-        }
-    }
-}
+pub use params::SimParams;
+pub use policy::Policy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
@@ -212,6 +62,8 @@ struct SimRunner {
     ready_q: VecDeque<u32>,
     running: u32,
     clock: u64,
+    /// The warm tier: (last loaded, model), at most `host_cache`.
+    host: Vec<(u64, u32)>,
 }
 
 struct Sim<'a> {
@@ -524,6 +376,17 @@ impl Sim<'_> {
             }
             let Some((model, waiters)) = run.queue.pop_front() else { break };
             run.clock += 1;
+            let from_host = self.p.host_cache > 0 && run.host.iter().any(|&(_, m)| m == model);
+            if self.p.host_cache > 0 {
+                // Kept (or refreshed) in the tier; the least recently loaded copy goes.
+                run.host.retain(|&(_, m)| m != model);
+                if run.host.len() >= self.p.host_cache {
+                    if let Some(k) = run.host.iter().enumerate().min_by_key(|(_, e)| e.0).map(|(k, _)| k) {
+                        run.host.swap_remove(k);
+                    }
+                }
+                run.host.push((run.clock, model));
+            }
             run.entries.push(Entry {
                 model,
                 pins: waiters.len() as u32,
@@ -531,11 +394,12 @@ impl Sim<'_> {
                 ready: false,
                 waiters,
             });
-            started.push(model);
+            started.push((model, from_host));
         }
-        for m in started {
+        for (m, from_host) in started {
             self.loads.push(now);
-            self.push(now + self.p.load_us, Event::LoadDone(r, m));
+            let took = if from_host { self.p.warm_load_us } else { self.p.load_us };
+            self.push(now + took, Event::LoadDone(r, m));
         }
     }
 
@@ -682,12 +546,23 @@ impl Sim<'_> {
         e.sort_unstable_by_key(|&(t, _)| Reverse(t));
         let hints: Vec<String> =
             e.into_iter().filter_map(|(_, m)| self.names.get(m as usize).cloned()).collect();
+        // A poll also brings the warm tier's models that are not resident, most recently
+        // loaded first (a response header does not).
+        let mut host: Vec<(u64, u32)> =
+            run.host.iter().copied().filter(|&(_, m)| !run.entries.iter().any(|e| e.model == m)).collect();
+        host.sort_unstable_by_key(|&(t, _)| Reverse(t));
+        let warm: Vec<String> = if self.p.what_if_blind_to_warm {
+            Vec::new()
+        } else {
+            host.into_iter().filter_map(|(_, m)| self.names.get(m as usize).cloned()).collect()
+        };
         let list = HintList { hints, invalid: 0, truncated: 0 };
         if self.p.plain_rank {
             self.view.set_runner_hints(r, &list);
         } else if poll {
             self.router.refresh(|v| {
                 v.set_runner_hints(r, &list);
+                v.set_runner_warm(r, warm);
             });
         } else {
             self.router.learn(r, &list);
@@ -695,90 +570,7 @@ impl Sim<'_> {
     }
 }
 
+mod params;
+mod policy;
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::report::summarize;
-    use crate::workload::{TraceSpec, Workload};
-
-    fn trace(load: f64, models: usize, seed: u64) -> Trace {
-        Trace::generate(TraceSpec {
-            workload: "zipf1.0".parse::<Workload>().unwrap(),
-            models,
-            // About the 8 x 3 cluster's capacity for Zipf 1.0 (see `Cluster::capacity_rps`).
-            rate: load * 160.0,
-            warmup_us: 2_000_000,
-            measure_us: 8_000_000,
-            seed,
-        })
-    }
-
-    #[test]
-    fn simulation_is_deterministic() {
-        let t = trace(0.6, 100, 5);
-        let p = SimParams::default();
-        for policy in Policy::ALL {
-            let a = simulate(&p, &t, policy);
-            let b = simulate(&p, &t, policy);
-            assert_eq!(a.records, b.records, "{policy}");
-            assert_eq!(a.loads, b.loads, "{policy}");
-        }
-    }
-
-    #[test]
-    fn single_runner_single_model_hits_after_one_load() {
-        let t = Trace::generate(TraceSpec {
-            workload: "zipf1.0".parse::<Workload>().unwrap(),
-            models: 1,
-            rate: 20.0,
-            warmup_us: 0,
-            measure_us: 5_000_000,
-            seed: 1,
-        });
-        let p = SimParams { runners: 1, ..SimParams::default() };
-        let run = simulate(&p, &t, Policy::Hint);
-        assert_eq!(run.loads.len(), 1);
-        let misses = run.records.iter().filter(|r| !r.hit).count();
-        // Only the requests that came during the first load miss.
-        assert!((1..=3).contains(&misses), "{misses}");
-        assert!(run.records.iter().all(|r| r.status == Status::Ok));
-        let first = run.records.first().unwrap();
-        assert_eq!(first.latency_us, 200_000 + 10_000 + 1_000);
-    }
-
-    #[test]
-    fn cache_capacity_and_concurrency_are_respected() {
-        // Two models alternating on one runner with capacity 1: every request loads.
-        let mut t = trace(0.1, 2, 1);
-        for (k, r) in t.reqs.iter_mut().enumerate() {
-            r.model = (k % 2) as u32;
-            r.at_us = k as u64 * 1_000_000;
-        }
-        t.reqs.truncate(6);
-        t.first_measured = 0;
-        let p = SimParams { runners: 1, capacity: 1, max_concurrency: 1, ..SimParams::default() };
-        let run = simulate(&p, &t, Policy::RoundRobin);
-        assert_eq!(run.loads.len(), 6);
-        assert!(run.records.iter().all(|r| !r.hit && r.latency_us == 211_000));
-        // Same model, 3 requests at once, max_concurrency 1: one load, inferences serialised.
-        for r in t.reqs.iter_mut() {
-            r.at_us = 0;
-            r.model = 0;
-        }
-        t.reqs.truncate(3);
-        let run = simulate(&p, &t, Policy::RoundRobin);
-        assert_eq!(run.loads.len(), 1);
-        let mut lat: Vec<u64> = run.records.iter().map(|r| r.latency_us).collect();
-        lat.sort_unstable();
-        assert_eq!(lat, vec![211_000, 221_000, 231_000]);
-    }
-
-    #[test]
-    fn hint_beats_round_robin_on_hits() {
-        let t = trace(0.6, 100, 11);
-        let p = SimParams::default();
-        let s = |policy| summarize(&t, &simulate(&p, &t, policy).records, 0, p.runners);
-        let (hint, rr) = (s(Policy::Hint), s(Policy::RoundRobin));
-        assert!(hint.hit_rate > rr.hit_rate + 0.2, "{} vs {}", hint.hit_rate, rr.hit_rate);
-    }
-}
+mod tests;

@@ -55,6 +55,14 @@ struct Args {
     /// (`hint_router_core::router`); the what-ifs apply only with this.
     #[arg(long)]
     plain_rank: bool,
+    /// Models each runner keeps in host memory (its warm tier, `runner-example
+    /// --host-cache-mb` in models, resident ones included); 0: none. With a tier, each point
+    /// also runs the hint policies with a router blind to `warm` lists, side by side.
+    #[arg(long, default_value_t = 0)]
+    host_cache: usize,
+    /// Load time from the warm tier, ms.
+    #[arg(long, default_value_t = 20.0)]
+    warm_load_ms: f64,
     /// Points: `all`, `default`, or a list like `zipf1.0@60,uniform@30`.
     #[arg(long, default_value = "all")]
     points: String,
@@ -113,6 +121,8 @@ fn main() -> Result<()> {
         what_if_optimistic_hints: a.what_if_optimistic_hints,
         what_if_loading_not_busy: a.what_if_loading_not_busy,
         plain_rank: a.plain_rank,
+        host_cache: a.host_cache,
+        warm_load_us: us(a.warm_load_ms),
         ..SimParams::default()
     };
     let cluster = Cluster {
@@ -168,6 +178,28 @@ fn main() -> Result<()> {
         print!("{}", table("sim", &pr.sim));
         for r in pr.sim.iter().filter(|r| !r.decisions.is_empty()) {
             println!("  {} decisions: {:?}", r.policy, r.decisions);
+        }
+        if params.host_cache > 0 {
+            // The same trace with the router blind to warm lists: what reading them buys.
+            let blind_params = SimParams { what_if_blind_to_warm: true, ..params.clone() };
+            let hint: Vec<_> = policies.iter().copied().filter(|p| p.is_hint()).collect();
+            let blind = sim_point(&blind_params, &trace, &hint, b.belady);
+            print!("{}", table("blind", &blind));
+            for (seeing, blind) in pr.sim.iter().filter(|r| r.policy.is_hint()).zip(&blind) {
+                let (s, b) = (&seeing.summary, &blind.summary);
+                println!(
+                    "  {}: reading warm vs blind: mean {:.1} / {:.1} ms ({:.2}x), p99 {:.1} / {:.1} ms ({:.2}x), hit {:.1} / {:.1} %",
+                    seeing.policy,
+                    s.mean_ms,
+                    b.mean_ms,
+                    s.mean_ms / b.mean_ms.max(f64::MIN_POSITIVE),
+                    s.p99_ms,
+                    b.p99_ms,
+                    s.p99_ms / b.p99_ms.max(f64::MIN_POSITIVE),
+                    s.hit_rate * 100.0,
+                    b.hit_rate * 100.0
+                );
+            }
         }
         println!("  ({:.1} s of CPU)", t0.elapsed().as_secs_f64());
         results.push(pr);

@@ -1,0 +1,96 @@
+//! The simulated system's parameters.
+
+use serde::{Deserialize, Serialize};
+
+/// The simulated system.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimParams {
+    /// Number of runners.
+    pub runners: usize,
+    /// Models each runner's cache holds.
+    pub capacity: usize,
+    /// Inferences a runner runs at once.
+    pub max_concurrency: u32,
+    /// Load time of a model, microseconds.
+    pub load_us: u64,
+    /// Inference time, microseconds.
+    pub infer_us: u64,
+    /// The filter's poll interval, microseconds.
+    pub poll_interval_us: u64,
+    /// The filter learns hints from response headers.
+    pub learn_from_responses: bool,
+    /// Fixed time added to every request (proxy, network, timer granularity), microseconds.
+    pub overhead_us: u64,
+    /// Requests not answered within this are cancelled and count as errors, microseconds.
+    pub timeout_us: u64,
+    /// Requests in flight through the proxy beyond which new ones fail at once (Envoy's
+    /// default circuit breakers: 1024 connections + 1024 pending).
+    pub max_inflight: u32,
+    /// `hash_balance_factor` of the bounded ring hash.
+    pub hash_balance_factor: u32,
+    /// Runner addresses (for the ring); empty: `127.0.0.1:18081...`.
+    pub addrs: Vec<String>,
+    /// Seed for the policies' own randomness.
+    pub seed: u64,
+    /// What-if (not what the filter does): right after routing a request whose hint the
+    /// chosen runner does not list, list it there (as the runner soon will).
+    #[serde(default)]
+    pub what_if_optimistic_hints: bool,
+    /// What-if (an oracle the filter does not have): requests waiting for a model load do not
+    /// count towards a runner being busy.
+    #[serde(default)]
+    pub what_if_loading_not_busy: bool,
+    /// Route with the filter's rules before `hint_router_core::router` (plain `rank` on all
+    /// in-flight requests, no optimistic listing), for comparison. The what-ifs apply only
+    /// with this set.
+    #[serde(default)]
+    pub plain_rank: bool,
+    /// Models each runner keeps in host memory (`runner-example --host-cache-mb`, counted in
+    /// models): every model loaded from disk is kept, resident ones included, least recently
+    /// loaded out first; 0: no warm tier.
+    #[serde(default)]
+    pub host_cache: usize,
+    /// Load time of a model from the warm tier, microseconds.
+    #[serde(default)]
+    pub warm_load_us: u64,
+    /// What-if (the router before it read `warm`): polls report no warm lists.
+    #[serde(default)]
+    pub what_if_blind_to_warm: bool,
+}
+
+impl Default for SimParams {
+    fn default() -> Self {
+        SimParams {
+            runners: 8,
+            capacity: 3,
+            max_concurrency: 4,
+            load_us: 200_000,
+            infer_us: 10_000,
+            poll_interval_us: 500_000,
+            learn_from_responses: true,
+            overhead_us: 1_000,
+            timeout_us: 10_000_000,
+            max_inflight: 2048,
+            hash_balance_factor: 150,
+            addrs: Vec::new(),
+            seed: 1,
+            what_if_optimistic_hints: false,
+            what_if_loading_not_busy: false,
+            plain_rank: false,
+            host_cache: 0,
+            warm_load_us: 20_000,
+            what_if_blind_to_warm: false,
+        }
+    }
+}
+
+impl SimParams {
+    /// The runner addresses used (given, or synthetic).
+    pub fn runner_addrs(&self) -> Vec<String> {
+        if self.addrs.len() == self.runners {
+            self.addrs.clone()
+        } else {
+            (0..self.runners).map(|i| format!("127.0.0.{}:{}", 1 + i / 50_000, 18081 + i % 50_000)).collect()
+        }
+    }
+}
