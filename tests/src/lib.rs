@@ -195,6 +195,10 @@ pub struct EnvoyOptions {
     pub config_file: String,
     /// Text replacements applied after the standard rewrites.
     pub replace: Vec<(String, String)>,
+    /// Blocks removed after the standard rewrites: each from its start marker (included) to
+    /// the first end marker after it (kept). Unlike [`Self::replace`], a block may contain
+    /// text the rewrites change (ports).
+    pub cut: Vec<(String, String)>,
     /// Use the shipped ports (listener 10000, admin 9901) instead of free ones.
     pub shipped_ports: bool,
 }
@@ -206,6 +210,7 @@ impl Default for EnvoyOptions {
             plugin: Vec::new(),
             config_file: DEMO_CONFIG.into(),
             replace: Vec::new(),
+            cut: Vec::new(),
             shipped_ports: false,
         }
     }
@@ -300,6 +305,12 @@ pub fn render_config_tls(
     for (from, to) in &opts.replace {
         assert!(text.contains(from.as_str()), "replacement target {from:?} not in config");
         text = text.replace(from.as_str(), to);
+    }
+    for (start, end) in &opts.cut {
+        let s = text.find(start.as_str()).unwrap_or_else(|| panic!("cut start {start:?} not in config"));
+        let len =
+            text[s..].find(end.as_str()).unwrap_or_else(|| panic!("cut end {end:?} not after {start:?}"));
+        text.replace_range(s..s + len, "");
     }
     text
 }

@@ -1,7 +1,7 @@
 //! Small helpers the test suites share: waiting with a deadline, Envoy's heap, and
 //! validating a rendered config.
 
-use crate::{client, envoy_bin, scratch_dir, Envoy};
+use crate::{client, envoy_bin, runner_bin, scratch_dir, Envoy};
 use std::time::{Duration, Instant};
 
 /// Polls `f` every 20 ms until it holds (returns how long that took) or `limit` passes.
@@ -39,4 +39,20 @@ pub fn validate_config(name: &str, text: &str) -> (bool, String) {
         .expect("run envoy --mode validate");
     let log = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     (out.status.success(), log)
+}
+
+/// A fresh directory of `count` real model files (`make-models`, `size_mb` MiB each, named
+/// `model-0..`), with their manifest, for runners started with `--backend cpu`.
+pub fn make_models(count: usize, size_mb: usize) -> std::path::PathBuf {
+    let dir = scratch_dir("models");
+    let make_models = runner_bin().with_file_name("make-models");
+    let made = std::process::Command::new(&make_models)
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--count", &count.to_string(), "--size-mb", &size_mb.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{}: {e}", make_models.display()));
+    assert!(made.success(), "make-models failed");
+    dir
 }

@@ -2,7 +2,8 @@
 //! front of real `runner-example` processes on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use hint_router_e2e::{infer, runner_bin, scratch_dir, Envoy, EnvoyOptions, Runner, Stack};
+use hint_router_e2e::util::make_models;
+use hint_router_e2e::{infer, Envoy, EnvoyOptions, Runner, Stack};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -222,14 +223,7 @@ fn bad_plugin_config_is_rejected_naming_the_field() {
 /// dearer than on a runner that has the model nowhere.
 #[test]
 fn a_miss_goes_to_the_runner_holding_the_model_warm() {
-    let dir = scratch_dir("models");
-    let make_models = runner_bin().with_file_name("make-models");
-    let made = std::process::Command::new(&make_models)
-        .args(["--dir", dir.to_str().unwrap(), "--count", "6", "--size-mb", "1"])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("{}: {e}", make_models.display()));
-    assert!(made.success());
+    let dir = make_models(6, 1);
     let args = [
         "--backend",
         "cpu",

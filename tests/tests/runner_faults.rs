@@ -4,8 +4,8 @@
 //! (`cargo test -p hint-router-e2e --test runner_faults -- --nocapture`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use hint_router_e2e::util::wait_until;
-use hint_router_e2e::{client, infer, runner_bin, scratch_dir, EnvoyOptions, Runner, Stack};
+use hint_router_e2e::util::{make_models, wait_until};
+use hint_router_e2e::{client, infer, EnvoyOptions, Runner, Stack};
 use std::time::{Duration, Instant};
 
 fn h(m: &str) -> Option<&[u8]> {
@@ -126,14 +126,7 @@ fn a_client_that_gives_up_does_not_free_the_runner_slot_early() {
 // Item 5: requests for models that do not exist cannot flush a runner's cache.
 #[test]
 fn requests_for_unknown_models_leave_the_hot_models_resident() {
-    let dir = scratch_dir("models");
-    let make_models = runner_bin().with_file_name("make-models");
-    let made = std::process::Command::new(&make_models)
-        .args(["--dir", dir.to_str().unwrap(), "--count", "3", "--size-mb", "1"])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("{}: {e}", make_models.display()));
-    assert!(made.success());
+    let dir = make_models(3, 1);
     let s = Stack::start(
         1,
         &["--backend", "cpu", "--models-dir", dir.to_str().unwrap(), "--capacity", "2"],

@@ -133,9 +133,7 @@ pub fn options(setup: &Setup, runners: &[String], extra: &[(String, String)]) ->
         return Ok(opts);
     }
     let text = render_config(runners, 10000, 9901, &opts);
-    let bootstrap = block(&text, BOOTSTRAP_START, BOOTSTRAP_END)?.to_string();
     let wasm = block(&text, WASM_FILTER_START, WASM_FILTER_END)?.to_string();
-    let queue_listener = block(&text, QUEUE_LISTENER_START, QUEUE_LISTENER_END)?.to_string();
     let noop = format!(
         "{WASM_FILTER_START}            typed_config:
               \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
@@ -164,7 +162,13 @@ pub fn options(setup: &Setup, runners: &[String], extra: &[(String, String)]) ->
         }
     );
     let filter = if setup.variant == Variant::NoFilter { String::new() } else { noop };
-    opts.replace = vec![(bootstrap, String::new()), (queue_listener, String::new()), (wasm, filter)];
+    opts.replace = vec![(wasm, filter)];
+    // Cut by markers, not replaced by text: the queue listener holds a port the harness picks
+    // when it starts Envoy, which differs from this render's.
+    opts.cut = vec![
+        (BOOTSTRAP_START.into(), BOOTSTRAP_END.into()),
+        (QUEUE_LISTENER_START.into(), QUEUE_LISTENER_END.into()),
+    ];
     Ok(opts)
 }
 
@@ -218,7 +222,11 @@ mod tests {
     #[test]
     fn configs_differ_only_in_the_wasm_filter() {
         let runners = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
-        let render = |s: &Setup| render_config(&runners, 1, 2, &options(s, &runners, &[]).unwrap());
+        // Other TLS and queue ports than the shipped ones, as the harness picks when it starts
+        // Envoy: the cuts must not depend on them.
+        let render = |s: &Setup| {
+            hint_router_e2e::render_config_tls(&runners, 1, 2, (3, 4), &options(s, &runners, &[]).unwrap())
+        };
         let a = render(&SETUPS[0]);
         let b = render(&SETUPS[1]);
         let c = render(&SETUPS[3]);

@@ -26,12 +26,16 @@ const TARGET_MAIN_SHARE: f64 = 0.10;
 
 struct Args {
     runners: usize,
+    hints: usize,
     poll_ms: u64,
     measure_s: f64,
+    /// List the runners in the plugin config instead of reading the cluster's hosts from the
+    /// admin API every poll interval.
+    listed: bool,
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { runners: 1000, poll_ms: 500, measure_s: 20.0 };
+    let mut a = Args { runners: 1000, hints: HINTS_PER_RUNNER, poll_ms: 500, measure_s: 20.0, listed: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -39,7 +43,9 @@ fn parse_args() -> Result<Args> {
             "--runners" => a.runners = value()?.parse().context("--runners")?,
             "--poll-ms" => a.poll_ms = value()?.parse().context("--poll-ms")?,
             "--measure-s" => a.measure_s = value()?.parse().context("--measure-s")?,
-            _ => bail!("usage: bench-main-thread [--runners N] [--poll-ms MS] [--measure-s S]"),
+            "--hints" => a.hints = value()?.parse().context("--hints")?,
+            "--listed" => a.listed = true,
+            _ => bail!("usage: bench-main-thread [--runners N] [--hints H] [--poll-ms MS] [--measure-s S] [--listed]"),
         }
     }
     if a.runners == 0 || a.poll_ms == 0 || a.measure_s <= 0.0 {
@@ -64,13 +70,15 @@ fn stat(run: &envoy::Running, name: &str) -> u64 {
 fn main() -> Result<()> {
     let a = parse_args()?;
     println!(
-        "bench-main-thread: {} runners x {HINTS_PER_RUNNER} hints, {} ms polls, {} s measured per case, no request traffic; loadavg {}",
+        "bench-main-thread: {} runners x {} hints, {} ms polls, {} s measured per case, no request traffic, runners {}; loadavg {}",
         a.runners,
+        a.hints,
         a.poll_ms,
         a.measure_s,
+        if a.listed { "listed in the plugin config" } else { "read from the cluster (admin API)" },
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
-    let up = Upstream::start(a.runners, HINTS_PER_RUNNER, None)?;
+    let up = Upstream::start(a.runners, a.hints, None)?;
     let setup = Setup {
         label: "m",
         name: "hint-router, polls only",
@@ -79,16 +87,19 @@ fn main() -> Result<()> {
         before: false,
         churn_ms: 0,
     };
-    let plugin = vec![
+    let mut plugin = vec![
         ("poll_interval_ms".to_string(), a.poll_ms.to_string()),
         ("poll_timeout_ms".to_string(), (a.poll_ms * 4 / 5).max(1).to_string()),
     ];
+    if a.listed {
+        plugin.push(("runners".to_string(), serde_json::to_string(up.addrs())?));
+    }
     let t0 = Instant::now();
     let run = envoy::start(&setup, up.addrs(), None, &plugin)?;
     println!("  every runner available {:.1} s after start", t0.elapsed().as_secs_f64());
     println!();
     println!(
-        "| case | polls/s (expected) | poll errors | tables published | main thread, % of a core | worker, % | whole Envoy, % | VM memory MB |"
+        "| case | polls/s (expected) | poll errors | tables published | main thread, % of a core | main thread us per poll | worker, % | whole Envoy, % |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut worst = 0.0f64;
@@ -112,19 +123,45 @@ fn main() -> Result<()> {
         let main = share(m1.saturating_sub(m0));
         worst = worst.max(main);
         println!(
-            "| {case} | {:.0} ({:.0}) | {errors} | {pubs} | {main:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {case} | {:.0} ({:.0}) | {errors} | {pubs} | {main:.1} | {:.0} | {:.1} | {:.1} |",
             polls as f64 / secs,
             a.runners as f64 * 1000.0 / a.poll_ms as f64,
+            m1.saturating_sub(m0) as f64 / 1e3 / (polls + errors).max(1) as f64,
             share(w1.saturating_sub(w0)),
             share(all1.saturating_sub(all0)),
-            stat(&run, "vm_memory_bytes") as f64 / 1e6,
         );
         if stat(&run, "runners_available") != a.runners as u64 {
             println!("  ({} of {} runners available at the end)", stat(&run, "runners_available"), a.runners);
         }
     }
     up.set_churn(0);
+    let health_checks = run.envoy.stat("cluster.runners.health_check.attempt").unwrap_or(0);
+    drop(run);
+    // The same Envoy without the filter and its poller: what its own active health checks of
+    // the runners (the shipped config's, every 2 s) cost the main thread.
+    let plain = Setup { label: "a", name: "no wasm filter", variant: Variant::NoFilter, ..setup };
+    let run = envoy::start(&plain, up.addrs(), None, &[])?;
+    // Envoy::start does not wait for a fleet without the filter: one health-check round.
+    std::thread::sleep(Duration::from_secs(3));
+    let checks0 = run.envoy.stat("cluster.runners.health_check.attempt").unwrap_or(0);
+    let (m0, _, all0) = cpu(&run)?;
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(a.measure_s));
+    let secs = started.elapsed().as_secs_f64();
+    let (m1, _, all1) = cpu(&run)?;
+    let checks = run.envoy.stat("cluster.runners.health_check.attempt").unwrap_or(0).saturating_sub(checks0);
+    let main_ns = m1.saturating_sub(m0);
+    println!(
+        "| no filter: Envoy's own health checks only | {:.0} checks/s | | | {:.1} | {:.0} per check | | {:.1} |",
+        checks as f64 / secs,
+        main_ns as f64 / 1e9 / secs * 100.0,
+        main_ns as f64 / 1e3 / checks.max(1) as f64,
+        all1.saturating_sub(all0) as f64 / 1e9 / secs * 100.0,
+    );
     println!();
+    println!(
+        "(the hint-router rows include the same health checks: {health_checks} attempts by the end of its run)"
+    );
     println!(
         "target: main thread < {:.0} % of one core: {} (worst case {worst:.1} %)",
         TARGET_MAIN_SHARE * 100.0,
