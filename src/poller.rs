@@ -364,6 +364,9 @@ impl PollerRoot {
     /// proxies' requests are corrected once per poll, in either direction. A lost
     /// compare-and-swap race just waits for the next poll.
     fn rebase_in_flight(&mut self, idx: usize) {
+        if self.poller.in_flight_agrees(idx) {
+            return; // whatever the count is now, it stays: no read of the counters
+        }
         let n = self.poller.len();
         let (mut now, mut target) = (0, 0);
         // One attempt: a lost race just waits for the next poll.

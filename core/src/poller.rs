@@ -131,6 +131,42 @@ struct Slot {
     /// Envoy would send it traffic (its health checks and outlier detection; always true
     /// for configured runners).
     envoy_healthy: bool,
+    /// The last report applied, while the runner's lists in the table are still exactly
+    /// that report's (no failure and no response-header update since): a poll that brings
+    /// back the same body (an idle runner, most polls) is applied from it without a parse.
+    last: Option<LastReport>,
+}
+
+/// A report's body, by hash and length, and what [`Poller::apply`] needs of it besides the
+/// lists the table already holds.
+#[derive(Debug, Clone)]
+struct LastReport {
+    hash: u64,
+    len: usize,
+    recap: Recap,
+}
+
+/// A report without its lists.
+#[derive(Debug, Clone)]
+struct Recap {
+    capacity: u32,
+    max_concurrency: u32,
+    in_flight: Option<u32>,
+    draining: bool,
+    queue_token: Option<u64>,
+    clamped: Vec<&'static str>,
+    truncated: usize,
+    invalid: usize,
+}
+
+/// The identity of a body for [`LastReport`]: FxHash, 8 bytes a step. Not collision-proof,
+/// and it need not be: only the runner writes its body, so a collision can only make its own
+/// report look unchanged, which it could as well have sent.
+fn body_hash(body: &[u8]) -> u64 {
+    use std::hash::Hasher as _;
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(body);
+    h.finish()
 }
 
 impl Slot {
@@ -148,6 +184,7 @@ impl Slot {
             most_hints: 0,
             member: true,
             envoy_healthy,
+            last: None,
         }
     }
 }
@@ -289,6 +326,7 @@ impl Poller {
         self.finish(idx, now_ms);
         let (mut lost, mut warn) = (false, false);
         if let Some(s) = self.slots.get_mut(idx) {
+            s.last = None;
             lost = s.runner.available;
             if lost || !s.runner.unreachable {
                 s.runner.available = false;
@@ -327,57 +365,95 @@ impl Poller {
             }
             return ev;
         }
+        if let (Some(200), Ok(b)) = (status, &body) {
+            // The same body as the last report applied: nothing to parse.
+            let key = (body_hash(b), b.len());
+            let last = self.slots.get(idx).and_then(|s| s.last.as_ref());
+            if let Some(recap) = last.filter(|l| (l.hash, l.len) == key).map(|l| l.recap.clone()) {
+                return self.apply(idx, now_ms, recap, None);
+            }
+        }
+        let key = body.as_ref().ok().map(|b| (body_hash(b), b.len()));
         match self.parse(idx, status, body) {
             Err(f) => self.on_failure(idx, now_ms, f),
             Ok(report) => {
-                self.finish(idx, now_ms);
-                // A token another runner already reports would steer that runner's job calls
-                // here: the later claimant gets none (and no queue submissions).
-                let queue_token = report
-                    .queue_token
-                    .filter(|&t| {
-                        !self.slots.iter().enumerate().any(|(j, o)| j != idx && o.runner.queue_token == t)
-                    })
-                    .unwrap_or(0);
-                let mut clamped = report.clamped;
-                if report.queue_token.is_some() && queue_token == 0 {
-                    clamped.push("queue_token (another runner's)");
-                }
-                let Some(s) = self.slots.get_mut(idx) else {
-                    return PollEvent::Failed { failure: PollFailure::Dispatch, lost: false, warn: false };
-                };
-                s.reported_in_flight = report.in_flight;
-                s.last_warn_ms = None;
-                let warn = !clamped.is_empty()
-                    && s.last_clamp_warn_ms.map_or(true, |t| now_ms.saturating_sub(t) >= WARN_EVERY_MS);
-                if warn {
-                    s.last_clamp_warn_ms = Some(now_ms);
-                }
-                let available = !report.draining && s.envoy_healthy;
-                let recovered = !s.runner.available && available;
-                let next = TableRunner {
-                    addr: s.runner.addr.clone(),
-                    available,
-                    hints: report.hints.hints,
+                let recap = Recap {
                     capacity: report.capacity,
                     max_concurrency: report.max_concurrency,
-                    queue_token,
-                    unreachable: false,
-                    warm: report.warm.hints,
-                };
-                if next != s.runner {
-                    s.runner = next;
-                    self.dirty = true;
-                }
-                PollEvent::Ok {
-                    recovered,
+                    in_flight: report.in_flight,
+                    draining: report.draining,
+                    queue_token: report.queue_token,
+                    clamped: report.clamped,
                     truncated: report.hints.truncated,
                     invalid: report.hints.invalid,
-                    clamped,
-                    warn,
+                };
+                let ev =
+                    self.apply(idx, now_ms, recap.clone(), Some((report.hints.hints, report.warm.hints)));
+                if let (Some(s), Some((hash, len))) = (self.slots.get_mut(idx), key) {
+                    s.last = Some(LastReport { hash, len, recap });
                 }
+                ev
             }
         }
+    }
+
+    /// Applies a report that answered runner `idx`'s poll: `lists` are its hints and warm
+    /// models, `None` when the table already holds them (the body was the last one's).
+    fn apply(
+        &mut self,
+        idx: usize,
+        now_ms: u64,
+        recap: Recap,
+        lists: Option<(Vec<String>, Vec<String>)>,
+    ) -> PollEvent {
+        self.finish(idx, now_ms);
+        // A token another runner already reports would steer that runner's job calls
+        // here: the later claimant gets none (and no queue submissions).
+        let queue_token = recap
+            .queue_token
+            .filter(|&t| !self.slots.iter().enumerate().any(|(j, o)| j != idx && o.runner.queue_token == t))
+            .unwrap_or(0);
+        let mut clamped = recap.clamped;
+        if recap.queue_token.is_some() && queue_token == 0 {
+            clamped.push("queue_token (another runner's)");
+        }
+        let Some(s) = self.slots.get_mut(idx) else {
+            return PollEvent::Failed { failure: PollFailure::Dispatch, lost: false, warn: false };
+        };
+        s.reported_in_flight = recap.in_flight;
+        s.last_warn_ms = None;
+        let warn = !clamped.is_empty()
+            && s.last_clamp_warn_ms.map_or(true, |t| now_ms.saturating_sub(t) >= WARN_EVERY_MS);
+        if warn {
+            s.last_clamp_warn_ms = Some(now_ms);
+        }
+        let available = !recap.draining && s.envoy_healthy;
+        let recovered = !s.runner.available && available;
+        let changed = s.runner.available != available
+            || s.runner.capacity != recap.capacity
+            || s.runner.max_concurrency != recap.max_concurrency
+            || s.runner.queue_token != queue_token
+            || s.runner.unreachable;
+        s.runner.available = available;
+        s.runner.capacity = recap.capacity;
+        s.runner.max_concurrency = recap.max_concurrency;
+        s.runner.queue_token = queue_token;
+        s.runner.unreachable = false;
+        let mut dirty = changed;
+        if let Some((hints, warm)) = lists {
+            if s.runner.hints != hints {
+                s.runner.hints = hints;
+                dirty = true;
+            }
+            if s.runner.warm != warm {
+                s.runner.warm = warm;
+                dirty = true;
+            }
+        }
+        if dirty {
+            self.dirty = true;
+        }
+        PollEvent::Ok { recovered, truncated: recap.truncated, invalid: recap.invalid, clamped, warn }
     }
 
     fn on_health(
@@ -467,6 +543,14 @@ impl Poller {
         (target != now).then_some(target)
     }
 
+    /// Whether runner `idx` reported (in its last answer) the in-flight count this Envoy had
+    /// for it when that poll was sent, or reports none: then [`Poller::rebased_in_flight`] is
+    /// `None` whatever the count is now (the rebase would keep it), so the caller need not
+    /// read it. An idle runner's answer (0 and 0) always agrees.
+    pub fn in_flight_agrees(&self, idx: usize) -> bool {
+        self.slots.get(idx).map_or(true, |s| s.reported_in_flight.map_or(true, |r| r == s.in_flight_at_send))
+    }
+
     /// Applies hints a worker saw in runner `addr`'s response header (newer than its last
     /// poll). Unknown runners are ignored. Returns the parsed list when it changed the table.
     pub fn on_header_hints(&mut self, addr: &str, raw: &[u8]) -> Option<HintList> {
@@ -484,6 +568,7 @@ impl Poller {
             return None;
         }
         s.runner.hints = list.hints.clone();
+        s.last = None; // the table no longer holds the last report's list
         if s.probe == Probe::Health {
             s.most_hints = s.most_hints.max(list.hints.len());
             s.runner.capacity = inferred_capacity(defaults.capacity, s.most_hints);

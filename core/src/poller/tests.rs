@@ -188,6 +188,7 @@ fn in_flight_is_rebased_on_the_runners_report_in_both_directions() {
     p.on_sent(0, 1, 0, 5);
     p.on_response(0, 1, Some(200), None, Ok(&report("127.0.0.1:1", 2)));
     assert_eq!(p.rebased_in_flight(0, 6), Some(3));
+    assert!(!p.in_flight_agrees(0));
     // Counted too few (the runner also serves another Envoy): corrected upwards.
     p.on_sent(0, 2, 100, 1);
     p.on_response(0, 101, Some(200), None, Ok(&report("127.0.0.1:1", 7)));
@@ -199,9 +200,11 @@ fn in_flight_is_rebased_on_the_runners_report_in_both_directions() {
     p.on_response(0, 151, Some(200), None, Ok(&report("127.0.0.1:1", 3)));
     assert_eq!(p.rebased_in_flight(0, 3), None);
     assert_eq!(p.rebased_in_flight(0, 5), None);
+    assert!(p.in_flight_agrees(0), "so the caller need not read the count");
     p.on_sent(1, 3, 0, 4);
     p.on_response(1, 1, Some(200), None, Ok(br#"{"hints":[]}"#));
     assert_eq!(p.rebased_in_flight(1, 4), None);
+    assert!(p.in_flight_agrees(1));
     assert_eq!(p.rebased_in_flight(9, 4), None);
     // Never below zero.
     p.on_sent(0, 4, 200, 9);
@@ -332,4 +335,57 @@ fn a_reported_warm_list_is_published_capped_and_emptied_by_a_report_without_it()
     p.on_sent(0, 2, 100, 0);
     p.on_response(0, 101, Some(200), None, Ok(&body("127.0.0.1:1", &["a"])));
     assert!(p.take_table().unwrap().runners[0].warm.is_empty());
+}
+
+#[test]
+fn an_unchanged_body_is_applied_without_a_parse_and_as_a_parse_would() {
+    let mut p = poller();
+    p.take_table();
+    let b = body("127.0.0.1:1", &["a", "b"]);
+    p.on_sent(0, 1, 0, 0);
+    let first = p.on_response(0, 1, Some(200), None, Ok(&b));
+    assert!(matches!(first, PollEvent::Ok { recovered: true, .. }), "{first:?}");
+    assert_eq!(p.take_table().unwrap().runners[0].hints, vec!["a", "b"]);
+    // The same body again: the same answer, nothing to publish, the in-flight report kept.
+    p.on_sent(0, 2, 100, 3);
+    let again = p.on_response(0, 101, Some(200), None, Ok(&b));
+    assert!(matches!(again, PollEvent::Ok { recovered: false, truncated: 0, invalid: 0, .. }), "{again:?}");
+    assert!(p.take_table().is_none());
+    assert_eq!(p.rebased_in_flight(0, 3), Some(0), "the runner's in_flight (0) plus what moved (0)");
+    assert!(!p.in_flight_agrees(0), "sent at 3, reported 0");
+    // A response header changes the hints: the same body then puts the report's back.
+    assert!(p.on_header_hints("127.0.0.1:1", b"c").is_some());
+    assert_eq!(p.take_table().unwrap().runners[0].hints, vec!["c"]);
+    p.on_sent(0, 3, 200, 0);
+    p.on_response(0, 201, Some(200), None, Ok(&b));
+    assert_eq!(p.take_table().unwrap().runners[0].hints, vec!["a", "b"]);
+    // After a failure, the same body makes it available again, with its hints.
+    p.on_sent(0, 4, 300, 0);
+    p.on_failure(0, 350, PollFailure::Timeout);
+    let t = p.take_table().unwrap();
+    assert!(!t.runners[0].available && t.runners[0].unreachable);
+    p.on_sent(0, 5, 400, 0);
+    let back = p.on_response(0, 401, Some(200), None, Ok(&b));
+    assert!(matches!(back, PollEvent::Ok { recovered: true, .. }), "{back:?}");
+    let t = p.take_table().unwrap();
+    assert!(t.runners[0].available && !t.runners[0].unreachable);
+    assert_eq!(t.runners[0].hints, vec!["a", "b"]);
+    // A body with clamped numbers is reported as clamped every time, parsed or not.
+    let mut v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    v["capacity"] = 99.into();
+    let clamped = serde_json::to_vec(&v).unwrap();
+    for (token, at) in [(6, 500), (7, 600)] {
+        p.on_sent(0, token, at, 0);
+        let ev = p.on_response(0, at + 1, Some(200), None, Ok(&clamped));
+        assert!(matches!(ev, PollEvent::Ok { ref clamped, .. } if clamped == &vec!["capacity"]), "{ev:?}");
+    }
+    assert!(p.take_table().is_none(), "clamped to max_hints_per_runner (2), as it was");
+    // Draining, twice: unavailable both times.
+    v["draining"] = true.into();
+    let draining = serde_json::to_vec(&v).unwrap();
+    for (token, at) in [(8, 700), (9, 800)] {
+        p.on_sent(0, token, at, 0);
+        p.on_response(0, at + 1, Some(200), None, Ok(&draining));
+        assert!(!p.take_table().is_some_and(|t| t.runners[0].available));
+    }
 }
