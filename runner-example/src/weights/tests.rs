@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use safetensors::tensor::TensorView;
 
 use super::*;
