@@ -7,10 +7,12 @@
 //!    file exactly, of the manifest's size;
 //! 2. the data section (the weights, the bulk of the file) is read with `read(2)` straight
 //!    into the buffer the weights will live in (a [`HostBuf`] for the cpu backend, pinned
-//!    memory for cuda), [`CHUNK`] bytes at a time; each chunk, while it is still in the CPU's
-//!    cache, is hashed (BLAKE3, or SHA-256 for manifests without a BLAKE3 digest) and checked
-//!    for non-finite values, then handed to the caller (`on_chunk`: cuda starts its copy to the
-//!    device while the next chunk is read);
+//!    memory for cuda), [`CHUNK`] bytes at a time; each chunk is hashed (BLAKE3, or SHA-256
+//!    for manifests without a BLAKE3 digest) and checked for non-finite values, then handed to
+//!    the caller (`on_chunk`: cuda starts its copy to the device while the next chunk is read).
+//!    With one load thread (`--load-threads 1`) the load thread does it all, each chunk while
+//!    it is still in the CPU's cache; with more, a [`CheckPool`] hashes and checks
+//!    [`SUPER_CHUNK`] k while the load thread reads k+1 (see `check.rs`);
 //! 3. the digest is compared with the manifest's.
 //!
 //! A [`VerifiedRecords`] remembers, per model, the identity of the file that last passed all
@@ -32,7 +34,10 @@ use std::time::SystemTime;
 use safetensors::tensor::{Dtype, Metadata};
 
 pub use self::buffer::{BufferPool, HostBuf};
-use self::check::{first_non_finite, Hasher};
+#[cfg(test)]
+use self::check::first_non_finite;
+use self::check::Hasher;
+pub use self::check::{default_load_threads, CheckPool, SUPER_CHUNK};
 pub use self::records::{FileIdentity, VerifiedRecords, SETTLE};
 use crate::backend::BackendError;
 use crate::mlp::{MlpView, MlpWeights};
@@ -149,6 +154,7 @@ pub fn read_into(
     dir: &Path,
     entry: &ModelEntry,
     records: Option<&VerifiedRecords>,
+    checks: &CheckPool,
     dst: &mut [u8],
     on_chunk: &mut OnChunk<'_>,
 ) -> Result<Loaded, BackendError> {
@@ -171,7 +177,7 @@ pub fn read_into(
         (Some(records), Some(id)) => records.matches(&entry.name, id),
         _ => false,
     };
-    let result = read_checked(&mut file, len, entry, !trusted, dst, on_chunk);
+    let result = read_checked(&mut file, len, entry, !trusted, checks, dst, on_chunk);
     let after = FileIdentity::of(&file).map_err(cannot_read)?;
     match result {
         Ok(_) if trusted && after != before => {
@@ -180,7 +186,7 @@ pub fn read_into(
             if let Some(records) = records {
                 records.set(&entry.name, None);
             }
-            read_into(dir, entry, None, dst, on_chunk).inspect(|_| {
+            read_into(dir, entry, None, checks, dst, on_chunk).inspect(|_| {
                 if let Some(records) = records {
                     // Not recorded: it is still being written, the next load checks again.
                     records.set(&entry.name, None);
@@ -216,6 +222,7 @@ pub fn read_host(
     dir: &Path,
     entry: &ModelEntry,
     records: Option<&VerifiedRecords>,
+    checks: &CheckPool,
     pool: Option<&BufferPool>,
 ) -> Result<(HostWeights, Checked), BackendError> {
     let bytes = usize::try_from(entry.weight_bytes)
@@ -226,7 +233,7 @@ pub fn read_host(
             entry.name
         ))
     })?;
-    let read = read_into(dir, entry, records, buf.bytes_mut(), &mut |_, _, _| Ok(()))?;
+    let read = read_into(dir, entry, records, checks, buf.bytes_mut(), &mut |_, _, _| Ok(()))?;
     Ok((HostWeights { width: entry.width, buf, ranges: read.ranges }, read.checked))
 }
 
@@ -235,8 +242,9 @@ pub fn parse_weights(data: &[u8], entry: &ModelEntry) -> Result<MlpWeights, Stri
     let bytes = usize::try_from(entry.weight_bytes).map_err(|e| e.to_string())?;
     let mut buf = HostBuf::zeroed(bytes).map_err(|e| e.to_string())?;
     let mut src = data;
+    let one = CheckPool::new(1);
     let ranges =
-        read_checked(&mut src, data.len() as u64, entry, true, buf.bytes_mut(), &mut |_, _, _| Ok(()))
+        read_checked(&mut src, data.len() as u64, entry, true, &one, buf.bytes_mut(), &mut |_, _, _| Ok(()))
             .map_err(|f| match f {
                 Failure::Corrupt(why) => why,
                 Failure::Io(e) => e.to_string(),
@@ -251,6 +259,7 @@ fn read_checked(
     len: u64,
     entry: &ModelEntry,
     full: bool,
+    checks: &CheckPool,
     dst: &mut [u8],
     on_chunk: &mut OnChunk<'_>,
 ) -> Result<Vec<Range<usize>>, Failure> {
@@ -291,32 +300,8 @@ fn read_checked(
         h.update(&n_bytes);
         h.update(&header);
     }
-    // 2. The data, straight into its buffer, chunk by chunk.
-    let mut offset = 0;
-    for chunk in dst.chunks_mut(CHUNK) {
-        let range = offset..offset + chunk.len();
-        read_exact(src, chunk)?;
-        if let Some(h) = hasher.as_mut() {
-            h.update(chunk);
-            if let Some(i) = first_non_finite(chunk) {
-                let at = (offset / 4) + i;
-                let (name, index) = ranges
-                    .iter()
-                    .zip(&entry.tensors)
-                    .find(|(r, _)| r.contains(&at))
-                    .map_or(("?", at), |(r, t)| (t.name.as_str(), at - r.start));
-                return Err(Failure::Corrupt(format!(
-                    "tensor {name} holds a non-finite value at index {index}"
-                )));
-            }
-        }
-        #[cfg(target_endian = "big")]
-        for word in chunk.chunks_exact_mut(4) {
-            word.reverse();
-        }
-        on_chunk(&ranges, range, chunk).map_err(Failure::Corrupt)?;
-        offset += chunk.len();
-    }
+    // 2. The data, straight into its buffer, chunk by chunk (see `check`).
+    check::read_data(src, dst, &ranges, entry, hasher.as_mut(), checks, on_chunk)?;
     // 3. The digest.
     if let Some(h) = hasher {
         h.check()?;
