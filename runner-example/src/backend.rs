@@ -168,7 +168,7 @@ where
 /// Makes this thread yield the CPU to the runner's other threads (niceness about 9 on Linux):
 /// where cores are short, inferences (hits) go first and loads take what is left. Best effort:
 /// a platform that refuses leaves the priority as it was.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
     if let Ok(value) = ThreadPriorityValue::try_from(25u8) {
         if let Err(e) = set_current_thread_priority(ThreadPriority::Crossplatform(value)) {

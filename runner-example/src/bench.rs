@@ -12,7 +12,10 @@
 //!   its digest is not recomputed) and, with a warm tier big enough for the model, the **warm
 //!   re-load** (no disk read: a copy from host memory); each with its ratio to the floor
 //!   (floor time / load time: 1.0 is the hardware's speed);
-//! * per backend, hits: [`LoadedModel::infer`] on a loaded model after one warm-up.
+//! * per backend, hits: [`LoadedModel::infer`] on a loaded model after one warm-up;
+//! * per real backend, the first load again with each count of load-check threads of
+//!   [`BenchConfig::load_threads`] (the runner's `--load-threads`), side by side; every
+//!   other measurement uses the last count.
 //!
 //! Then, on the cpu backend, **hits during a load**: a runner holds a small model and serves
 //! hits on it, first alone, then while the same backend loads the biggest model over and
@@ -21,12 +24,15 @@
 //! Models are written with [`make_model_set`]; files are given [`SETTLE`] to settle before
 //! loads are timed (a file changed less than that ago is always checked in full).
 
+mod tables;
+
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use self::tables::tables;
 use crate::backend::{Backend, LoadedModel, SimBackend};
 use crate::cli::BackendKind;
 use crate::cpu::CpuBackend;
@@ -53,6 +59,16 @@ pub struct BenchConfig {
     pub hit_model_mb: u64,
     /// Hits measured, alone and during loads.
     pub hits: usize,
+    /// Load-check threads (`--load-threads`) to time first loads with, each; the last one is
+    /// also what every other measurement uses (empty: the runner's default).
+    pub load_threads: Vec<usize>,
+}
+
+impl BenchConfig {
+    /// The load-check threads of every measurement but the first loads by thread count.
+    pub fn main_load_threads(&self) -> usize {
+        self.load_threads.last().copied().unwrap_or_else(crate::weights::default_load_threads)
+    }
 }
 
 /// Median, 90th and 99th percentile of some durations.
@@ -103,8 +119,11 @@ pub struct LoadRow {
     pub size_mb: u64,
     /// The model's weights, in bytes.
     pub weight_bytes: u64,
-    /// Loads by a backend just opened (checked in full).
+    /// Loads by a backend just opened (checked in full), with
+    /// [`BenchConfig::main_load_threads`].
     pub first: Spread,
+    /// The same, per load-check thread count of [`BenchConfig::load_threads`] (real backends).
+    pub first_by_threads: Vec<(usize, Spread)>,
     /// Loads of the unchanged file by the same backend (header checked, digest recorded).
     pub reload: Spread,
     /// Loads from the warm tier (`None`: the backend has none).
@@ -137,15 +156,19 @@ pub struct Report {
     pub rows: Vec<LoadRow>,
     /// Hits during loads (cpu), when measured.
     pub hits: Option<HitsDuringLoads>,
+    /// The load-check threads of every measurement but [`LoadRow::first_by_threads`].
+    pub load_threads: usize,
 }
 
-/// Opens `kind` on the models in `dir`, with a warm tier of `host_cache` bytes (`cpu`,
-/// `cuda`). `sim` has no delays (it measures the trait's overhead only).
+/// Opens `kind` on the models in `dir`, with a warm tier of `host_cache` bytes and
+/// `load_threads` load-check threads (`cpu`, `cuda`). `sim` has no delays (it measures the
+/// trait's overhead only).
 pub fn open_backend(
     kind: BackendKind,
     dir: &Path,
     device: usize,
     host_cache: Option<u64>,
+    load_threads: usize,
 ) -> Result<Arc<dyn Backend>, String> {
     let _ = device;
     match kind {
@@ -153,11 +176,15 @@ pub fn open_backend(
             let bytes = ModelDir::open(dir)?.entry(&model_name(0)).map(|e| e.weight_bytes);
             Ok(Arc::new(SimBackend::new(Duration::ZERO, Duration::ZERO).with_model_bytes(bytes)))
         }
-        BackendKind::Cpu => Ok(Arc::new(CpuBackend::open(dir)?.with_host_cache(host_cache))),
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => {
-            Ok(Arc::new(crate::cuda::CudaBackend::open(dir, device)?.with_host_cache(host_cache)))
+        BackendKind::Cpu => {
+            Ok(Arc::new(CpuBackend::open(dir)?.with_host_cache(host_cache).with_load_threads(load_threads)))
         }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Ok(Arc::new(
+            crate::cuda::CudaBackend::open(dir, device)?
+                .with_host_cache(host_cache)
+                .with_load_threads(load_threads),
+        )),
         #[cfg(not(feature = "cuda"))]
         BackendKind::Cuda => Err("built without the cuda feature".to_string()),
     }
@@ -168,24 +195,27 @@ async fn open(
     dir: &Path,
     device: usize,
     host_cache: Option<u64>,
+    load_threads: usize,
 ) -> Result<Arc<dyn Backend>, String> {
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || open_backend(kind, &dir, device, host_cache))
+    tokio::task::spawn_blocking(move || open_backend(kind, &dir, device, host_cache, load_threads))
         .await
         .map_err(|e| e.to_string())?
 }
 
-/// Times `loads` loads of `model-0`, each after dropping the previous copy; `fresh` opens
-/// the backend anew before each (so nothing is remembered between loads).
+/// Times `loads` loads of `model-0`, each after dropping the previous copy, with
+/// `load_threads` load-check threads; `fresh` opens the backend anew before each (so nothing
+/// is remembered between loads).
 async fn time_loads(
     kind: BackendKind,
     dir: &Path,
     config: &BenchConfig,
     host_cache: Option<u64>,
     fresh: bool,
+    load_threads: usize,
 ) -> Result<(Spread, Arc<dyn LoadedModel>), String> {
     let model = model_name(0);
-    let mut backend = open(kind, dir, config.device, host_cache).await?;
+    let mut backend = open(kind, dir, config.device, host_cache, load_threads).await?;
     let mut times = Vec::new();
     let mut loaded: Option<Arc<dyn LoadedModel>> = None;
     // Not timed: fills the warm tier, or the verified records.
@@ -195,7 +225,7 @@ async fn time_loads(
     for _ in 0..config.loads.max(1) {
         drop(loaded.take()); // evict the previous copy before loading again
         if fresh {
-            backend = open(kind, dir, config.device, host_cache).await?;
+            backend = open(kind, dir, config.device, host_cache, load_threads).await?;
         }
         let start = Instant::now();
         let m = Arc::clone(&backend).load(model.clone()).await.map_err(|e| e.to_string())?;
@@ -225,22 +255,34 @@ pub async fn measure(
     dir: &Path,
     config: &BenchConfig,
 ) -> Result<LoadRow, String> {
-    let (first, loaded) = time_loads(kind, dir, config, None, true).await?;
+    let threads = config.main_load_threads();
+    let mut first_by_threads = Vec::new();
+    if kind != BackendKind::Sim {
+        for &n in config.load_threads.iter().filter(|&&n| n != threads) {
+            let (first, loaded) = time_loads(kind, dir, config, None, true, n).await?;
+            drop(loaded);
+            first_by_threads.push((n, first));
+        }
+    }
+    let (first, loaded) = time_loads(kind, dir, config, None, true, threads).await?;
+    if kind != BackendKind::Sim {
+        first_by_threads.push((threads, first));
+    }
     let weight_bytes = loaded.resident_bytes().unwrap_or(0);
     let hit = time_hits(&loaded, config.infers).await?;
     drop(loaded);
-    let (reload, loaded) = time_loads(kind, dir, config, None, false).await?;
+    let (reload, loaded) = time_loads(kind, dir, config, None, false, threads).await?;
     drop(loaded);
     let warm = match kind {
         BackendKind::Sim => None,
         _ => {
             let room = Some(weight_bytes.max(1));
-            let (warm, loaded) = time_loads(kind, dir, config, room, false).await?;
+            let (warm, loaded) = time_loads(kind, dir, config, room, false, threads).await?;
             drop(loaded);
             Some(warm)
         }
     };
-    Ok(LoadRow { backend: kind, size_mb, weight_bytes, first, reload, warm, hit })
+    Ok(LoadRow { backend: kind, size_mb, weight_bytes, first, first_by_threads, reload, warm, hit })
 }
 
 /// Reads the whole of `path` into `buf` (its length).
@@ -301,19 +343,22 @@ pub fn measure_pinned_copy(device: usize, bytes: u64, reps: usize) -> Result<Spr
 }
 
 /// Hits on `model-0` of `dir` through a cpu runner, alone, then while the same backend loads
-/// `model-1` again and again (each load checked in full).
+/// `model-1` again and again (each load checked in full, by `load_threads` threads).
 pub async fn measure_hits_during_loads(
     dir: &Path,
     hits: usize,
     hit_mb: u64,
     load_mb: u64,
+    load_threads: usize,
 ) -> Result<HitsDuringLoads, String> {
     let backend = {
         let dir = dir.to_path_buf();
         Arc::new(
-            tokio::task::spawn_blocking(move || CpuBackend::open(&dir))
-                .await
-                .map_err(|e| e.to_string())??,
+            tokio::task::spawn_blocking(move || {
+                CpuBackend::open(&dir).map(|b| b.with_load_threads(load_threads))
+            })
+            .await
+            .map_err(|e| e.to_string())??,
         )
     };
     let config = RunnerConfig { capacity: 2, max_concurrency: 4, ..RunnerConfig::new("127.0.0.1:1") };
@@ -368,7 +413,7 @@ pub async fn measure_hits_during_loads(
 /// Makes the models and measures everything `config` asks for; calls `progress` with a line
 /// for people as each part is measured.
 pub async fn run(config: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report, String> {
-    let mut report = Report::default();
+    let mut report = Report { load_threads: config.main_load_threads(), ..Report::default() };
     let mut dirs = Vec::new();
     for &size_mb in &config.sizes_mb {
         let dir = config.dir.join(format!("{size_mb}mb"));
@@ -422,7 +467,8 @@ pub async fn run(config: &BenchConfig, mut progress: impl FnMut(&str)) -> Result
     }
     if let Some((dir, hit_mb, load_mb)) = hit_set {
         if config.backends.contains(&BackendKind::Cpu) {
-            let hits = measure_hits_during_loads(&dir, config.hits, hit_mb, load_mb).await?;
+            let threads = config.main_load_threads();
+            let hits = measure_hits_during_loads(&dir, config.hits, hit_mb, load_mb, threads).await?;
             progress(&format!(
                 "hits on {hit_mb} MiB: p50 {:?} alone, {:?} during {} loads of {load_mb} MiB",
                 hits.alone.median, hits.during.median, hits.loads
@@ -444,113 +490,6 @@ async fn make_in(dir: &Path, sizes: Vec<u64>) -> Result<(), String> {
     .map_err(|e| e.to_string())?
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1000.0)
-}
-
-fn gibs(bytes: u64, d: Duration) -> String {
-    let secs = d.as_secs_f64();
-    if secs > 0.0 && bytes > 0 {
-        format!("{:.2}", bytes as f64 / secs / f64::from(1u32 << 30))
-    } else {
-        "-".to_string()
-    }
-}
-
-/// `floor / load`, as the issue's targets read (1.00: as fast as the floor).
-fn ratio(floor: Duration, load: Duration) -> String {
-    if load.is_zero() {
-        "-".to_string()
-    } else {
-        format!("{:.2}", floor.as_secs_f64() / load.as_secs_f64())
-    }
-}
-
-/// The report as Markdown tables.
-pub fn tables(report: &Report) -> String {
-    let mut out = String::from(
-        "Floors (median; GiB/s of the file's bytes):\n\n\
-         | model MiB | file bytes | page-cache read ms | GiB/s | read into a new buffer ms | GiB/s | pinned host-to-device copy ms | GiB/s |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-    );
-    for f in &report.floors {
-        let (pinned_ms, pinned_rate) = match f.pinned_copy {
-            Some(p) => (ms(p.median), gibs(f.file_bytes, p.median)),
-            None => ("unmeasured".to_string(), "-".to_string()),
-        };
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            f.size_mb,
-            f.file_bytes,
-            ms(f.read.median),
-            gibs(f.file_bytes, f.read.median),
-            ms(f.read_fresh.median),
-            gibs(f.file_bytes, f.read_fresh.median),
-            pinned_ms,
-            pinned_rate
-        ));
-    }
-    out.push_str(
-        "\nLoads (median ms, and floor/load: 1.00 = the floor's speed; cuda cold loads against \
-         min(read, pinned copy), warm re-loads against the pinned copy) and hits:\n\n\
-         | backend | model MiB | first load ms | x floor | re-load ms | x floor | warm re-load ms | x floor | hit ms (median) | hit ms (p90) |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-    );
-    for r in &report.rows {
-        let floor = report.floors.iter().find(|f| f.size_mb == r.size_mb);
-        let read = floor.map(|f| f.read.median).unwrap_or_default();
-        let pinned = floor.and_then(|f| f.pinned_copy.map(|p| p.median));
-        let (cold_floor, warm_floor) = match (r.backend, pinned) {
-            (BackendKind::Cuda, Some(p)) => (read.max(p), p),
-            _ => (read, read),
-        };
-        let real = r.backend != BackendKind::Sim;
-        let x = |floor: Duration, load: Duration| if real { ratio(floor, load) } else { "-".to_string() };
-        let (warm_ms, warm_x) = match r.warm {
-            Some(w) => (ms(w.median), x(warm_floor, w.median)),
-            None => ("-".to_string(), "-".to_string()),
-        };
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            r.backend,
-            r.size_mb,
-            ms(r.first.median),
-            x(cold_floor, r.first.median),
-            ms(r.reload.median),
-            x(cold_floor, r.reload.median),
-            warm_ms,
-            warm_x,
-            ms(r.hit.median),
-            ms(r.hit.p90)
-        ));
-    }
-    if let Some(h) = &report.hits {
-        let ratio = |a: Duration, b: Duration| {
-            if a.is_zero() {
-                "-".to_string()
-            } else {
-                format!("{:.2}", b.as_secs_f64() / a.as_secs_f64())
-            }
-        };
-        out.push_str(&format!(
-            "\nHits on a resident {} MiB model (cpu runner), alone and while the same backend loads a {} MiB model \
-             ({} loads, each checked in full):\n\n\
-             | hits | p50 ms | p99 ms |\n| --- | ---: | ---: |\n\
-             | alone | {} | {} |\n| during loads | {} | {} |\n| during / alone | {} | {} |\n",
-            h.hit_mb,
-            h.load_mb,
-            h.loads,
-            ms(h.alone.median),
-            ms(h.alone.p99),
-            ms(h.during.median),
-            ms(h.during.p99),
-            ratio(h.alone.median, h.during.median),
-            ratio(h.alone.p99, h.during.p99)
-        ));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,12 +501,6 @@ mod tests {
         assert_eq!(s, Spread { median: ms(5), p90: ms(9), p99: ms(10) });
         assert_eq!(Spread::of(vec![ms(3)]), Spread { median: ms(3), p90: ms(3), p99: ms(3) });
         assert_eq!(Spread::of(Vec::new()).median, Duration::ZERO);
-    }
-
-    #[test]
-    fn ratios_read_as_the_targets() {
-        assert_eq!(ratio(Duration::from_millis(7), Duration::from_millis(10)), "0.70");
-        assert_eq!(ratio(Duration::from_millis(7), Duration::ZERO), "-");
     }
 
     #[tokio::test]
@@ -582,6 +515,7 @@ mod tests {
             dir: dir.path().to_path_buf(),
             hit_model_mb: 1,
             hits: 5,
+            load_threads: vec![1, 2],
         };
         let mut lines = 0;
         let report = run(&config, |_| lines += 1).await.unwrap();
@@ -599,5 +533,11 @@ mod tests {
         assert!(tables.contains("| cpu | 1 |"), "{tables}");
         assert!(tables.contains("unmeasured"), "{tables}");
         assert!(tables.contains("| during / alone |"), "{tables}");
+        // First loads at each load-check thread count, the main one last.
+        let threads: Vec<usize> = cpu.first_by_threads.iter().map(|(n, _)| *n).collect();
+        assert_eq!(threads, [1, 2]);
+        assert_eq!(cpu.first_by_threads[1].1, cpu.first);
+        assert!(report.rows[0].first_by_threads.is_empty(), "sim has no checks");
+        assert!(tables.contains("| cpu | 1 | 1 |") && tables.contains("| cpu | 1 | 2 |"), "{tables}");
     }
 }

@@ -95,6 +95,13 @@ pub struct Args {
     #[arg(long, value_name = "MIB")]
     pub host_cache_mb: Option<u64>,
 
+    /// Threads that hash and check a model file loaded in full (`cpu`, `cuda`): its first
+    /// load, or one after the file changed. They run at the load thread's lowered priority,
+    /// hashing (BLAKE3) and checking one piece of the file while the load thread reads the
+    /// next. 1: the load thread does it all, on one core. [default: the number of CPUs]
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub load_threads: Option<usize>,
+
     /// Size every model claims in the sim backend, in MiB (reported as `resident_bytes` and
     /// counted against --memory-mb); without it sim models have no size.
     #[arg(long, value_name = "MIB")]
@@ -211,17 +218,24 @@ impl Args {
                     .with_model_bytes(self.sim_model_mb.map(mib)),
             )),
             BackendKind::Cpu => {
-                let backend =
-                    CpuBackend::open(self.models_dir()?)?.with_host_cache(self.host_cache_mb.map(mib));
+                let backend = CpuBackend::open(self.models_dir()?)?
+                    .with_host_cache(self.host_cache_mb.map(mib))
+                    .with_load_threads(self.load_threads());
                 log::info!(
-                    "cpu backend: {} model(s) in {}",
+                    "cpu backend: {} model(s) in {}, {} load-check thread(s)",
                     backend.models().len(),
-                    backend.models().dir().display()
+                    backend.models().dir().display(),
+                    backend.models().checks().threads()
                 );
                 Ok(Arc::new(backend))
             }
             BackendKind::Cuda => self.cuda_backend(),
         }
+    }
+
+    /// Threads that check a full load: --load-threads, or as many as the CPUs.
+    pub fn load_threads(&self) -> usize {
+        self.load_threads.unwrap_or_else(crate::weights::default_load_threads)
     }
 
     fn models_dir(&self) -> Result<&PathBuf, String> {
@@ -231,7 +245,8 @@ impl Args {
     #[cfg(feature = "cuda")]
     fn cuda_backend(&self) -> Result<Arc<dyn Backend>, String> {
         let backend = crate::cuda::CudaBackend::open(self.models_dir()?, self.device)?
-            .with_host_cache(self.host_cache_mb.map(mib));
+            .with_host_cache(self.host_cache_mb.map(mib))
+            .with_load_threads(self.load_threads());
         let (name, free, total) = backend.device_info()?;
         log::info!(
             "cuda backend: {} model(s) in {}, GPU {} ({name}): {} MiB free of {} MiB",
@@ -298,6 +313,8 @@ mod tests {
         assert_eq!(args.device, 0);
         assert_eq!(args.sim_model_mb, None);
         assert_eq!(args.host_cache_mb, None);
+        assert_eq!(args.load_threads, None);
+        assert_eq!(args.load_threads(), crate::weights::default_load_threads());
         assert_eq!(config.queue, Some(QueueConfig::default()));
     }
 
@@ -313,9 +330,12 @@ mod tests {
             "3",
             "--device",
             "1",
+            "--load-threads",
+            "3",
         ])
         .unwrap();
         assert_eq!(args.backend, BackendKind::Cpu);
+        assert_eq!(args.load_threads(), 3);
         assert_eq!(args.models_dir, Some(PathBuf::from("/nonexistent/models")));
         assert_eq!(args.device, 1);
         let config = args.runner_config("127.0.0.1:5".parse().unwrap());
@@ -402,6 +422,7 @@ mod tests {
             &["--memory-mb", "0"],
             &["--memory-mb", "-1"],
             &["--device", "-1"],
+            &["--load-threads", "0"],
             &["--advertise", "a b"],
             &["--advertise", ""],
             &["--listen", "nowhere"],

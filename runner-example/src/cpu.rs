@@ -119,6 +119,13 @@ impl CpuBackend {
         Self { tier, ..self }
     }
 
+    /// The same backend with `threads` threads hashing and checking each full load
+    /// (`--load-threads`; 1: the load thread alone; by default as many as the CPUs): see
+    /// [`crate::weights::CheckPool`].
+    pub fn with_load_threads(self, threads: usize) -> Self {
+        Self { dir: self.dir.with_load_threads(threads), ..self }
+    }
+
     /// The models directory and its manifest.
     pub fn models(&self) -> &ModelDir {
         &self.dir

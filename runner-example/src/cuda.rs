@@ -143,6 +143,13 @@ impl CudaBackend {
         Self { tier, ..self }
     }
 
+    /// The same backend with `threads` threads hashing and checking each full load
+    /// (`--load-threads`; 1: the load thread alone; by default as many as the CPUs): see
+    /// [`crate::weights::CheckPool`].
+    pub fn with_load_threads(self, threads: usize) -> Self {
+        Self { dir: self.dir.with_load_threads(threads), ..self }
+    }
+
     /// The CUDA context (for benchmarks).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx

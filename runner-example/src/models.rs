@@ -45,7 +45,9 @@ pub use crate::mlp::{
     format_output, generate_weights, prompt_features, tensor_values, to_safetensors, Linear, MlpView,
     MlpWeights,
 };
-pub use crate::weights::{parse_weights, BufferPool, Checked, HostWeights, Loaded, VerifiedRecords};
+pub use crate::weights::{
+    parse_weights, BufferPool, CheckPool, Checked, HostWeights, Loaded, VerifiedRecords,
+};
 
 /// The manifest's file name inside a models directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -121,6 +123,7 @@ pub struct ModelDir {
     dir: PathBuf,
     models: HashMap<String, ModelEntry>,
     records: Arc<VerifiedRecords>,
+    checks: Arc<CheckPool>,
 }
 
 impl ModelDir {
@@ -158,7 +161,7 @@ impl ModelDir {
                 ));
             }
         }
-        Ok(Self { dir, models, records: Arc::default() })
+        Ok(Self { dir, models, records: Arc::default(), checks: Arc::default() })
     }
 
     /// The models directory.
@@ -188,6 +191,17 @@ impl ModelDir {
         })
     }
 
+    /// The same directory with `threads` threads checking each full load (`--load-threads`;
+    /// by default [`crate::weights::default_load_threads`]): see [`CheckPool`].
+    pub fn with_load_threads(self, threads: usize) -> Self {
+        Self { checks: Arc::new(CheckPool::new(threads)), ..self }
+    }
+
+    /// The threads that check full loads (shared by the clones of this `ModelDir`).
+    pub fn checks(&self) -> &CheckPool {
+        &self.checks
+    }
+
     /// The files that passed every check, by model (shared by the clones of this `ModelDir`).
     pub fn records(&self) -> &VerifiedRecords {
         &self.records
@@ -200,7 +214,7 @@ impl ModelDir {
         model: &str,
         pool: Option<&BufferPool>,
     ) -> Result<(HostWeights, Checked), BackendError> {
-        crate::weights::read_host(&self.dir, self.known(model)?, Some(&self.records), pool)
+        crate::weights::read_host(&self.dir, self.known(model)?, Some(&self.records), &self.checks, pool)
     }
 
     /// Reads and checks `model`'s weights into `dst` (its `weight_bytes` long), calling
@@ -211,7 +225,14 @@ impl ModelDir {
         dst: &mut [u8],
         on_chunk: &mut crate::weights::OnChunk<'_>,
     ) -> Result<Loaded, BackendError> {
-        crate::weights::read_into(&self.dir, self.known(model)?, Some(&self.records), dst, on_chunk)
+        crate::weights::read_into(
+            &self.dir,
+            self.known(model)?,
+            Some(&self.records),
+            &self.checks,
+            dst,
+            on_chunk,
+        )
     }
 
     /// Reads and checks `model`'s weights, one `Vec` per tensor.

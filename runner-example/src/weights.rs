@@ -7,10 +7,12 @@
 //!    file exactly, of the manifest's size;
 //! 2. the data section (the weights, the bulk of the file) is read with `read(2)` straight
 //!    into the buffer the weights will live in (a [`HostBuf`] for the cpu backend, pinned
-//!    memory for cuda), [`CHUNK`] bytes at a time; each chunk, while it is still in the CPU's
-//!    cache, is hashed (BLAKE3, or SHA-256 for manifests without a BLAKE3 digest) and checked
-//!    for non-finite values, then handed to the caller (`on_chunk`: cuda starts its copy to the
-//!    device while the next chunk is read);
+//!    memory for cuda), [`CHUNK`] bytes at a time; each chunk is hashed (BLAKE3, or SHA-256
+//!    for manifests without a BLAKE3 digest) and checked for non-finite values, then handed to
+//!    the caller (`on_chunk`: cuda starts its copy to the device while the next chunk is read).
+//!    With one load thread (`--load-threads 1`) the load thread does it all, each chunk while
+//!    it is still in the CPU's cache; with more, a [`CheckPool`] hashes and checks
+//!    [`SUPER_CHUNK`] k while the load thread reads k+1 (see `check.rs`);
 //! 3. the digest is compared with the manifest's.
 //!
 //! A [`VerifiedRecords`] remembers, per model, the identity of the file that last passed all
@@ -19,17 +21,24 @@
 //! header checks of step 1 always run). What that does and does not protect against is in
 //! `docs/backends.md` ("Integrity").
 
-use std::collections::HashMap;
+mod buffer;
+mod check;
+mod records;
+
 use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use safetensors::tensor::{Dtype, Metadata};
-use sha2::{Digest as _, Sha256};
 
+pub use self::buffer::{BufferPool, HostBuf};
+#[cfg(test)]
+use self::check::first_non_finite;
+use self::check::Hasher;
+pub use self::check::{default_load_threads, CheckPool, SUPER_CHUNK};
+pub use self::records::{FileIdentity, VerifiedRecords, SETTLE};
 use crate::backend::BackendError;
 use crate::mlp::{MlpView, MlpWeights};
 use crate::models::ModelEntry;
@@ -41,112 +50,6 @@ pub const CHUNK: usize = 4 << 20;
 /// The largest safetensors header accepted (the library's own limit is 100 MB; ours are a
 /// few KiB).
 const MAX_HEADER: u64 = 16 << 20;
-
-/// A file's verification record is only trusted when the file had not been modified for at
-/// least this long when its verification started: timestamps are coarse (a clock tick), so
-/// a write in the same tick as the one before it could leave them unchanged (git's "racy
-/// git" problem, solved the same way).
-pub const SETTLE: Duration = Duration::from_secs(2);
-
-/// Memory for a model's weights on the host: an anonymous memory map, with transparent huge
-/// pages asked for (Linux), so that filling 1 GiB takes 512 page faults instead of 262 144.
-#[derive(Debug)]
-pub struct HostBuf {
-    map: memmap2::MmapMut,
-    len: usize,
-}
-
-impl HostBuf {
-    /// `len` zero bytes. `len` must be a multiple of 4 (a whole number of f32).
-    pub fn zeroed(len: usize) -> io::Result<Self> {
-        if !len.is_multiple_of(4) {
-            return Err(io::Error::other(format!("a buffer of {len} bytes does not hold whole f32s")));
-        }
-        let map = memmap2::MmapOptions::new().len(len.max(4)).map_anon()?;
-        #[cfg(target_os = "linux")]
-        {
-            // Only a hint: without huge pages the buffer works the same, slower to fill.
-            let _ = map.advise(memmap2::Advice::HugePage);
-        }
-        Ok(Self { map, len })
-    }
-
-    /// A copy of `bytes` (a multiple of 4 long), in a buffer from `pool` when it has one.
-    pub fn copy_of(bytes: &[u8], pool: Option<&BufferPool>) -> io::Result<Self> {
-        let mut buf = BufferPool::take_or_alloc(pool, bytes.len())?;
-        buf.bytes_mut().copy_from_slice(bytes);
-        Ok(buf)
-    }
-
-    /// Its length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether it is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Its bytes.
-    pub fn bytes(&self) -> &[u8] {
-        self.map.get(..self.len).unwrap_or_default()
-    }
-
-    /// Its bytes, to write.
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        let len = self.len;
-        self.map.get_mut(..len).unwrap_or_default()
-    }
-
-    /// Its bytes as f32 (in the host's byte order; the loader swaps on big-endian hosts).
-    pub fn floats(&self) -> &[f32] {
-        // A page-aligned map of a multiple of 4 bytes always casts.
-        bytemuck::try_cast_slice(self.bytes()).unwrap_or_default()
-    }
-}
-
-/// The buffer of the model evicted last, kept for the next load to fill: fresh memory costs
-/// the kernel zeroing and mapping every page before the read can fill it (here about as long
-/// as the read itself), memory already mapped does not. Holds at most one buffer; a load
-/// takes it when it is big enough (and at most twice the size needed), else it is freed then.
-#[derive(Debug, Default)]
-pub struct BufferPool {
-    spare: Mutex<Option<HostBuf>>,
-}
-
-impl BufferPool {
-    /// Keeps `buf` for the next load (freeing the one kept before, if any).
-    pub fn give(&self, buf: HostBuf) {
-        let old = self.spare.lock().unwrap_or_else(PoisonError::into_inner).replace(buf);
-        drop(old); // outside the lock
-    }
-
-    /// The spare buffer, resized to `len` bytes, when it fits; its contents are stale.
-    pub fn take(&self, len: usize) -> Option<HostBuf> {
-        let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).take()?;
-        let room = spare.map.len();
-        if len.is_multiple_of(4) && room >= len && room / 2 <= len.max(4) {
-            Some(HostBuf { map: spare.map, len })
-        } else {
-            drop(spare); // does not fit: free it, a fresh buffer is allocated instead
-            None
-        }
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.spare.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map_or(0, |b| b.map.len())
-    }
-
-    /// A buffer of `len` bytes: `pool`'s spare when it fits, else a new one.
-    pub fn take_or_alloc(pool: Option<&BufferPool>, len: usize) -> io::Result<HostBuf> {
-        match pool.and_then(|p| p.take(len)) {
-            Some(buf) => Ok(buf),
-            None => HostBuf::zeroed(len),
-        }
-    }
-}
 
 /// A model's weights in one host buffer, as read from its file.
 #[derive(Debug)]
@@ -193,99 +96,6 @@ impl HostWeights {
             layers,
             head: crate::mlp::Linear { weight: view.head.0.to_vec(), bias: view.head.1.to_vec() },
         }
-    }
-}
-
-/// What identifies a file's contents without reading them: if any of this changed, the file
-/// may have. `ctime` is the inode change time, which the kernel sets to "now" on every write,
-/// rename and `utimensat`: an unprivileged process cannot set it back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileIdentity {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl FileIdentity {
-    /// The identity of an open file (`None` where the platform has no inodes).
-    pub fn of(file: &File) -> io::Result<Option<Self>> {
-        let meta = file.metadata()?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            Ok(Some(Self {
-                dev: meta.dev(),
-                ino: meta.ino(),
-                size: meta.size(),
-                mtime: (meta.mtime(), meta.mtime_nsec()),
-                ctime: (meta.ctime(), meta.ctime_nsec()),
-            }))
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = meta;
-            Ok(None)
-        }
-    }
-
-    /// Whether the file had been left alone for `settle` at `now`.
-    fn settled(&self, now: SystemTime, settle: Duration) -> bool {
-        let secs = |t: (i64, i64)| {
-            Duration::new(u64::try_from(t.0).unwrap_or(u64::MAX), t.1.clamp(0, 999_999_999) as u32)
-        };
-        let Ok(now) = now.duration_since(SystemTime::UNIX_EPOCH) else { return false };
-        let last = secs(self.mtime).max(secs(self.ctime));
-        now.checked_sub(last).is_some_and(|age| age >= settle)
-    }
-}
-
-/// The files that passed every check, by model: see the module docs.
-#[derive(Debug)]
-pub struct VerifiedRecords {
-    records: Mutex<HashMap<String, FileIdentity>>,
-    settle: Duration,
-}
-
-impl Default for VerifiedRecords {
-    fn default() -> Self {
-        Self::with_settle(SETTLE)
-    }
-}
-
-impl VerifiedRecords {
-    /// Records that trust a file left alone for `settle` ([`SETTLE`] by default; less only
-    /// in tests).
-    pub fn with_settle(settle: Duration) -> Self {
-        Self { records: Mutex::default(), settle }
-    }
-
-    fn matches(&self, model: &str, id: &FileIdentity) -> bool {
-        self.records.lock().unwrap_or_else(PoisonError::into_inner).get(model) == Some(id)
-    }
-
-    fn set(&self, model: &str, id: Option<FileIdentity>) {
-        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
-        match id {
-            Some(id) => records.insert(model.to_string(), id),
-            None => records.remove(model),
-        };
-    }
-
-    /// Forgets every record: the next load of every model is checked in full.
-    pub fn clear(&self) {
-        self.records.lock().unwrap_or_else(PoisonError::into_inner).clear();
-    }
-
-    /// How many files are recorded.
-    pub fn len(&self) -> usize {
-        self.records.lock().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    /// Whether no file is recorded.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -344,6 +154,7 @@ pub fn read_into(
     dir: &Path,
     entry: &ModelEntry,
     records: Option<&VerifiedRecords>,
+    checks: &CheckPool,
     dst: &mut [u8],
     on_chunk: &mut OnChunk<'_>,
 ) -> Result<Loaded, BackendError> {
@@ -366,7 +177,7 @@ pub fn read_into(
         (Some(records), Some(id)) => records.matches(&entry.name, id),
         _ => false,
     };
-    let result = read_checked(&mut file, len, entry, !trusted, dst, on_chunk);
+    let result = read_checked(&mut file, len, entry, !trusted, checks, dst, on_chunk);
     let after = FileIdentity::of(&file).map_err(cannot_read)?;
     match result {
         Ok(_) if trusted && after != before => {
@@ -375,7 +186,7 @@ pub fn read_into(
             if let Some(records) = records {
                 records.set(&entry.name, None);
             }
-            read_into(dir, entry, None, dst, on_chunk).inspect(|_| {
+            read_into(dir, entry, None, checks, dst, on_chunk).inspect(|_| {
                 if let Some(records) = records {
                     // Not recorded: it is still being written, the next load checks again.
                     records.set(&entry.name, None);
@@ -411,6 +222,7 @@ pub fn read_host(
     dir: &Path,
     entry: &ModelEntry,
     records: Option<&VerifiedRecords>,
+    checks: &CheckPool,
     pool: Option<&BufferPool>,
 ) -> Result<(HostWeights, Checked), BackendError> {
     let bytes = usize::try_from(entry.weight_bytes)
@@ -421,7 +233,7 @@ pub fn read_host(
             entry.name
         ))
     })?;
-    let read = read_into(dir, entry, records, buf.bytes_mut(), &mut |_, _, _| Ok(()))?;
+    let read = read_into(dir, entry, records, checks, buf.bytes_mut(), &mut |_, _, _| Ok(()))?;
     Ok((HostWeights { width: entry.width, buf, ranges: read.ranges }, read.checked))
 }
 
@@ -430,64 +242,14 @@ pub fn parse_weights(data: &[u8], entry: &ModelEntry) -> Result<MlpWeights, Stri
     let bytes = usize::try_from(entry.weight_bytes).map_err(|e| e.to_string())?;
     let mut buf = HostBuf::zeroed(bytes).map_err(|e| e.to_string())?;
     let mut src = data;
+    let one = CheckPool::new(1);
     let ranges =
-        read_checked(&mut src, data.len() as u64, entry, true, buf.bytes_mut(), &mut |_, _, _| Ok(()))
+        read_checked(&mut src, data.len() as u64, entry, true, &one, buf.bytes_mut(), &mut |_, _, _| Ok(()))
             .map_err(|f| match f {
                 Failure::Corrupt(why) => why,
                 Failure::Io(e) => e.to_string(),
             })?;
     Ok(HostWeights { width: entry.width, buf, ranges }.to_mlp())
-}
-
-/// The digest a manifest entry is checked against.
-enum Hasher {
-    Blake3(Box<blake3::Hasher>, String),
-    Sha256(Box<Sha256>, String),
-}
-
-impl Hasher {
-    fn for_entry(entry: &ModelEntry) -> Self {
-        match &entry.blake3 {
-            Some(want) => Hasher::Blake3(Box::default(), want.clone()),
-            None => Hasher::Sha256(Box::default(), entry.sha256.clone()),
-        }
-    }
-
-    fn update(&mut self, data: &[u8]) {
-        match self {
-            Hasher::Blake3(h, _) => {
-                h.update(data);
-            }
-            Hasher::Sha256(h, _) => h.update(data),
-        }
-    }
-
-    fn check(self) -> Result<(), Failure> {
-        let (name, got, want) = match self {
-            Hasher::Blake3(h, want) => ("BLAKE3", h.finalize().to_hex().to_string(), want),
-            Hasher::Sha256(h, want) => ("SHA-256", crate::models::hex(&h.finalize()), want),
-        };
-        if got == want {
-            Ok(())
-        } else {
-            Err(Failure::Corrupt(format!("{name} {got} does not match the manifest's {want}")))
-        }
-    }
-}
-
-/// The index of the first non-finite f32 in `chunk` (little-endian bytes), if any.
-fn first_non_finite(chunk: &[u8]) -> Option<usize> {
-    const EXPONENT: u32 = 0x7f80_0000;
-    let bad = |bits: u32| bits & EXPONENT == EXPONENT;
-    // Fast path: one branch-free pass (vectorised), then find the culprit only if needed.
-    let any = match bytemuck::try_cast_slice::<u8, u32>(chunk) {
-        Ok(words) => words.iter().fold(false, |acc, &w| acc | bad(u32::from_le(w))),
-        Err(_) => true,
-    };
-    if !any {
-        return None;
-    }
-    chunk.chunks_exact(4).position(|b| bad(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
 }
 
 /// The file read from `src` (`len` bytes), checked against `entry`, its data section into
@@ -497,6 +259,7 @@ fn read_checked(
     len: u64,
     entry: &ModelEntry,
     full: bool,
+    checks: &CheckPool,
     dst: &mut [u8],
     on_chunk: &mut OnChunk<'_>,
 ) -> Result<Vec<Range<usize>>, Failure> {
@@ -537,32 +300,8 @@ fn read_checked(
         h.update(&n_bytes);
         h.update(&header);
     }
-    // 2. The data, straight into its buffer, chunk by chunk.
-    let mut offset = 0;
-    for chunk in dst.chunks_mut(CHUNK) {
-        let range = offset..offset + chunk.len();
-        read_exact(src, chunk)?;
-        if let Some(h) = hasher.as_mut() {
-            h.update(chunk);
-            if let Some(i) = first_non_finite(chunk) {
-                let at = (offset / 4) + i;
-                let (name, index) = ranges
-                    .iter()
-                    .zip(&entry.tensors)
-                    .find(|(r, _)| r.contains(&at))
-                    .map_or(("?", at), |(r, t)| (t.name.as_str(), at - r.start));
-                return Err(Failure::Corrupt(format!(
-                    "tensor {name} holds a non-finite value at index {index}"
-                )));
-            }
-        }
-        #[cfg(target_endian = "big")]
-        for word in chunk.chunks_exact_mut(4) {
-            word.reverse();
-        }
-        on_chunk(&ranges, range, chunk).map_err(Failure::Corrupt)?;
-        offset += chunk.len();
-    }
+    // 2. The data, straight into its buffer, chunk by chunk (see `check`).
+    check::read_data(src, dst, &ranges, entry, hasher.as_mut(), checks, on_chunk)?;
     // 3. The digest.
     if let Some(h) = hasher {
         h.check()?;

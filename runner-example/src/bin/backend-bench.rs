@@ -44,6 +44,12 @@ struct Args {
     #[arg(long, default_value_t = 200, value_name = "N")]
     hits: usize,
 
+    /// Load-check threads (the runner's --load-threads) to time first loads with, each, side
+    /// by side; the last one is used for everything else. [default: 1 and the number of CPUs]
+    #[arg(long, value_delimiter = ',', value_name = "N,...",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    load_threads: Vec<usize>,
+
     /// GPU for the cuda backend.
     #[arg(long, default_value_t = 0, value_name = "N")]
     device: usize,
@@ -72,6 +78,11 @@ async fn main() -> ExitCode {
             backends.push(BackendKind::Cuda);
         }
     }
+    let mut load_threads = args.load_threads;
+    if load_threads.is_empty() {
+        load_threads = vec![1, runner_example::weights::default_load_threads()];
+        load_threads.dedup();
+    }
     let temp = match args.dir {
         Some(_) => None,
         None => Some(TempDir(std::env::temp_dir().join(format!("backend-bench-{}", std::process::id())))),
@@ -86,13 +97,15 @@ async fn main() -> ExitCode {
         dir,
         hit_model_mb: args.hit_model_mb,
         hits: args.hits,
+        load_threads,
     };
     eprintln!(
-        "measuring {} x {:?} MiB: {} loads of each kind and {} inferences each, models in {}",
+        "measuring {} x {:?} MiB: {} loads of each kind and {} inferences each, load-check threads {:?}, models in {}",
         config.backends.iter().map(|b| b.name()).collect::<Vec<_>>().join(","),
         config.sizes_mb,
         config.loads,
         config.infers,
+        config.load_threads,
         config.dir.display()
     );
     let result = tokio::select! {

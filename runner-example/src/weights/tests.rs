@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use safetensors::tensor::TensorView;
 
 use super::*;
@@ -164,7 +166,8 @@ fn an_unchanged_file_is_checked_once_and_a_changed_one_again() {
     let want = generate_weights(3, 0, entry.width);
     let good = std::fs::read(&path).unwrap();
     let records = VerifiedRecords::with_settle(Duration::ZERO);
-    let read = |records: &VerifiedRecords| read_host(dir.path(), entry, Some(records), None);
+    let read =
+        |records: &VerifiedRecords| read_host(dir.path(), entry, Some(records), &CheckPool::default(), None);
 
     let (w, checked) = read(&records).unwrap();
     assert_eq!((checked, w.to_mlp() == want), (Checked::Full, true));
@@ -212,7 +215,7 @@ fn chunks_arrive_in_order_and_cover_the_weights() {
     let mut dst = vec![0u8; entry.weight_bytes as usize];
     let mut seen: Vec<Range<usize>> = Vec::new();
     let mut copy = Vec::new();
-    let loaded = read_into(dir.path(), entry, None, &mut dst, &mut |_, r, bytes| {
+    let loaded = read_into(dir.path(), entry, None, &CheckPool::default(), &mut dst, &mut |_, r, bytes| {
         assert_eq!(r.len(), bytes.len());
         copy.extend_from_slice(bytes);
         seen.push(r);
@@ -226,8 +229,10 @@ fn chunks_arrive_in_order_and_cover_the_weights() {
     assert_eq!(copy, dst);
     assert_eq!(loaded.checked, Checked::Full);
     // A failing chunk consumer fails the load.
-    let err =
-        read_into(dir.path(), entry, None, &mut dst, &mut |_, _, _| Err("device gone".into())).unwrap_err();
+    let err = read_into(dir.path(), entry, None, &CheckPool::default(), &mut dst, &mut |_, _, _| {
+        Err("device gone".into())
+    })
+    .unwrap_err();
     assert!(matches!(&err, BackendError::Failed(m) if m.contains("device gone")), "{err:?}");
 }
 
@@ -255,7 +260,215 @@ fn the_pool_lends_the_last_buffer_to_a_load_that_fits() {
     let mut stale = HostBuf::zeroed(entry.weight_bytes as usize).unwrap();
     stale.bytes_mut().fill(0xff); // NaNs everywhere: must all be overwritten
     pool.give(stale);
-    let (w, _) = read_host(dir.path(), entry, None, Some(&pool)).unwrap();
+    let (w, _) = read_host(dir.path(), entry, None, &CheckPool::default(), Some(&pool)).unwrap();
     assert_eq!(pool.bytes(), 0);
     assert_eq!(w.to_mlp(), generate_weights(5, 0, entry.width));
+}
+
+/// A load of `entry` from `dir` checked in full by `checks`: the result, the buffer, and the
+/// ranges handed to `on_chunk`, in order.
+fn load_with(
+    dir: &Path,
+    entry: &ModelEntry,
+    checks: &CheckPool,
+) -> (Result<Loaded, BackendError>, Vec<u8>, Vec<Range<usize>>) {
+    let mut dst = vec![0u8; entry.weight_bytes as usize];
+    let mut seen: Vec<Range<usize>> = Vec::new();
+    let mut copy = vec![0u8; dst.len()];
+    let loaded = read_into(dir, entry, None, checks, &mut dst, &mut |ranges, r, bytes| {
+        assert_eq!(ranges.len(), entry.tensors.len());
+        assert_eq!(r.len(), bytes.len());
+        copy[r.clone()].copy_from_slice(bytes);
+        seen.push(r);
+        Ok(())
+    });
+    if loaded.is_ok() {
+        assert_eq!(copy, dst, "on_chunk saw the bytes the buffer holds");
+    }
+    (loaded, dst, seen)
+}
+
+/// Thread counts and super-chunk sizes to check a load with: one thread (the load thread),
+/// and pools of 2 and 3 threads taking one, two or the default number of chunks at a time.
+fn pools() -> Vec<CheckPool> {
+    vec![
+        CheckPool::new(1),
+        CheckPool::with_super_chunk(2, 1),
+        CheckPool::with_super_chunk(3, 2),
+        CheckPool::new(2),
+    ]
+}
+
+#[test]
+fn a_parallel_full_check_reads_what_one_thread_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three and a half chunks: several super-chunks of one or two chunks, a short last one.
+    let manifest = make_models(dir.path(), 1, (3 * CHUNK + CHUNK / 2) as u64, 11).unwrap();
+    let entry = &manifest.models[0];
+    let (one, one_bytes, one_seen) = load_with(dir.path(), entry, &CheckPool::new(1));
+    let one = one.unwrap();
+    assert_eq!(one.checked, Checked::Full);
+    assert_eq!(one_seen.len(), 4);
+    let want = generate_weights(11, 0, entry.width);
+    let host = HostWeights {
+        width: entry.width,
+        buf: HostBuf::copy_of(&one_bytes, None).unwrap(),
+        ranges: one.ranges.clone(),
+    };
+    assert_eq!(host.to_mlp(), want);
+    for checks in pools() {
+        let (loaded, bytes, seen) = load_with(dir.path(), entry, &checks);
+        let threads = checks.threads();
+        assert_eq!(loaded.unwrap(), one, "{threads} threads");
+        assert!(bytes == one_bytes, "{threads} threads: other bytes");
+        assert_eq!(seen, one_seen, "{threads} threads");
+    }
+}
+
+#[test]
+fn chunks_are_handed_on_in_order_covering_the_buffer_with_a_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = make_models(dir.path(), 1, (4 * CHUNK + 1000) as u64, 12).unwrap();
+    let entry = &manifest.models[0];
+    for checks in pools() {
+        let (loaded, bytes, seen) = load_with(dir.path(), entry, &checks);
+        assert_eq!(loaded.unwrap().checked, Checked::Full);
+        assert_eq!(seen.first().map(|r| r.start), Some(0));
+        assert!(seen.windows(2).all(|w| w[0].end == w[1].start), "{seen:?}");
+        assert_eq!(seen.last().map(|r| r.end), Some(bytes.len()));
+        assert!(seen.iter().all(|r| !r.is_empty() && r.len() <= CHUNK), "{seen:?}");
+    }
+    // A failing chunk consumer fails a pipelined load too, and is not called again.
+    let mut dst = vec![0u8; entry.weight_bytes as usize];
+    let mut calls = 0;
+    let checks = CheckPool::with_super_chunk(2, 1);
+    let err = read_into(dir.path(), entry, None, &checks, &mut dst, &mut |_, _, _| {
+        calls += 1;
+        Err("device gone".into())
+    })
+    .unwrap_err();
+    assert!(matches!(&err, BackendError::Failed(m) if m.contains("device gone")), "{err:?}");
+    assert_eq!(calls, 1);
+}
+
+/// Writes `bytes` as the model file of `entry_for(bytes, width, blake3)` into `dir`.
+fn write_model(dir: &Path, bytes: &[u8], width: usize, blake3: bool) -> ModelEntry {
+    let entry = entry_for(bytes, width, blake3);
+    std::fs::write(dir.join(&entry.file), bytes).unwrap();
+    entry
+}
+
+/// Where the data section of safetensors `bytes` starts.
+fn data_start(bytes: &[u8]) -> usize {
+    8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
+}
+
+/// A model of width 800 (about 10 MiB: three super-chunks of one chunk) as file bytes.
+fn model_of_width_800() -> Vec<u8> {
+    to_safetensors(&generate_weights(13, 0, 800), "m").unwrap()
+}
+
+#[test]
+fn a_corrupt_byte_in_a_later_super_chunk_fails_the_digest_with_a_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = model_of_width_800();
+    let mut bad = good.clone();
+    // In the third chunk: the lowest mantissa bit of a weight, still finite.
+    let at = data_start(&bad) + 2 * CHUNK + 4 * 1001;
+    bad[at] ^= 0x01;
+    for blake3 in [true, false] {
+        let entry = write_model(dir.path(), &good, 800, blake3);
+        std::fs::write(dir.path().join(&entry.file), &bad).unwrap();
+        for checks in pools() {
+            let (loaded, _, seen) = load_with(dir.path(), &entry, &checks);
+            let err = loaded.unwrap_err();
+            let digest = if blake3 { "BLAKE3" } else { "SHA-256" };
+            assert!(
+                matches!(&err, BackendError::Failed(m) if m.contains(digest) && m.contains("does not match the manifest's")),
+                "{} threads: {err:?}",
+                checks.threads()
+            );
+            // Only the digest at the end can tell: every chunk was handed on.
+            assert_eq!(seen.last().map(|r| r.end), Some(entry.weight_bytes as usize));
+        }
+    }
+}
+
+#[test]
+fn a_nan_in_the_second_super_chunk_names_its_tensor_and_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = model_of_width_800();
+    // f32 index of the data: in the second chunk, and another NaN after it.
+    let first = CHUNK / 4 + 12_345;
+    let start = data_start(&bytes);
+    for at in [first, 2 * CHUNK / 4 + 7] {
+        bytes[start + 4 * at..start + 4 * at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    // Which tensor that is, from the file's header (safetensors sorts tensors by name).
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let (name, index) = expected_tensors(800)
+        .into_iter()
+        .find_map(|t| {
+            let (from, to) = metadata.info(&t.name).unwrap().data_offsets;
+            (from / 4..to / 4).contains(&first).then(|| (t.name.clone(), first - from / 4))
+        })
+        .unwrap();
+    assert_eq!(name, "layers.1.weight");
+    let want = format!("tensor {name} holds a non-finite value at index {index}");
+    for blake3 in [true, false] {
+        let entry = write_model(dir.path(), &bytes, 800, blake3);
+        for checks in pools() {
+            let (loaded, _, seen) = load_with(dir.path(), &entry, &checks);
+            let err = loaded.unwrap_err();
+            assert!(
+                matches!(&err, BackendError::Failed(m) if m.contains(&want)),
+                "{} threads: {err:?}",
+                checks.threads()
+            );
+            // Nothing of the bad chunk, or after it, was handed on.
+            assert!(seen.iter().all(|r| r.end <= CHUNK), "{seen:?}");
+        }
+    }
+}
+
+#[test]
+fn sha256_manifests_load_with_a_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = model_of_width_800();
+    let entry = write_model(dir.path(), &bytes, 800, false);
+    assert_eq!(entry.blake3, None);
+    let (one, one_bytes, _) = load_with(dir.path(), &entry, &CheckPool::new(1));
+    let one = one.unwrap();
+    for checks in pools() {
+        let (loaded, got, _) = load_with(dir.path(), &entry, &checks);
+        assert_eq!(loaded.unwrap(), one);
+        assert!(got == one_bytes);
+    }
+    let host =
+        HostWeights { width: 800, buf: HostBuf::copy_of(&one_bytes, None).unwrap(), ranges: one.ranges };
+    assert_eq!(host.to_mlp(), generate_weights(13, 0, 800));
+}
+
+#[test]
+fn the_pool_threads_are_named_and_started_once() {
+    let checks = CheckPool::new(3);
+    assert_eq!(checks.threads(), 3);
+    let pool = checks.pool().unwrap();
+    assert_eq!(pool.current_num_threads(), 3);
+    let name = pool.install(|| std::thread::current().name().map(str::to_string));
+    assert!(name.is_some_and(|n| n.starts_with("model-check-")));
+    assert!(std::ptr::eq(pool, checks.pool().unwrap()));
+    // At the load thread's lowered priority: a higher niceness than this thread's.
+    #[cfg(target_os = "linux")]
+    {
+        let nice = || {
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            // After the command name in parentheses: state is field 3, nice field 19.
+            let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+            fields[16].parse::<i32>().unwrap()
+        };
+        assert!(pool.install(nice) > nice(), "{} <= {}", pool.install(nice), nice());
+    }
+    assert!(CheckPool::new(1).pool().is_none());
+    assert_eq!(CheckPool::new(0).threads(), 1);
 }
