@@ -365,15 +365,15 @@ impl Poller {
             }
             return ev;
         }
-        if let (Some(200), Ok(b)) = (status, &body) {
-            // The same body as the last report applied: nothing to parse.
-            let key = (body_hash(b), b.len());
-            let last = self.slots.get(idx).and_then(|s| s.last.as_ref());
-            if let Some(recap) = last.filter(|l| (l.hash, l.len) == key).map(|l| l.recap.clone()) {
-                return self.apply(idx, now_ms, recap, None);
-            }
+        // A 200's body, by hash and length: the same as the last report applied needs no parse.
+        let key = match (status, &body) {
+            (Some(200), Ok(b)) => Some((body_hash(b), b.len())),
+            _ => None,
+        };
+        let last = self.slots.get(idx).and_then(|s| s.last.as_ref());
+        if let Some(recap) = last.filter(|l| Some((l.hash, l.len)) == key).map(|l| l.recap.clone()) {
+            return self.apply(idx, now_ms, recap, None);
         }
-        let key = body.as_ref().ok().map(|b| (body_hash(b), b.len()));
         match self.parse(idx, status, body) {
             Err(f) => self.on_failure(idx, now_ms, f),
             Ok(report) => {

@@ -38,6 +38,7 @@ impl Slot {
         // A poll still in flight for the old runner is ignored when it answers.
         self.phase = Phase::Idle;
         self.reported_in_flight = None;
+        self.last = None;
         self.probe = Probe::Report;
         self.most_hints = 0;
         self.member = false;
