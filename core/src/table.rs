@@ -314,11 +314,8 @@ impl View {
 
     /// Moves runner `idx` in the hint index from its `old` hints to its current ones.
     fn reindex(&mut self, idx: u32, old: &[String]) {
-        unindex(&mut self.by_hint, idx, old);
         if let Some(r) = self.runners.get(idx as usize) {
-            for h in &r.hints {
-                index(&mut self.by_hint, h, idx);
-            }
+            relist(&mut self.by_hint, idx, old, &r.hints);
         }
     }
 
@@ -404,12 +401,7 @@ impl View {
             return false;
         }
         let old = std::mem::replace(&mut r.warm, warm);
-        unindex(&mut self.by_warm, idx, &old);
-        if let Some(r) = self.runners.get(idx as usize) {
-            for h in &r.warm {
-                index(&mut self.by_warm, h, idx);
-            }
-        }
+        relist(&mut self.by_warm, idx, &old, &r.warm);
         true
     }
 
@@ -470,8 +462,8 @@ fn index(map: &mut FastMap<String, Holders>, h: &str, idx: u32) {
     }
 }
 
-/// Takes runner `idx` off the lists of its `old` entries in `map`.
-fn unindex(map: &mut FastMap<String, Holders>, idx: u32, old: &[String]) {
+/// Moves runner `idx` in `map` from the lists of its `old` entries to those of its `new` ones.
+fn relist(map: &mut FastMap<String, Holders>, idx: u32, old: &[String], new: &[String]) {
     for h in old {
         if let Some(list) = map.get_mut(h.as_str()) {
             list.retain(|x| *x != idx);
@@ -479,6 +471,9 @@ fn unindex(map: &mut FastMap<String, Holders>, idx: u32, old: &[String]) {
                 map.remove(h.as_str());
             }
         }
+    }
+    for h in new {
+        index(map, h, idx);
     }
 }
 
