@@ -357,6 +357,15 @@ fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
     resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
+/// A request for `model` to `url`, hinted, as both doors send it.
+fn hinted_post(client: &reqwest::Client, url: &str, model: &str) -> reqwest::RequestBuilder {
+    client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-fal-runner-hint", model)
+        .body(request_body(model))
+}
+
 fn request_body(model: &str) -> String {
     format!("{{\"model\":\"{model}\",\"prompt\":\"hello\"}}")
 }
@@ -398,13 +407,7 @@ async fn one_request(
 ) -> Sent {
     let lag_us = Instant::now().saturating_duration_since(sched).as_micros() as u64;
     let fut = async {
-        let resp = client
-            .post(&url)
-            .header("content-type", "application/json")
-            .header("x-fal-runner-hint", &model)
-            .body(request_body(&model))
-            .send()
-            .await?;
+        let resp = hinted_post(&client, &url, &model).send().await?;
         let status = resp.status().as_u16();
         let (cache, runner) = (header(&resp, "x-cache"), header(&resp, "x-runner-id"));
         let overflow = header(&resp, "x-envoy-overloaded").is_some();
@@ -462,13 +465,7 @@ async fn one_queue_request(
     let lag_us = Instant::now().saturating_duration_since(sched).as_micros() as u64;
     let polls = AtomicU64::new(0);
     let fut = async {
-        let resp = client
-            .post(format!("{base}{QUEUE_APP}"))
-            .header("content-type", "application/json")
-            .header("x-fal-runner-hint", &model)
-            .body(request_body(&model))
-            .send()
-            .await?;
+        let resp = hinted_post(&client, &format!("{base}{QUEUE_APP}"), &model).send().await?;
         let status = resp.status().as_u16();
         let overflow = header(&resp, "x-envoy-overloaded").is_some();
         let body = resp.bytes().await?;
