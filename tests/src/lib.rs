@@ -51,9 +51,13 @@ pub fn runner_bin() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/release/runner-example"))
 }
 
-/// A free loopback port (bound then released; the race with other processes is harmless here).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+/// `n` distinct free loopback ports. All are held bound at once while they are picked: ports
+/// picked one after another can repeat (one is released before the next is asked for), and a
+/// process that then binds the second of two equal ports fails, while a readiness probe on it
+/// is answered by the first.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    held.iter().map(|l| l.local_addr().expect("addr").port()).collect()
 }
 
 /// A scratch directory under `target/e2e/`, unique per call.
@@ -362,7 +366,8 @@ impl Envoy {
         let (port, admin, tls_port, queue_port) = if opts.shipped_ports {
             (10000, 9901, 10443, 10444)
         } else {
-            (free_port(), free_port(), free_port(), free_port())
+            let p = free_ports(4);
+            (p[0], p[1], p[2], p[3])
         };
         ensure_dev_tls();
         let dir = scratch_dir("envoy");

@@ -3,7 +3,7 @@
 //! both with the interpreter in `.venv/` (fal and fal-client installed, pinned, by
 //! `scripts/setup.sh --test`).
 
-use crate::{client, free_port, repo_root, signal, Envoy};
+use crate::{client, free_ports, repo_root, signal, Envoy};
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -40,15 +40,17 @@ impl FalApp {
     /// Starts every `(name, args)` app at once and waits until all answer `GET /health`.
     pub fn start_all(specs: &[(&str, &[&str])]) -> Vec<FalApp> {
         check_fal_installed();
-        let mut apps: Vec<FalApp> = specs.iter().map(|(name, args)| FalApp::spawn(name, args)).collect();
+        // Distinct ports: each app binds its own only once its interpreter has started.
+        let ports = free_ports(specs.len());
+        let mut apps: Vec<FalApp> =
+            specs.iter().zip(ports).map(|((name, args), port)| FalApp::spawn(name, args, port)).collect();
         for a in &mut apps {
             a.wait_ready(Duration::from_secs(60));
         }
         apps
     }
 
-    fn spawn(name: &str, args: &[&str]) -> FalApp {
-        let port = free_port();
+    fn spawn(name: &str, args: &[&str], port: u16) -> FalApp {
         let dir = crate::scratch_dir("fal-app");
         let log = dir.join(format!("{name}.log"));
         let err = fs::File::create(&log).expect("log file");
