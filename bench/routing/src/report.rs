@@ -31,6 +31,9 @@ pub struct Record {
     pub runner: Option<u32>,
     /// How it ended.
     pub status: Status,
+    /// Time it spent queued at its runner for a cache slot or an inference slot (the
+    /// runner's own `queue_ms`; load time not included), answered requests only.
+    pub queue_us: u64,
 }
 
 /// What one policy did at one point.
@@ -65,6 +68,10 @@ pub struct Summary {
     pub spread: f64,
     /// (hit - round_robin hit) / (Belady hit - round_robin hit), filled in later.
     pub gap_closed: Option<f64>,
+    /// Mean time the 200s spent queued at their runners for a cache or inference slot
+    /// ([`Record::queue_us`]), milliseconds.
+    #[serde(default)]
+    pub queue_ms: f64,
 }
 
 /// The `q` quantile (0..=1) of sorted values, nearest rank.
@@ -83,12 +90,13 @@ pub fn summarize(trace: &Trace, records: &[Record], loads_in_window: u64, runner
     let mut s =
         Summary { requests: measured.len() as u64, per_runner: vec![0; runners], ..Summary::default() };
     let mut lat = Vec::with_capacity(measured.len());
-    let mut hits = 0u64;
+    let (mut hits, mut queued_us) = (0u64, 0u64);
     for r in measured {
         match r.status {
             Status::Ok => {
                 s.ok += 1;
                 hits += u64::from(r.hit);
+                queued_us += r.queue_us;
                 lat.push(r.latency_us);
             }
             Status::Timeout => {
@@ -111,6 +119,7 @@ pub fn summarize(trace: &Trace, records: &[Record], loads_in_window: u64, runner
     s.p999_ms = ms(quantile(&lat, 0.999));
     s.mean_ms = if lat.is_empty() { 0.0 } else { lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1000.0 };
     s.throughput = s.ok as f64 / secs;
+    s.queue_ms = if s.ok > 0 { queued_us as f64 / s.ok as f64 / 1000.0 } else { 0.0 };
     let total: u64 = s.per_runner.iter().sum();
     let max = s.per_runner.iter().copied().max().unwrap_or(0);
     s.spread = if total > 0 { max as f64 * runners as f64 / total as f64 } else { 0.0 };
