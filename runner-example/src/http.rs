@@ -2,7 +2,7 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `POST /` `{"model": M, "prompt": P}` | 200 `{"model", "output", "cache", "queue_ms", "load_ms", "infer_ms"}` and `x-cache: hit\|miss` |
+//! | `POST /` `{"model": M, "prompt": P}` | 200 `{"model", "output", "cache", "queue_ms", "slot_ms", "load_ms", "infer_ms"}` and `x-cache: hit\|miss` |
 //! | `GET /hints` | 200 [`HintsReport`](hint_router_core::wire::HintsReport); hints most recently used first |
 //! | `GET /healthz`, `GET /health` | 200 `ok`, or 503 `draining` (`/health` is the path fal apps serve, which the shipped Envoy health check uses) |
 //! | `POST /queue/submit` (or `/queue/submit/`) with the body of `POST /` | 200 `{"request_id", "response_url", "status_url", "cancel_url", "status": "IN_QUEUE", "queue_position"}`: a job of the fal queue, run like `POST /` |
@@ -93,6 +93,8 @@ pub struct InferResponse {
     pub cache: String,
     /// Milliseconds spent waiting for a cache slot and an inference slot.
     pub queue_ms: u64,
+    /// Of `queue_ms`, the milliseconds spent waiting for an inference slot.
+    pub slot_ms: u64,
     /// Milliseconds spent waiting for the model to load.
     pub load_ms: u64,
     /// Milliseconds the inference took.
@@ -232,6 +234,7 @@ pub(crate) fn inference_answer(model: String, result: Result<Inference, InferErr
                 output: done.output,
                 cache: cache.to_string(),
                 queue_ms: millis(done.queue),
+                slot_ms: millis(done.slot_wait),
                 load_ms: millis(done.load),
                 infer_ms: millis(done.infer),
             };

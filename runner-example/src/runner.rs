@@ -72,6 +72,8 @@ pub struct Inference {
     pub cache: CacheOutcome,
     /// Time spent waiting for a cache slot and for an inference slot.
     pub queue: Duration,
+    /// Of `queue`, the time spent waiting for an inference slot (the model ready).
+    pub slot_wait: Duration,
     /// Time spent waiting for the model to load.
     pub load: Duration,
     /// Time the inference itself took.
@@ -275,7 +277,8 @@ impl Runner {
         let permit = Arc::clone(&inner.permits).acquire_owned().await.map_err(|_| InferError::Closed)?;
         let started = Instant::now();
         let (cache, load) = (lease.outcome(), lease.loading());
-        let queue = lease.queued() + started.saturating_duration_since(waited_from);
+        let slot_wait = started.saturating_duration_since(waited_from);
+        let queue = lease.queued() + slot_wait;
         if !on_start(&Starting { cache, queue, load }) {
             return Err(InferError::Cancelled);
         }
@@ -294,7 +297,7 @@ impl Runner {
             Ok(done) => done,
             Err(e) => (Err(BackendError::Failed(format!("inference task failed: {e}"))), started.elapsed()),
         };
-        Ok(Inference { output: output.map_err(InferError::Infer)?, cache, queue, load, infer })
+        Ok(Inference { output: output.map_err(InferError::Infer)?, cache, queue, slot_wait, load, infer })
     }
 
     /// Requests refused by [`Runner::admit`] so far.
@@ -398,6 +401,7 @@ mod tests {
                 output: "a:p".into(),
                 cache: CacheOutcome::Miss,
                 queue: Duration::ZERO,
+                slot_wait: Duration::ZERO,
                 load: LOAD,
                 infer: INFER,
             }
@@ -422,16 +426,21 @@ mod tests {
         settle().await;
         assert_eq!(runner.in_flight(), 12);
         assert_eq!(runner.report().in_flight, 12);
-        let mut queues = Vec::new();
+        let (mut queues, mut slot_waits) = (Vec::new(), Vec::new());
         for task in tasks {
-            queues.push(task.await.unwrap().unwrap().queue);
+            let done = task.await.unwrap().unwrap();
+            queues.push(done.queue);
+            slot_waits.push(done.slot_wait);
         }
+        slot_waits.sort();
         assert_eq!(backend.max_infers(), 2);
         assert_eq!(runner.in_flight(), 0);
         // All models loaded together, then inferences ran two at a time: 6 rounds.
         queues.sort();
         assert_eq!(queues.first(), Some(&Duration::ZERO));
         assert_eq!(queues.last(), Some(&(INFER * 5)));
+        // Every model was resident or loading for all of them: the queue was all slot wait.
+        assert_eq!(slot_waits, queues);
     }
 
     #[tokio::test(start_paused = true)]
@@ -459,6 +468,7 @@ mod tests {
         let b = b.await.unwrap().unwrap();
         assert_eq!(b.load, LOAD);
         assert_eq!(b.queue, LOAD * 9);
+        assert_eq!(b.slot_wait, LOAD * 9, "it waited for the slot, not for a cache slot");
         assert_eq!(start.elapsed(), LOAD * 20);
         long.await.unwrap().unwrap();
     }

@@ -161,7 +161,7 @@ async fn inference_miss_then_hit_and_headers() {
     assert_eq!(raw["cache"], "hit");
     assert_eq!(raw["load_ms"], 0);
     assert_eq!(raw["output"], sim_output("a", "hello").as_str());
-    for key in ["queue_ms", "infer_ms"] {
+    for key in ["queue_ms", "slot_ms", "infer_ms"] {
         assert!(raw[key].is_u64(), "{raw}");
     }
     assert!(!raw.to_string().contains(&h.addr.to_string()), "{raw}");

@@ -181,7 +181,7 @@ fn id_of(submitted: &Value) -> String {
 
 /// An answer's body without its timings, which differ from request to request.
 fn untimed(mut body: Value) -> Value {
-    for key in ["queue_ms", "load_ms", "infer_ms"] {
+    for key in ["queue_ms", "slot_ms", "load_ms", "infer_ms"] {
         assert!(body[key].is_u64(), "{body}");
         body.as_object_mut().unwrap().remove(key);
     }

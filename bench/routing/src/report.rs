@@ -34,6 +34,9 @@ pub struct Record {
     /// Time it spent queued at its runner for a cache slot or an inference slot (the
     /// runner's own `queue_ms`; load time not included), answered requests only.
     pub queue_us: u64,
+    /// Of `queue_us`, the time it waited for an inference slot with its model ready (the
+    /// runner's `slot_ms`).
+    pub slot_us: u64,
 }
 
 /// What one policy did at one point.
@@ -72,6 +75,9 @@ pub struct Summary {
     /// ([`Record::queue_us`]), milliseconds.
     #[serde(default)]
     pub queue_ms: f64,
+    /// Of `queue_ms`, the mean wait for an inference slot ([`Record::slot_us`]), ms.
+    #[serde(default)]
+    pub slot_ms: f64,
 }
 
 /// The `q` quantile (0..=1) of sorted values, nearest rank.
@@ -90,13 +96,14 @@ pub fn summarize(trace: &Trace, records: &[Record], loads_in_window: u64, runner
     let mut s =
         Summary { requests: measured.len() as u64, per_runner: vec![0; runners], ..Summary::default() };
     let mut lat = Vec::with_capacity(measured.len());
-    let (mut hits, mut queued_us) = (0u64, 0u64);
+    let (mut hits, mut queued_us, mut slot_us) = (0u64, 0u64, 0u64);
     for r in measured {
         match r.status {
             Status::Ok => {
                 s.ok += 1;
                 hits += u64::from(r.hit);
                 queued_us += r.queue_us;
+                slot_us += r.slot_us;
                 lat.push(r.latency_us);
             }
             Status::Timeout => {
@@ -119,7 +126,8 @@ pub fn summarize(trace: &Trace, records: &[Record], loads_in_window: u64, runner
     s.p999_ms = ms(quantile(&lat, 0.999));
     s.mean_ms = if lat.is_empty() { 0.0 } else { lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1000.0 };
     s.throughput = s.ok as f64 / secs;
-    s.queue_ms = if s.ok > 0 { queued_us as f64 / s.ok as f64 / 1000.0 } else { 0.0 };
+    let mean_ms = |us: u64| if s.ok > 0 { us as f64 / s.ok as f64 / 1000.0 } else { 0.0 };
+    (s.queue_ms, s.slot_ms) = (mean_ms(queued_us), mean_ms(slot_us));
     let total: u64 = s.per_runner.iter().sum();
     let max = s.per_runner.iter().copied().max().unwrap_or(0);
     s.spread = if total > 0 { max as f64 * runners as f64 / total as f64 } else { 0.0 };

@@ -14,6 +14,12 @@
 //! `poll_interval_us`, the hints of each response are learned when it is sent back, in-flight
 //! counts move at once, and every request that ends is reported to `Router::observe`. The
 //! Envoy policies are ports of Envoy's code ([`crate::envoy_lb`]).
+//!
+//! With `proxies` > 1, several Envoys share the runners, request `i` of the trace going
+//! through proxy `i % proxies` (an L4 balancer alternating). Each proxy has its own view,
+//! its own poll phases and its own in-flight counts: it counts its own requests, and each of
+//! its polls rebases its count for that runner on the runner's own `in_flight` (every proxy's
+//! requests), as the filter's poller does. It learns hints only from its own responses.
 
 use crate::envoy_lb::{bounded_pick, header_hash, least_request_pick, Ring};
 use crate::report::{Record, Status};
@@ -34,7 +40,8 @@ enum Event {
     LoadDone(u32, u32),
     InferDone(u32, u32),
     Timeout(u32),
-    Poll(u32),
+    /// Proxy, runner.
+    Poll(u32, u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +73,21 @@ struct SimRunner {
     host: Vec<(u64, u32)>,
 }
 
+/// One Envoy's routing state: what it knows of the fleet and counts by itself.
+struct Proxy {
+    /// The filter's routing state (its view of the fleet lives in it).
+    router: Router,
+    /// `plain_rank`'s view.
+    view: View,
+    /// This proxy's in-flight count per runner: its own requests, rebased on the runner's
+    /// own count at each of its polls.
+    inflight: Vec<u32>,
+    /// Requests in flight through this proxy (its circuit breaker).
+    total_inflight: u32,
+    spin: u32,
+    rr: u32,
+}
+
 struct Sim<'a> {
     p: &'a SimParams,
     trace: &'a Trace,
@@ -74,26 +96,27 @@ struct Sim<'a> {
     seq: u64,
     events: BinaryHeap<Reverse<(u64, u64, Event)>>,
     runners: Vec<SimRunner>,
-    inflight: Vec<u32>,
+    /// Per runner: the requests it has from every proxy (what it reports as `in_flight`).
+    at_runner: Vec<u32>,
     waiting_load: Vec<u32>,
     busy_view: Vec<u32>,
     /// Per request: the filter's decision, for [`Router::observe`] when it ends.
     routed: Vec<Option<Decision>>,
     /// The last `pick`'s decision.
     last_decision: Option<Decision>,
-    /// The filter's routing state (its view of the fleet lives in it).
-    router: Router,
+    proxies: Vec<Proxy>,
+    /// Requests in flight through all proxies (when to stop polling).
     total_inflight: u32,
     states: Vec<ReqState>,
     hit: Vec<bool>,
+    /// Per request: since when it has been queued, and whether for an inference slot (else
+    /// for a cache slot).
+    queued_since: Vec<Option<(u64, bool)>>,
     records: Vec<Record>,
     loads: Vec<u64>,
     names: Vec<String>,
-    view: View,
     ring: Ring,
     rng: Rng,
-    spin: u32,
-    rr: u32,
     out: Vec<u32>,
     decisions: BTreeMap<&'static str, u64>,
 }
@@ -129,6 +152,14 @@ pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
             .collect(),
     };
     let n = trace.reqs.len();
+    let proxy = || Proxy {
+        router: Router::with_mode(View::from_table(&table), policy.when_holders_busy()),
+        view: View::from_table(&table),
+        inflight: vec![0; p.runners],
+        total_inflight: 0,
+        spin: 0,
+        rr: 0,
+    };
     let mut sim = Sim {
         p,
         trace,
@@ -137,27 +168,25 @@ pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
         seq: 0,
         events: BinaryHeap::with_capacity(1024),
         runners: vec![SimRunner::default(); p.runners],
-        inflight: vec![0; p.runners],
+        at_runner: vec![0; p.runners],
         waiting_load: vec![0; p.runners],
         busy_view: vec![0; p.runners],
         routed: vec![None; n],
         last_decision: None,
-        router: Router::with_mode(View::from_table(&table), policy.when_holders_busy()),
+        proxies: (0..p.proxies.max(1)).map(|_| proxy()).collect(),
         total_inflight: 0,
         states: vec![ReqState::Pending; n],
         hit: vec![false; n],
+        queued_since: vec![None; n],
         records: vec![Record::default(); n],
         loads: Vec::new(),
         names: (0..trace.spec.models as u32).map(model_name).collect(),
-        view: View::from_table(&table),
         ring: if matches!(policy, Policy::RingHash | Policy::RingHashBounded) {
             Ring::new(&addrs)
         } else {
             Ring::new(&[])
         },
         rng: Rng::new(p.seed),
-        spin: 0,
-        rr: 0,
         out: Vec::with_capacity(4),
         decisions: BTreeMap::new(),
     };
@@ -175,9 +204,11 @@ impl Sim<'_> {
         let mut next_arrival = 0usize;
         if self.policy.is_hint() {
             let mut rng = Rng::new(self.p.seed ^ 0x5eed);
-            for r in 0..self.p.runners as u32 {
-                let phase = rng.below(self.p.poll_interval_us.max(1));
-                self.push(phase, Event::Poll(r));
+            for k in 0..self.proxies.len() as u32 {
+                for r in 0..self.p.runners as u32 {
+                    let phase = rng.below(self.p.poll_interval_us.max(1));
+                    self.push(phase, Event::Poll(k, r));
+                }
             }
         }
         let end = self.trace.spec.warmup_us + self.trace.spec.measure_us;
@@ -204,54 +235,55 @@ impl Sim<'_> {
                 Event::LoadDone(r, m) => self.load_done(r, m),
                 Event::InferDone(r, i) => self.infer_done(r, i),
                 Event::Timeout(i) => self.timeout(i),
-                Event::Poll(r) => {
-                    self.learn(r, true);
+                Event::Poll(k, r) => {
+                    self.poll(k, r);
                     // Stop polling once nothing is left to do.
                     if next_arrival < self.trace.reqs.len() || self.total_inflight > 0 || t < end {
-                        self.push(t + self.p.poll_interval_us.max(1), Event::Poll(r));
+                        self.push(t + self.p.poll_interval_us.max(1), Event::Poll(k, r));
                     }
                 }
             }
         }
     }
 
-    fn pick(&mut self, model: u32) -> Option<u32> {
+    /// The runner proxy `k` picks for a request for `model`.
+    fn pick(&mut self, k: usize, model: u32) -> Option<u32> {
+        let px = self.proxies.get_mut(k)?;
+        let hint = self.names.get(model as usize).map(String::as_str);
         match self.policy {
             Policy::Hint | Policy::HintFastest if !self.p.plain_rank => {
                 // Exactly what the filter does per request (src/filter.rs).
-                self.spin = self.spin.wrapping_add(1);
-                let hint = self.names.get(model as usize).map(String::as_str);
-                let d = self.router.route(hint, &self.inflight, self.now, self.spin, 3, 64, &mut self.out);
+                px.spin = px.spin.wrapping_add(1);
+                let d = px.router.route(hint, &px.inflight, self.now, px.spin, 3, 64, &mut self.out);
                 self.last_decision = Some(d);
                 if self.now >= self.trace.spec.warmup_us {
                     *self.decisions.entry(d.outcome.as_str()).or_default() += 1;
                 }
                 match self.out.first() {
                     Some(&r) => Some(r),
-                    None => least_request_pick(&mut self.rng, &self.inflight),
+                    None => least_request_pick(&mut self.rng, &px.inflight),
                 }
             }
             Policy::Hint | Policy::HintFastest => {
-                self.spin = self.spin.wrapping_add(1);
-                let hint = self.names.get(model as usize).map(String::as_str);
+                px.spin = px.spin.wrapping_add(1);
                 let loads: &[u32] = if self.p.what_if_loading_not_busy {
-                    for ((b, f), w) in self.busy_view.iter_mut().zip(&self.inflight).zip(&self.waiting_load) {
+                    for ((b, f), w) in self.busy_view.iter_mut().zip(&px.inflight).zip(&self.waiting_load) {
                         *b = f.saturating_sub(*w);
                     }
                     &self.busy_view
                 } else {
-                    &self.inflight
+                    &px.inflight
                 };
-                let outcome: Outcome = rank(&self.view, hint, loads, self.spin, 3, &mut self.out);
+                let outcome: Outcome = rank(&px.view, hint, loads, px.spin, 3, &mut self.out);
                 if self.p.what_if_optimistic_hints {
                     if let (Some(&r), Some(h)) = (self.out.first(), hint) {
-                        let listed = self.view.runner(r).map(|v| v.hints.iter().any(|x| x == h));
+                        let listed = px.view.runner(r).map(|v| v.hints.iter().any(|x| x == h));
                         if listed == Some(false) {
                             let mut hints = vec![h.to_string()];
-                            if let Some(v) = self.view.runner(r) {
+                            if let Some(v) = px.view.runner(r) {
                                 hints.extend(v.hints.iter().take(self.p.capacity.saturating_sub(1)).cloned());
                             }
-                            self.view.set_runner_hints(r, &HintList { hints, invalid: 0, truncated: 0 });
+                            px.view.set_runner_hints(r, &HintList { hints, invalid: 0, truncated: 0 });
                         }
                     }
                 }
@@ -260,37 +292,53 @@ impl Sim<'_> {
                 }
                 match self.out.first() {
                     Some(&r) => Some(r),
-                    None => least_request_pick(&mut self.rng, &self.inflight),
+                    None => least_request_pick(&mut self.rng, &px.inflight),
                 }
             }
             Policy::RoundRobin => {
-                let r = self.rr % self.p.runners.max(1) as u32;
-                self.rr = self.rr.wrapping_add(1);
+                let r = px.rr % self.p.runners.max(1) as u32;
+                px.rr = px.rr.wrapping_add(1);
                 Some(r)
             }
-            Policy::LeastRequest => least_request_pick(&mut self.rng, &self.inflight),
-            Policy::RingHash => {
-                let h = header_hash(self.names.get(model as usize).map(String::as_str).unwrap_or(""));
-                self.ring.pick(h)
-            }
-            Policy::RingHashBounded => {
-                let h = header_hash(self.names.get(model as usize).map(String::as_str).unwrap_or(""));
-                bounded_pick(&self.ring, h, self.p.hash_balance_factor, &self.inflight)
-            }
+            Policy::LeastRequest => least_request_pick(&mut self.rng, &px.inflight),
+            Policy::RingHash => self.ring.pick(header_hash(hint.unwrap_or(""))),
+            Policy::RingHashBounded => bounded_pick(
+                &self.ring,
+                header_hash(hint.unwrap_or("")),
+                self.p.hash_balance_factor,
+                &px.inflight,
+            ),
         }
+    }
+
+    /// The proxy request `i` goes through.
+    fn proxy_of(&self, i: u32) -> usize {
+        i as usize % self.proxies.len().max(1)
     }
 
     fn arrive(&mut self, i: u32) {
         let Some(req) = self.trace.reqs.get(i as usize).copied() else { return };
-        if self.total_inflight >= self.p.max_inflight {
+        let k = self.proxy_of(i);
+        if self.proxies.get(k).map_or(0, |px| px.total_inflight) >= self.p.max_inflight {
             self.finish(i, None, Status::Overflow);
             return;
         }
-        let Some(r) = self.pick(req.model) else {
+        if self.p.what_if_exact_in_flight {
+            if let Some(px) = self.proxies.get_mut(k) {
+                px.inflight.clone_from(&self.at_runner);
+            }
+        }
+        let Some(r) = self.pick(k, req.model) else {
             self.finish(i, None, Status::Error);
             return;
         };
-        if let Some(c) = self.inflight.get_mut(r as usize) {
+        if let Some(px) = self.proxies.get_mut(k) {
+            if let Some(c) = px.inflight.get_mut(r as usize) {
+                *c += 1;
+            }
+            px.total_inflight += 1;
+        }
+        if let Some(c) = self.at_runner.get_mut(r as usize) {
             *c += 1;
         }
         if let Some(d) = self.routed.get_mut(i as usize) {
@@ -333,6 +381,7 @@ impl Sim<'_> {
                     *h = true;
                 }
                 self.set_state(i, ReqState::ReadyQ(r));
+                self.queue_from(i, true);
                 self.try_start(r);
             } else {
                 e.waiters.push(i);
@@ -346,6 +395,8 @@ impl Sim<'_> {
             run.queue.push_back((model, vec![i]));
         }
         self.set_state(i, ReqState::WaitingLoad(r, model));
+        // Waiting for a cache slot (admit ends it at once when one is free).
+        self.queue_from(i, false);
         self.admit(r);
     }
 
@@ -353,7 +404,7 @@ impl Sim<'_> {
         let cap = self.p.capacity.max(1);
         let now = self.now;
         let Some(run) = self.runners.get_mut(r as usize) else { return };
-        let mut started = Vec::new();
+        let (mut started, mut admitted) = (Vec::new(), Vec::new());
         loop {
             if run.queue.is_empty() {
                 break;
@@ -387,6 +438,7 @@ impl Sim<'_> {
                 }
                 run.host.push((run.clock, model));
             }
+            admitted.extend_from_slice(&waiters);
             run.entries.push(Entry {
                 model,
                 pins: waiters.len() as u32,
@@ -395,6 +447,9 @@ impl Sim<'_> {
                 waiters,
             });
             started.push((model, from_host));
+        }
+        for i in admitted {
+            self.queue_until(i);
         }
         for (m, from_host) in started {
             self.loads.push(now);
@@ -413,6 +468,7 @@ impl Sim<'_> {
         }
         for i in waiters {
             self.set_state(i, ReqState::ReadyQ(r));
+            self.queue_from(i, true);
         }
         self.admit(r);
         self.try_start(r);
@@ -429,6 +485,7 @@ impl Sim<'_> {
             }
         }
         for i in started {
+            self.queue_until(i);
             self.set_state(i, ReqState::Running(r));
             self.push(self.now + self.p.infer_us, Event::InferDone(r, i));
         }
@@ -458,11 +515,17 @@ impl Sim<'_> {
         }
         let model = self.trace.reqs.get(i as usize).map(|q| q.model).unwrap_or(0);
         self.unpin(r, model);
-        self.leave(r);
+        self.leave(r, i);
         let hit = self.hit.get(i as usize).copied().unwrap_or(false);
         self.finish(i, Some(hit), Status::Ok);
         if self.p.learn_from_responses {
-            self.learn(r, false);
+            if self.p.what_if_shared_responses {
+                for k in 0..self.proxies.len() {
+                    self.learn(k, r, false);
+                }
+            } else {
+                self.learn(self.proxy_of(i), r, false);
+            }
         }
         self.try_start(r);
     }
@@ -483,7 +546,7 @@ impl Sim<'_> {
                                 run.queue.remove(pos);
                             }
                         }
-                        self.leave(r);
+                        self.leave(r, i);
                         self.finish(i, None, Status::Timeout);
                         return;
                     }
@@ -504,16 +567,46 @@ impl Sim<'_> {
             }
         };
         self.unpin(r, model);
-        self.leave(r);
+        self.leave(r, i);
         self.finish(i, None, Status::Timeout);
         self.try_start(r);
     }
 
-    fn leave(&mut self, r: u32) {
-        if let Some(c) = self.inflight.get_mut(r as usize) {
+    /// Request `i` leaves runner `r`.
+    fn leave(&mut self, r: u32, i: u32) {
+        let k = self.proxy_of(i);
+        if let Some(px) = self.proxies.get_mut(k) {
+            if let Some(c) = px.inflight.get_mut(r as usize) {
+                *c = c.saturating_sub(1);
+            }
+            px.total_inflight = px.total_inflight.saturating_sub(1);
+        }
+        if let Some(c) = self.at_runner.get_mut(r as usize) {
             *c = c.saturating_sub(1);
         }
         self.total_inflight = self.total_inflight.saturating_sub(1);
+    }
+
+    /// Request `i` starts waiting for an inference slot (`slot`) or a cache slot.
+    fn queue_from(&mut self, i: u32, slot: bool) {
+        if let Some(q) = self.queued_since.get_mut(i as usize) {
+            *q = Some((self.now, slot));
+        }
+    }
+
+    /// Request `i` stops waiting for a slot: the wait counts towards its `queue_us` (and
+    /// `slot_us`), as `runner-example` reports it.
+    fn queue_until(&mut self, i: u32) {
+        let Some((since, slot)) = self.queued_since.get_mut(i as usize).and_then(Option::take) else {
+            return;
+        };
+        if let Some(rec) = self.records.get_mut(i as usize) {
+            let waited = self.now.saturating_sub(since);
+            rec.queue_us += waited;
+            if slot {
+                rec.slot_us += waited;
+            }
+        }
     }
 
     fn finish(&mut self, i: u32, hit: Option<bool>, status: Status) {
@@ -523,7 +616,10 @@ impl Sim<'_> {
         let routed = self.routed.get_mut(i as usize).and_then(Option::take);
         if let (Some(d), Some(r)) = (routed, self.records.get(i as usize).and_then(|rec| rec.runner)) {
             let answered = (status == Status::Ok).then_some(latency);
-            self.router.observe(r, &d, answered);
+            let k = self.proxy_of(i);
+            if let Some(px) = self.proxies.get_mut(k) {
+                px.router.observe(r, &d, answered);
+            }
         }
         self.set_state(i, ReqState::Done);
         if let Some(rec) = self.records.get_mut(i as usize) {
@@ -533,11 +629,22 @@ impl Sim<'_> {
         }
     }
 
-    /// The runner's hints (resident and loading models, most recently used first) reach the
-    /// filter's view.
+    /// Proxy `k` polls runner `r`: it learns its hints, and rebases its in-flight count for
+    /// it on the runner's own (the filter's poller, `Poller::rebased_in_flight`; a poll is
+    /// answered at once here, so nothing moved while it was out).
+    fn poll(&mut self, k: u32, r: u32) {
+        self.learn(k as usize, r, true);
+        let truth = self.at_runner.get(r as usize).copied().unwrap_or(0);
+        if let Some(c) = self.proxies.get_mut(k as usize).and_then(|px| px.inflight.get_mut(r as usize)) {
+            *c = truth;
+        }
+    }
+
+    /// The runner's hints (resident and loading models, most recently used first) reach
+    /// proxy `k`'s view.
     /// `poll`: as the filter gets a poll (through a published table, which keeps our
     /// guesses it still lists); else as a response header (which confirms them).
-    fn learn(&mut self, r: u32, poll: bool) {
+    fn learn(&mut self, k: usize, r: u32, poll: bool) {
         if !self.policy.is_hint() {
             return;
         }
@@ -557,15 +664,16 @@ impl Sim<'_> {
             host.into_iter().filter_map(|(_, m)| self.names.get(m as usize).cloned()).collect()
         };
         let list = HintList { hints, invalid: 0, truncated: 0 };
+        let Some(px) = self.proxies.get_mut(k) else { return };
         if self.p.plain_rank {
-            self.view.set_runner_hints(r, &list);
+            px.view.set_runner_hints(r, &list);
         } else if poll {
-            self.router.refresh(|v| {
+            px.router.refresh(|v| {
                 v.set_runner_hints(r, &list);
                 v.set_runner_warm(r, warm);
             });
         } else {
-            self.router.learn(r, &list);
+            px.router.learn(r, &list);
         }
     }
 }

@@ -63,6 +63,18 @@ struct Args {
     /// Load time from the warm tier, ms.
     #[arg(long, default_value_t = 20.0)]
     warm_load_ms: f64,
+    /// Also run each point's hint policies with this many Envoys in front of the same
+    /// runners (each its own view, poll phases and in-flight counts; requests alternate
+    /// between them), side by side with one Envoy carrying the same trace.
+    #[arg(long, default_value_t = 1)]
+    proxies: usize,
+    /// What-if (oracle), with --proxies: every decision sees every runner's true in-flight
+    /// count.
+    #[arg(long)]
+    what_if_exact_in_flight: bool,
+    /// What-if, with --proxies: every response's hints reach every proxy.
+    #[arg(long)]
+    what_if_shared_responses: bool,
     /// Points: `all`, `default`, or a list like `zipf1.0@60,uniform@30`.
     #[arg(long, default_value = "all")]
     points: String,
@@ -198,6 +210,38 @@ fn main() -> Result<()> {
                     s.p99_ms / b.p99_ms.max(f64::MIN_POSITIVE),
                     s.hit_rate * 100.0,
                     b.hit_rate * 100.0
+                );
+            }
+        }
+        if a.proxies > 1 {
+            let multi_params = SimParams {
+                proxies: a.proxies,
+                what_if_exact_in_flight: a.what_if_exact_in_flight,
+                what_if_shared_responses: a.what_if_shared_responses,
+                ..params.clone()
+            };
+            let hint: Vec<_> = policies.iter().copied().filter(|p| p.is_hint()).collect();
+            let multi = sim_point(&multi_params, &trace, &hint, b.belady);
+            print!("{}", table(&format!("x{}", a.proxies), &multi));
+            for (one, multi) in pr.sim.iter().filter(|r| r.policy.is_hint()).zip(&multi) {
+                let (s, m) = (&one.summary, &multi.summary);
+                println!(
+                    "  {}: 1 vs {} Envoys: hit {:.1} / {:.1} % ({:+.1} points), runner queue {:.2} / {:.2} ms (inference slot {:.2} / {:.2}), loads {:.1} / {:.1} /s, mean {:.1} / {:.1} ms, errors {} / {}",
+                    one.policy,
+                    a.proxies,
+                    s.hit_rate * 100.0,
+                    m.hit_rate * 100.0,
+                    (m.hit_rate - s.hit_rate) * 100.0,
+                    s.queue_ms,
+                    m.queue_ms,
+                    s.slot_ms,
+                    m.slot_ms,
+                    s.loads_per_s,
+                    m.loads_per_s,
+                    s.mean_ms,
+                    m.mean_ms,
+                    s.errors,
+                    m.errors
                 );
             }
         }

@@ -56,6 +56,23 @@ pub struct SimParams {
     /// What-if (the router before it read `warm`): polls report no warm lists.
     #[serde(default)]
     pub what_if_blind_to_warm: bool,
+    /// Envoys in front of the runners, each with its own view, poll phases and in-flight
+    /// counts; request `i` goes through proxy `i % proxies`. 0 counts as 1.
+    #[serde(default = "one")]
+    pub proxies: usize,
+    /// What-if (an oracle no proxy has): with several proxies, each decision sees every
+    /// runner's true in-flight count (all proxies' requests), not its own count rebased at
+    /// its last poll.
+    #[serde(default)]
+    pub what_if_exact_in_flight: bool,
+    /// What-if: with several proxies, every response's hints reach every proxy, not only
+    /// the one that sent the request.
+    #[serde(default)]
+    pub what_if_shared_responses: bool,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for SimParams {
@@ -80,6 +97,9 @@ impl Default for SimParams {
             host_cache: 0,
             warm_load_us: 20_000,
             what_if_blind_to_warm: false,
+            proxies: 1,
+            what_if_exact_in_flight: false,
+            what_if_shared_responses: false,
         }
     }
 }

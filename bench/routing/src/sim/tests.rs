@@ -112,3 +112,87 @@ fn the_warm_tier_makes_a_reload_cheap_and_forgets_the_least_recently_loaded() {
     let run = simulate(&SimParams { host_cache: 0, ..p }, &t, Policy::RoundRobin);
     assert!(run.records.iter().all(|r| r.latency_us == 211_000));
 }
+
+#[test]
+fn queue_time_is_the_wait_for_a_cache_slot_and_for_an_inference_slot() {
+    // One runner, one slot, max_concurrency 1. Model 0 twice at once: the second waits 10 ms
+    // for the inference slot after the load (all slot wait). Then models 1 and 2 at once: 2
+    // waits for 1's load and inference to free the only cache slot (211 ms of cache-slot
+    // wait), then loads.
+    let mut t = trace(0.1, 3, 1);
+    for (r, (m, at)) in t.reqs.iter_mut().zip([(0, 0), (0, 0), (1, 1_000_000), (2, 1_000_000)]) {
+        r.model = m;
+        r.at_us = at;
+    }
+    t.reqs.truncate(4);
+    t.first_measured = 0;
+    let p = SimParams { runners: 1, capacity: 1, max_concurrency: 1, ..SimParams::default() };
+    let run = simulate(&p, &t, Policy::RoundRobin);
+    let q: Vec<(u64, u64)> = run.records.iter().map(|r| (r.queue_us, r.slot_us)).collect();
+    assert_eq!(q, vec![(0, 0), (10_000, 10_000), (0, 0), (210_000, 0)]);
+    let s = summarize(&t, &run.records, 0, 1);
+    assert_eq!((s.queue_ms, s.slot_ms), (55.0, 2.5));
+}
+
+/// `n` requests for model 0 at once (after `t0` us), then nothing.
+fn burst(n: usize, t0: u64) -> Trace {
+    let mut t = trace(0.1, 2, 1);
+    t.reqs.truncate(n);
+    for r in t.reqs.iter_mut() {
+        r.model = 0;
+        r.at_us = t0;
+    }
+    t.first_measured = 0;
+    t
+}
+
+#[test]
+fn two_proxies_each_count_their_own_requests_until_a_poll_rebases_them() {
+    // Four idle runners with max_concurrency 4, eight requests for one cold model at once.
+    // One proxy sends four to the first runner, which is then busy, and four to a second.
+    // Two proxies alternate the requests; each counts only its own four, so both fill the
+    // same runner (hint-keyed tie-breaking sends them to the same first choice): one load,
+    // and four requests waiting for an inference slot.
+    let p = SimParams { runners: 4, max_concurrency: 4, ..SimParams::default() };
+    let t = burst(8, 1_000);
+    let one = simulate(&p, &t, Policy::Hint);
+    let two = simulate(&SimParams { proxies: 2, ..p.clone() }, &t, Policy::Hint);
+    let runners = |run: &SimRun| {
+        let mut r: Vec<u32> = run.records.iter().filter_map(|r| r.runner).collect();
+        r.dedup();
+        r.sort_unstable();
+        r.dedup();
+        r.len()
+    };
+    assert_eq!((one.loads.len(), runners(&one)), (2, 2));
+    assert_eq!((two.loads.len(), runners(&two)), (1, 1));
+    assert_eq!(one.records.iter().map(|r| r.slot_us).max(), Some(0));
+    assert_eq!(two.records.iter().filter(|r| r.slot_us == 10_000).count(), 4);
+    // Seeing every runner's true count (an oracle), two proxies route as one.
+    let exact = SimParams { proxies: 2, what_if_exact_in_flight: true, ..p.clone() };
+    assert_eq!(simulate(&exact, &t, Policy::Hint).records, one.records);
+    // Four requests at once fill one runner: each proxy sent it two, so each counts it half
+    // full. Two more come 1.5 s later, while those still run (2 s inferences); by then every
+    // runner has been polled by both proxies (every 500 ms), which rebased their counts on
+    // the runner's own four: the new requests go elsewhere instead of queueing there.
+    let p = SimParams { runners: 4, max_concurrency: 4, infer_us: 2_000_000, ..SimParams::default() };
+    let mut t = burst(6, 1_000);
+    for r in t.reqs.iter_mut().skip(4) {
+        r.at_us = 1_500_000;
+    }
+    let two = simulate(&SimParams { proxies: 2, ..p.clone() }, &t, Policy::Hint);
+    let runner = |i: usize| two.records.get(i).and_then(|r| r.runner);
+    assert!((1..4).all(|i| runner(i) == runner(0)), "{:?}", two.records);
+    assert!((4..6).all(|i| runner(i) != runner(0)), "{:?}", two.records);
+    assert!(two.records.iter().all(|r| r.slot_us == 0), "{:?}", two.records);
+}
+
+#[test]
+fn several_proxies_are_deterministic() {
+    let t = trace(0.6, 100, 3);
+    let p = SimParams { proxies: 3, ..SimParams::default() };
+    for policy in Policy::ALL {
+        let (a, b) = (simulate(&p, &t, policy), simulate(&p, &t, policy));
+        assert_eq!(a.records, b.records, "{policy}");
+    }
+}
