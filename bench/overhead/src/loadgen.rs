@@ -8,8 +8,8 @@
 //! count. One blocking thread per connection, `PR_SET_TIMERSLACK` 1 ns.
 
 use crate::proc;
-use crate::stats::quantile;
 use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -71,18 +71,25 @@ pub fn run(
             worker(addr, stream, &request, start, interval, k as u64, conns as u64, total)
         }));
     }
-    let mut lat = Vec::with_capacity(total as usize);
+    // Nanoseconds to five significant digits.
+    let mut lat = Histogram::<u64>::new_with_bounds(1, 1 << 50, 5).ok();
     let (mut sent, mut ok, mut errors, mut queued) = (0, 0, 0, 0);
     for h in handles {
         let w = h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))?;
-        lat.extend(w.latencies_ns);
+        if let Some(lat) = lat.as_mut() {
+            for v in w.latencies_ns {
+                lat.saturating_record(v);
+            }
+        }
         sent += w.sent;
         ok += w.ok;
         errors += w.errors;
         queued += w.queued;
     }
-    lat.sort_unstable();
-    let us = |q: f64| quantile(&lat, q) as f64 / 1000.0;
+    let us = |q: f64| match &lat {
+        Some(h) if !h.is_empty() => h.lowest_equivalent(h.value_at_quantile(q)) as f64 / 1000.0,
+        _ => 0.0,
+    };
     Ok(OpenLoop {
         rate,
         sent,

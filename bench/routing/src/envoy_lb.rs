@@ -3,8 +3,9 @@
 //! `hash_balance_factor`). Ring entries and header hashes use xxHash64 exactly as Envoy does, so
 //! given the same runner addresses the simulator maps each hint to the same runner as Envoy.
 
-use crate::rng::{Mt19937, Rng};
-use crate::xxhash::xxh64;
+use crate::rng::Rng;
+use rand_mt::Mt;
+use xxhash_rust::xxh64::xxh64;
 
 /// Envoy's ring (`RingHashLoadBalancer::Ring`) with default sizes (min 1024, max 8M entries).
 #[derive(Debug, Clone)]
@@ -101,8 +102,9 @@ pub fn bounded_pick(ring: &Ring, hash: u64, factor: u32, active: &[u32]) -> Opti
         return Some(host);
     }
     let mut index: Vec<u32> = (0..n).collect();
-    let mut random = Mt19937::new(hash);
-    let uniform = |random: &mut Mt19937, k: u32| -> u32 {
+    // std::mt19937 seeded with the hash (Envoy's seed is its 32 low bits).
+    let mut random = Mt::new(hash as u32);
+    let uniform = |random: &mut Mt, k: u32| -> u32 {
         let bucket = (1u64 << 32) / u64::from(k);
         loop {
             let x = (u64::from(random.next_u32()) / bucket) as u32;
@@ -145,6 +147,19 @@ pub fn least_request_pick(rng: &mut Rng, active: &[u32]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hash_and_the_generator_are_envoys() {
+        // xxHash64 (Envoy's HashUtil::xxHash64, seed 0) reference vectors.
+        assert_eq!(xxh64(b"", 0), 0xEF46_DB37_51D8_E999);
+        assert_eq!(xxh64(b"abc", 0), 0x44BC_2CF5_AD77_0999);
+        assert_eq!(xxh64(b"Nobody inspects the spammish repetition", 0), 0xFBCE_A83C_8A37_8BF1);
+        // The C++ standard requires the 10000th output of a default-seeded mt19937 to be this.
+        let mut m = Mt::new(5489);
+        assert_eq!(m.next_u32(), 3_499_211_612);
+        let last = (1..10_000).map(|_| m.next_u32()).last();
+        assert_eq!(last, Some(4_123_659_995));
+    }
 
     fn addrs(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("127.0.0.1:{}", 18081 + i)).collect()

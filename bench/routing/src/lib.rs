@@ -20,4 +20,3 @@ pub mod report;
 pub mod rng;
 pub mod sim;
 pub mod workload;
-pub mod xxhash;

@@ -5,7 +5,7 @@
 //! trace at the same time, so that machine noise hits every policy alike. Requests are sent
 //! open loop at their scheduled times; latency counts from the scheduled time.
 
-use crate::report::{quantile, Record, Status};
+use crate::report::{Quantiles, Record, Status};
 use crate::sim::Policy;
 use crate::workload::{model_name, Trace};
 use anyhow::{anyhow, bail, Context, Result};
@@ -634,7 +634,7 @@ pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<
             records,
             loads_in_window: l1.get(k).copied().unwrap_or(0).saturating_sub(l0.get(k).copied().unwrap_or(0)),
             achieved_rps: sent_in_window as f64 / secs,
-            send_lag_p99_ms: quantile(&lags, 0.99) as f64 / 1000.0,
+            send_lag_p99_ms: Quantiles::of(lags.iter().copied()).get(0.99) as f64 / 1000.0,
             filter_counters,
             polls_per_request: (*door == Door::Queue).then(|| polls as f64 / sent_in_window.max(1) as f64),
         });

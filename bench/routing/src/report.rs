@@ -2,6 +2,7 @@
 //! real run and the simulator).
 
 use crate::workload::Trace;
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 /// How a request ended.
@@ -80,13 +81,30 @@ pub struct Summary {
     pub slot_ms: f64,
 }
 
-/// The `q` quantile (0..=1) of sorted values, nearest rank.
-pub fn quantile(sorted: &[u64], q: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
+/// Quantiles of recorded values (microseconds), exact to five significant digits
+/// (hdrhistogram).
+pub struct Quantiles(Option<Histogram<u64>>);
+
+impl Quantiles {
+    /// The values' distribution.
+    pub fn of(values: impl IntoIterator<Item = u64>) -> Quantiles {
+        let mut h = Histogram::new_with_bounds(1, 1 << 42, 5).ok();
+        if let Some(h) = h.as_mut() {
+            for v in values {
+                h.saturating_record(v);
+            }
+        }
+        Quantiles(h)
     }
-    let rank = (q * sorted.len() as f64 - 1e-9).ceil() as usize;
-    sorted.get(rank.clamp(1, sorted.len()) - 1).copied().unwrap_or(0)
+
+    /// The `q` quantile (0..=1): the smallest recorded value (to five digits) that at least
+    /// that fraction of the values do not exceed; 0 when empty.
+    pub fn get(&self, q: f64) -> u64 {
+        match &self.0 {
+            Some(h) if !h.is_empty() => h.lowest_equivalent(h.value_at_quantile(q)),
+            _ => 0,
+        }
+    }
 }
 
 /// Summarises the measured window of `records` (one per request of `trace`).
@@ -117,13 +135,13 @@ pub fn summarize(trace: &Trace, records: &[Record], loads_in_window: u64, runner
             *c += 1;
         }
     }
-    lat.sort_unstable();
+    let q = Quantiles::of(lat.iter().copied());
     let ms = |us: u64| us as f64 / 1000.0;
     s.hit_rate = if s.ok > 0 { hits as f64 / s.ok as f64 } else { 0.0 };
     s.loads_per_s = loads_in_window as f64 / secs;
-    s.p50_ms = ms(quantile(&lat, 0.5));
-    s.p99_ms = ms(quantile(&lat, 0.99));
-    s.p999_ms = ms(quantile(&lat, 0.999));
+    s.p50_ms = ms(q.get(0.5));
+    s.p99_ms = ms(q.get(0.99));
+    s.p999_ms = ms(q.get(0.999));
     s.mean_ms = if lat.is_empty() { 0.0 } else { lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1000.0 };
     s.throughput = s.ok as f64 / secs;
     let mean_ms = |us: u64| if s.ok > 0 { us as f64 / s.ok as f64 / 1000.0 } else { 0.0 };
@@ -149,12 +167,12 @@ mod tests {
 
     #[test]
     fn quantiles_nearest_rank() {
-        let v: Vec<u64> = (1..=1000).collect();
-        assert_eq!(quantile(&v, 0.5), 500);
-        assert_eq!(quantile(&v, 0.99), 990);
-        assert_eq!(quantile(&v, 0.999), 999);
-        assert_eq!(quantile(&v, 1.0), 1000);
-        assert_eq!(quantile(&[], 0.5), 0);
+        let q = Quantiles::of((1..=1000).rev());
+        assert_eq!((q.get(0.5), q.get(0.99), q.get(0.999), q.get(1.0)), (500, 990, 999, 1000));
+        assert_eq!(Quantiles::of([]).get(0.5), 0);
+        // Five significant digits: 10 s is kept to 64 us, 0.2 s exactly.
+        let q = Quantiles::of([211_000, 10_000_000, 9_999_999]);
+        assert_eq!((q.get(0.3), q.get(0.6), q.get(1.0)), (211_000, 9_999_936, 10_000_000));
         assert!((gap_closed(0.5, 0.2, 0.8).unwrap() - 0.5).abs() < 1e-12);
         assert_eq!(gap_closed(0.5, 0.8, 0.8), None);
     }

@@ -1,5 +1,6 @@
-//! Small deterministic random number generators, so that a seed names the same trace on every
-//! machine and every version of this crate's dependencies.
+//! A small deterministic random number generator, so that a seed names the same trace on every
+//! machine and every version of this crate's dependencies. (Envoy's mt19937 comes from
+//! `rand_mt`, see [`crate::envoy_lb`].)
 
 /// SplitMix64: tiny, fast, and good enough for workload generation.
 #[derive(Debug, Clone)]
@@ -52,68 +53,9 @@ impl Rng {
     }
 }
 
-/// The 32-bit Mersenne Twister (`std::mt19937`), as Envoy's bounded-load hashing uses it.
-#[derive(Clone)]
-pub struct Mt19937 {
-    mt: [u32; 624],
-    index: usize,
-}
-
-impl Mt19937 {
-    /// Seeded like `std::mt19937 random(seed)` (the seed is taken modulo 2^32).
-    pub fn new(seed: u64) -> Mt19937 {
-        let mut mt = [0u32; 624];
-        mt[0] = seed as u32;
-        for i in 1..624 {
-            let prev = mt[i - 1];
-            mt[i] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(i as u32);
-        }
-        Mt19937 { mt, index: 624 }
-    }
-
-    fn twist(&mut self) {
-        for i in 0..624 {
-            let y = (self.mt[i] & 0x8000_0000) | (self.mt[(i + 1) % 624] & 0x7fff_ffff);
-            let mut v = self.mt[(i + 397) % 624] ^ (y >> 1);
-            if y & 1 != 0 {
-                v ^= 0x9908_b0df;
-            }
-            self.mt[i] = v;
-        }
-        self.index = 0;
-    }
-
-    /// The next output.
-    pub fn next_u32(&mut self) -> u32 {
-        if self.index >= 624 {
-            self.twist();
-        }
-        let mut y = self.mt[self.index];
-        self.index += 1;
-        y ^= y >> 11;
-        y ^= (y << 7) & 0x9d2c_5680;
-        y ^= (y << 15) & 0xefc6_0000;
-        y ^= y >> 18;
-        y
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mt19937_matches_the_standard() {
-        // The C++ standard requires the 10000th output of a default-seeded mt19937 to be this.
-        let mut m = Mt19937::new(5489);
-        assert_eq!(m.next_u32(), 3_499_211_612);
-        let mut m = Mt19937::new(5489);
-        let mut last = 0;
-        for _ in 0..10_000 {
-            last = m.next_u32();
-        }
-        assert_eq!(last, 4_123_659_995);
-    }
 
     #[test]
     fn rng_is_deterministic_and_in_range() {
