@@ -1,19 +1,21 @@
 //! The filter role: per-request routing on every worker.
 
 use crate::host::{self, Map, MetricKind};
-use crate::{GENERATION_KEY, INFLIGHT_KEY, QUEUE_NAME, TABLE_KEY};
+use crate::{INFLIGHT_KEY, QUEUE_NAME};
 use hint_router_core::config::Config;
 use hint_router_core::hint::{classify, parse_hint_list, HintClass};
 use hint_router_core::inflight;
 use hint_router_core::queue::{classify_path, JobOp, QueuePath};
 use hint_router_core::rank::Outcome;
 use hint_router_core::router::{Decision, Router};
-use hint_router_core::table::{encode_header_update, encode_header_update_raw, TableRef};
+use hint_router_core::table::{encode_header_update, encode_header_update_raw};
 use hint_router_core::wire::{RUNNER_INFER_MS_HEADER, RUNNER_IN_FLIGHT_HEADER, RUNNER_LOAD_MS_HEADER};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
 use std::rc::Rc;
+
+mod refresh;
 
 /// Response header naming the decision (with `debug_headers`).
 const DECISION_HEADER: &str = "x-hint-router-decision";
@@ -46,6 +48,7 @@ struct Metrics {
     inflight_errors: u32,
     response_hints: u32,
     table_reloads: u32,
+    table_deltas: u32,
     table_reload_us: u32,
     vm_memory: u32,
     queue_submits: u32,
@@ -88,6 +91,7 @@ impl Metrics {
             inflight_errors: c("hint_router.inflight_errors"),
             response_hints: c("hint_router.response_hints_learned"),
             table_reloads: c("hint_router.table_reloads"),
+            table_deltas: c("hint_router.table_deltas"),
             table_reload_us: c("hint_router.table_reload_us"),
             vm_memory: host::define_metric(MetricKind::Gauge, "hint_router.vm_memory_bytes")
                 .unwrap_or(u32::MAX),
@@ -115,8 +119,8 @@ struct State {
     queue_mode: bool,
     /// The worker's view of the fleet, inside the routing state.
     router: Router,
-    /// Generation bytes last read, to skip re-reading an unchanged table.
-    seen_generation: Option<Vec<u8>>,
+    /// Generation of the table the view matches, to skip re-reading an unchanged table.
+    seen_generation: Option<u64>,
     queue: Option<u32>,
     spin: u32,
     loads: Vec<u32>,
@@ -125,54 +129,6 @@ struct State {
 }
 
 impl State {
-    /// Reloads the view if the poller published a new table.
-    fn refresh(&mut self) {
-        let generation = match host::get_shared(GENERATION_KEY) {
-            Ok((Some(g), _)) => g,
-            Ok((None, _)) => return, // no table yet: route by the fallback policy
-            Err(e) => {
-                log::debug!("hint-router: cannot read table generation: {e}");
-                host::increment_metric(self.metrics.table_errors, 1);
-                return;
-            }
-        };
-        if self.seen_generation.as_deref() == Some(generation.as_slice()) {
-            return;
-        }
-        let started = host::now_ns();
-        match host::get_shared(TABLE_KEY) {
-            Ok((Some(bytes), _)) => {
-                let len = bytes.len();
-                match TableRef::parse(&bytes) {
-                    Some(t) => {
-                        // Parsed in place; copies and re-indexes only the runners that changed.
-                        self.router.refresh(|view| view.refresh_from_ref(t));
-                        self.seen_generation = Some(generation);
-                        let took_us = host::now_ns().saturating_sub(started) / 1000;
-                        host::increment_metric(self.metrics.table_reloads, 1);
-                        host::increment_metric(self.metrics.table_reload_us, took_us as i64);
-                        host::record_metric(self.metrics.vm_memory, vm_memory_bytes());
-                        log::debug!(
-                            "hint-router: table generation {} loaded in {took_us} us",
-                            self.router.view().generation()
-                        );
-                    }
-                    None => {
-                        log::warn!(
-                            "hint-router: published table does not parse ({len} bytes); keeping the last one"
-                        );
-                        host::increment_metric(self.metrics.table_errors, 1);
-                    }
-                }
-            }
-            Ok((None, _)) => {}
-            Err(e) => {
-                log::debug!("hint-router: cannot read table: {e}");
-                host::increment_metric(self.metrics.table_errors, 1);
-            }
-        }
-    }
-
     /// Reads the in-flight counters into `loads`; returns the value and its CAS token when
     /// the key exists (a CAS token of 0 would write unconditionally, so none is kept then).
     fn read_loads(&mut self) -> Snapshot {

@@ -29,10 +29,19 @@ pub const POLLER_ROOT_ID: &str = "hint_router_poller";
 /// Root id of a filter in front of fal's queue (docs/queue.md): job calls are steered by
 /// their request id, submissions by their hint among queue-capable runners.
 pub const QUEUE_ROOT_ID: &str = "hint_router_queue";
-/// Shared-data key of the published runner table (JSON).
+/// Shared-data key of the published runner table (JSON), whole.
 pub(crate) const TABLE_KEY: &str = "hint_router.table";
-/// Shared-data key of the table's generation (8 bytes, little-endian); read on every request.
+/// Shared-data key of the published generations (`hint_router_core::table::delta::Generations`:
+/// the newest, and that of the whole table); read on every request.
 pub(crate) const GENERATION_KEY: &str = "hint_router.generation";
+/// Shared-data keys of the ring of table deltas (`hint_router_core::table::delta`): this
+/// prefix and the slot number, `0..RING`.
+pub(crate) const DELTA_KEY_PREFIX: &str = "hint_router.table_delta.";
+
+/// The shared-data key of delta ring slot `slot`.
+pub(crate) fn delta_key(slot: u64) -> String {
+    format!("{DELTA_KEY_PREFIX}{slot}")
+}
 /// Shared-data key of the in-flight counters: `2n` little-endian `u32`s for `n` runners, the
 /// requests in flight to each runner, then those of them routed to wait for a model load.
 pub(crate) const INFLIGHT_KEY: &str = "hint_router.inflight";

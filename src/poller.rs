@@ -2,12 +2,13 @@
 //! merges hints workers saw in response headers, and publishes the runner table.
 
 use crate::host::{self, Buffer, Map, MetricKind};
-use crate::{GENERATION_KEY, INFLIGHT_KEY, QUEUE_NAME, TABLE_KEY};
+use crate::{delta_key, GENERATION_KEY, INFLIGHT_KEY, QUEUE_NAME, TABLE_KEY};
 use hint_router_core::config::Config;
 use hint_router_core::inflight;
 use hint_router_core::members;
-use hint_router_core::poller::{Churn, PollEvent, PollFailure, Poller, WARN_EVERY_MS};
+use hint_router_core::poller::{Churn, PollEvent, PollFailure, Poller, Update, WARN_EVERY_MS};
 use hint_router_core::table::decode_header_update;
+use hint_router_core::table::delta::{slot, Generations};
 use std::time::Duration;
 
 /// Most queue messages handled per `on_queue_ready` (the rest wait for the next one).
@@ -110,8 +111,8 @@ impl PollerRoot {
         host::set_tick_period_ms(tick).map_err(|e| format!("cannot set tick period: {e}"))?;
         let mut poller = Poller::new(&cfg);
         if let Ok((Some(g), _)) = host::get_shared(GENERATION_KEY) {
-            if let Ok(g) = <[u8; 8]>::try_from(g.as_slice()) {
-                poller.continue_from(u64::from_le_bytes(g));
+            if let Some(g) = Generations::decode(&g) {
+                poller.continue_from(g.current);
             }
         }
         let discovery = cfg.runners.is_empty().then(|| Discovery {
@@ -449,15 +450,24 @@ impl PollerRoot {
         }
     }
 
+    /// Publishes what changed: the runners that did (a delta in its ring slot), or the whole
+    /// table; then the generations, which workers read on every request.
     fn publish(&mut self) {
         let started = host::now_ns();
-        let Some(table) = self.poller.take_table() else { return };
-        let bytes = table.encode();
-        if let Err(e) = host::set_shared(TABLE_KEY, &bytes, 0) {
-            log::error!("hint-router poller: cannot publish table ({} bytes): {e}", bytes.len());
+        let Some(update) = self.poller.take_update() else { return };
+        let (generation, key, bytes) = match &update {
+            Update::Full(table) => (table.generation, TABLE_KEY.to_string(), table.encode()),
+            Update::Delta(delta) => (delta.generation, delta_key(slot(delta.generation)), delta.encode()),
+        };
+        if let Err(e) = host::set_shared(&key, &bytes, 0) {
+            log::error!("hint-router poller: cannot publish {key} ({} bytes): {e}", bytes.len());
+            // Workers must not be told of a generation they cannot read: the next
+            // publication carries the whole table, this change included.
+            self.poller.publish_whole_next();
             return;
         }
-        if let Err(e) = host::set_shared(GENERATION_KEY, &table.generation.to_le_bytes(), 0) {
+        let published = Generations { current: generation, full: self.poller.full_generation() };
+        if let Err(e) = host::set_shared(GENERATION_KEY, &published.encode(), 0) {
             log::error!("hint-router poller: cannot publish generation: {e}");
         }
         host::increment_metric(self.metrics.table_publishes, 1);

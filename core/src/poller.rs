@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::hint::{parse_hint_list, HintList};
 use crate::report::{self, Defaults, Limits, Report};
+use crate::table::delta::{Delta, RING};
 use crate::table::{Table, TableRunner};
 use std::fmt;
 
@@ -202,7 +203,57 @@ pub struct Poller {
     poll_path: String,
     health_path: String,
     generation: u64,
-    dirty: bool,
+    /// Generation of the last whole table published.
+    full_generation: u64,
+    changes: Changes,
+}
+
+/// Runners changed since the last publication.
+#[derive(Debug, Clone, Default)]
+struct Changes {
+    /// Per slot: listed in `list`.
+    touched: Vec<bool>,
+    /// Changed slots, each once.
+    list: Vec<u32>,
+    /// The runner list itself changed (or nothing was published yet): publish it whole.
+    all: bool,
+}
+
+impl Changes {
+    fn touch(&mut self, idx: usize) {
+        if self.touched.len() <= idx {
+            self.touched.resize(idx + 1, false);
+        }
+        if let Some(t) = self.touched.get_mut(idx) {
+            if !*t {
+                *t = true;
+                self.list.push(idx as u32);
+            }
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.all || !self.list.is_empty()
+    }
+
+    /// Whether the whole list changed, and the changed slots; forgets them.
+    fn take(&mut self) -> (bool, Vec<u32>) {
+        for &i in &self.list {
+            if let Some(t) = self.touched.get_mut(i as usize) {
+                *t = false;
+            }
+        }
+        (std::mem::take(&mut self.all), std::mem::take(&mut self.list))
+    }
+}
+
+/// What the poller publishes for one generation ([`Poller::take_update`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// The whole table.
+    Full(Table),
+    /// Only the runners that changed (`crate::table::delta`).
+    Delta(Delta),
 }
 
 impl Poller {
@@ -222,7 +273,8 @@ impl Poller {
             poll_path: cfg.poll_path.clone(),
             health_path: cfg.health_path.clone(),
             generation: 0,
-            dirty: true,
+            full_generation: 0,
+            changes: Changes { all: true, ..Changes::default() },
         }
     }
 
@@ -331,7 +383,7 @@ impl Poller {
             if lost || !s.runner.unreachable {
                 s.runner.available = false;
                 s.runner.unreachable = true;
-                self.dirty = true;
+                self.changes.touch(idx);
             }
             warn = lost || s.last_warn_ms.map_or(true, |t| now_ms.saturating_sub(t) >= WARN_EVERY_MS);
             if warn {
@@ -451,7 +503,7 @@ impl Poller {
             }
         }
         if dirty {
-            self.dirty = true;
+            self.changes.touch(idx);
         }
         PollEvent::Ok { recovered, truncated: recap.truncated, invalid: recap.invalid, clamped, warn }
     }
@@ -491,7 +543,7 @@ impl Poller {
         next.max_concurrency = defaults.max_concurrency.max(1);
         if next != s.runner {
             s.runner = next;
-            self.dirty = true;
+            self.changes.touch(idx);
         }
         PollEvent::Ok { recovered, truncated, invalid, clamped: Vec::new(), warn: false }
     }
@@ -573,21 +625,57 @@ impl Poller {
             s.most_hints = s.most_hints.max(list.hints.len());
             s.runner.capacity = inferred_capacity(defaults.capacity, s.most_hints);
         }
-        self.dirty = true;
+        self.changes.touch(pos);
         Some(list)
     }
 
-    /// The table to publish, if anything changed since the last call.
+    /// The whole table to publish, if anything changed since the last call.
     pub fn take_table(&mut self) -> Option<Table> {
-        if !self.dirty {
+        if !self.changes.any() {
             return None;
         }
-        self.dirty = false;
+        self.changes.take();
+        Some(self.whole_table())
+    }
+
+    /// What to publish, if anything changed since the last call: only the runners that
+    /// changed ([`Update::Delta`], work proportional to them), or the whole table when the
+    /// runner list grew, when a quarter of the runners or more changed at once, or when
+    /// [`RING`] - 1 deltas followed the last whole table (so the ring always holds every
+    /// delta since it; the table's cost, proportional to the fleet, is spread over them).
+    pub fn take_update(&mut self) -> Option<Update> {
+        if !self.changes.any() {
+            return None;
+        }
+        let (all, list) = self.changes.take();
+        let n = self.slots.len();
+        let next = self.generation.wrapping_add(1);
+        if all || list.len().saturating_mul(4) >= n || next.wrapping_sub(self.full_generation) >= RING {
+            return Some(Update::Full(self.whole_table()));
+        }
+        self.generation = next;
+        let slots = &self.slots;
+        let runners =
+            list.iter().filter_map(|&i| slots.get(i as usize).map(|s| (i, s.runner.clone()))).collect();
+        Some(Update::Delta(Delta { generation: next, runners }))
+    }
+
+    /// Makes the next [`Poller::take_update`] the whole table (the last publication could not
+    /// be written: it must not be followed by deltas that assume it).
+    pub fn publish_whole_next(&mut self) {
+        self.changes.all = true;
+    }
+
+    /// Generation of the last whole table [`Poller::take_update`] or [`Poller::take_table`]
+    /// returned.
+    pub fn full_generation(&self) -> u64 {
+        self.full_generation
+    }
+
+    fn whole_table(&mut self) -> Table {
         self.generation = self.generation.wrapping_add(1);
-        Some(Table {
-            generation: self.generation,
-            runners: self.slots.iter().map(|s| s.runner.clone()).collect(),
-        })
+        self.full_generation = self.generation;
+        Table { generation: self.generation, runners: self.slots.iter().map(|s| s.runner.clone()).collect() }
     }
 }
 

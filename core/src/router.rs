@@ -94,6 +94,9 @@ pub struct Router {
     /// Per runner: a floor of the cost of a miss there ([`miss_cost_floor`]), read by the fleet
     /// scan; recomputed whenever what it depends on changes.
     floors: Vec<u32>,
+    /// Cache slots of the fleet (every runner's capacity, at least 1 each): sizes the
+    /// popularity window.
+    slots: u64,
 }
 
 /// Where equally good runners start being tried ([`rank_by`]'s rotation): for a hinted
@@ -177,10 +180,14 @@ impl Router {
         self.victims.extend((0..n as u32).map(|i| victim_of(&self.view, i)));
         self.times.resize_with(n, Times::default);
         self.pins.resize_with(n, Pins::new);
-        // TinyLFU's sample size: about ten times the cache, here every slot of the fleet.
-        let slots: u64 = self.view.runners().iter().map(|r| u64::from(r.capacity.max(1))).sum();
-        self.popularity.set_window(u32::try_from(slots.saturating_mul(16)).unwrap_or(u32::MAX));
+        self.slots = self.view.runners().iter().map(|r| u64::from(r.capacity.max(1))).sum();
+        self.size_window();
         self.refloor_all();
+    }
+
+    /// TinyLFU's sample size: about ten times the cache, here every slot of the fleet.
+    fn size_window(&mut self) {
+        self.popularity.set_window(u32::try_from(self.slots.saturating_mul(16)).unwrap_or(u32::MAX));
     }
 
     fn reindex(&mut self, idx: u32) {
@@ -532,6 +539,7 @@ impl Router {
     }
 }
 
+mod delta;
 #[cfg(test)]
 mod reference;
 #[cfg(test)]

@@ -278,26 +278,55 @@ impl View {
         }
         self.generation = table.generation;
         for (i, t) in table.runners.into_iter().enumerate() {
-            let idx = i as u32;
-            let Some(v) = self.runners.get_mut(i) else { continue };
-            v.available = t.available;
-            v.capacity = t.capacity.min(MAX_CAPACITY);
-            v.max_concurrency = t.max_concurrency.max(1);
-            v.queue_token = t.queue_token;
-            v.unreachable = t.unreachable;
-            let same =
-                |a: &[String], b: &[Str<'_>]| a.len() == b.len() && a.iter().zip(b).all(|(a, b)| *a == b.0);
-            if !same(&v.warm, &t.warm) {
-                self.set_runner_warm(idx, t.warm.into_iter().map(|h| h.0.into_owned()).collect());
-            }
-            let Some(v) = self.runners.get_mut(i) else { continue };
-            if !same(&v.hints, &t.hints) {
-                let new = t.hints.into_iter().map(|h| h.0.into_owned()).collect();
-                let old = std::mem::replace(&mut v.hints, new);
-                self.reindex(idx, &old);
-            }
-            self.relane(idx);
+            self.apply_runner(i as u32, t);
         }
+    }
+
+    /// Brings runner `idx` up to date with its published entry `t` (the same runner: the
+    /// caller checked the address), copying and re-indexing only the lists that changed.
+    /// Work proportional to that runner alone.
+    pub fn apply_runner(&mut self, idx: u32, t: TableRunnerRef<'_>) {
+        let i = idx as usize;
+        let Some(v) = self.runners.get_mut(i) else { return };
+        v.available = t.available;
+        v.capacity = t.capacity.min(MAX_CAPACITY);
+        v.max_concurrency = t.max_concurrency.max(1);
+        v.queue_token = t.queue_token;
+        v.unreachable = t.unreachable;
+        let same =
+            |a: &[String], b: &[Str<'_>]| a.len() == b.len() && a.iter().zip(b).all(|(a, b)| *a == b.0);
+        if !same(&v.warm, &t.warm) {
+            self.set_runner_warm(idx, t.warm.into_iter().map(|h| h.0.into_owned()).collect());
+        }
+        let Some(v) = self.runners.get_mut(i) else { return };
+        if !same(&v.hints, &t.hints) {
+            let new = t.hints.into_iter().map(|h| h.0.into_owned()).collect();
+            let old = std::mem::replace(&mut v.hints, new);
+            self.reindex(idx, &old);
+        }
+        self.relane(idx);
+    }
+
+    /// Puts the runner `t` at index `idx` in place of another (a runner took the slot one that
+    /// left had freed): its address and lists are re-indexed, in work proportional to the two
+    /// runners alone.
+    pub fn replace_runner(&mut self, idx: u32, t: TableRunnerRef<'_>) {
+        let Some(v) = self.runners.get_mut(idx as usize) else { return };
+        let (old_hints, old_warm) = (std::mem::take(&mut v.hints), std::mem::take(&mut v.warm));
+        let old_addr = std::mem::replace(&mut v.addr, t.addr.clone().into_owned());
+        relist(&mut self.by_hint, idx, &old_hints, &[]);
+        relist(&mut self.by_warm, idx, &old_warm, &[]);
+        if self.by_addr.get(&old_addr) == Some(&idx) {
+            self.by_addr.remove(&old_addr);
+        }
+        self.by_addr.insert(t.addr.clone().into_owned(), idx);
+        self.apply_runner(idx, t);
+    }
+
+    /// Sets the generation of the table this view now matches (after
+    /// [`View::apply_runner`] brought it up to date with a [`delta::Delta`]).
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
     }
 
     /// Brings runner `idx`'s lanes up to date with the runner (after any change to it).
@@ -499,6 +528,8 @@ pub fn decode_header_update(msg: &[u8]) -> Option<(&str, &[u8])> {
     let addr = std::str::from_utf8(addr).ok()?;
     Some((addr, rest.get(1..).unwrap_or(&[])))
 }
+
+pub mod delta;
 
 #[cfg(test)]
 pub(crate) mod tests;

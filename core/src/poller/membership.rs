@@ -64,7 +64,7 @@ impl Poller {
                 None => {
                     s.vacate();
                     churn.left += 1;
-                    self.dirty = true;
+                    self.changes.touch(i);
                 }
                 Some(&healthy) => {
                     if healthy != s.envoy_healthy {
@@ -74,7 +74,7 @@ impl Poller {
                             s.next_due_ms = now_ms; // back after one good poll
                         } else if s.runner.available {
                             s.runner.available = false;
-                            self.dirty = true;
+                            self.changes.touch(i);
                         }
                     }
                     present.insert(s.runner.addr.clone(), i);
@@ -93,6 +93,7 @@ impl Poller {
                 Some(i) => i,
                 None if self.slots.len() < max => {
                     self.slots.push(slot.clone());
+                    self.changes.all = true; // a longer table: published whole
                     self.slots.len() - 1
                 }
                 None => {
@@ -105,7 +106,7 @@ impl Poller {
             }
             present.insert(m.addr.clone(), idx);
             churn.joined.push(idx);
-            self.dirty = true;
+            self.changes.touch(idx);
         }
         churn
     }

@@ -389,3 +389,96 @@ fn an_unchanged_body_is_applied_without_a_parse_and_as_a_parse_would() {
         assert!(!p.take_table().is_some_and(|t| t.runners[0].available));
     }
 }
+
+/// A poller over `n` configured runners.
+fn poller_of(n: usize) -> Poller {
+    let runners: Vec<String> = (0..n).map(|i| format!("\"127.0.0.1:{}\"", i + 1)).collect();
+    let cfg = format!(r#"{{"runners":[{}],"poll_interval_ms":100,"poll_timeout_ms":50}}"#, runners.join(","));
+    Poller::new(&Config::parse(cfg.as_bytes()).unwrap())
+}
+
+/// Runner `idx` of poller `p` answers a poll listing `hints`.
+fn answer(p: &mut Poller, idx: usize, token: u32, hints: &[&str]) {
+    p.on_sent(idx, token, 0, 0);
+    let addr = format!("127.0.0.1:{}", idx + 1);
+    p.on_response(idx, 1, Some(200), None, Ok(&body(&addr, hints)));
+}
+
+#[test]
+fn a_change_of_one_runner_is_published_as_that_runner_alone() {
+    let mut p = poller_of(8);
+    // The first publication is the whole table.
+    let Some(Update::Full(t)) = p.take_update() else { panic!("the first publication is whole") };
+    assert_eq!((t.generation, p.full_generation()), (1, 1));
+    assert_eq!(p.take_update(), None);
+    answer(&mut p, 3, 1, &["a"]);
+    let Some(Update::Delta(d)) = p.take_update() else { panic!("one runner changed: a delta") };
+    assert_eq!(d.generation, 2);
+    assert_eq!(d.runners.len(), 1);
+    assert_eq!((d.runners[0].0, d.runners[0].1.hints.clone()), (3, vec!["a".to_string()]));
+    assert_eq!(p.full_generation(), 1, "a delta leaves the whole table where it was");
+    // The same runner twice before a publication: listed once, as it is now.
+    p.on_header_hints("127.0.0.1:4", b"b,a");
+    p.on_header_hints("127.0.0.1:4", b"c,b,a");
+    let Some(Update::Delta(d)) = p.take_update() else { panic!("a delta") };
+    assert_eq!(d.runners.len(), 1);
+    assert_eq!(d.runners[0].1.hints, ["c", "b", "a"]);
+    // A quarter of the fleet at once: the whole table is as cheap.
+    for i in 0..2 {
+        answer(&mut p, i, 10 + i as u32, &["z"]);
+    }
+    assert!(matches!(p.take_update(), Some(Update::Full(t)) if t.generation == 4));
+    assert_eq!(p.full_generation(), 4);
+    // After a write that failed, the next publication is whole.
+    answer(&mut p, 5, 20, &["y"]);
+    p.publish_whole_next();
+    assert!(matches!(p.take_update(), Some(Update::Full(_))));
+}
+
+#[test]
+fn the_whole_table_follows_at_most_ring_minus_one_deltas() {
+    let mut p = poller_of(8);
+    assert!(matches!(p.take_update(), Some(Update::Full(_))));
+    let mut deltas = 0;
+    for k in 0..3 * RING as usize {
+        p.on_header_hints("127.0.0.1:1", format!("h{k}").as_bytes());
+        match p.take_update() {
+            Some(Update::Delta(d)) => {
+                deltas += 1;
+                assert!(
+                    d.generation - p.full_generation() < RING,
+                    "{} after {}",
+                    d.generation,
+                    p.full_generation()
+                );
+            }
+            Some(Update::Full(t)) => {
+                assert_eq!(deltas, RING as usize - 1, "whole at generation {}", t.generation);
+                deltas = 0;
+            }
+            None => panic!("a change was not published"),
+        }
+    }
+}
+
+#[test]
+fn a_runner_taking_a_freed_slot_is_a_delta_and_a_longer_table_is_whole() {
+    use crate::members::Member;
+    let cfg = Config::parse(br#"{"poll_interval_ms":100,"poll_timeout_ms":50}"#).unwrap();
+    let mut p = Poller::new(&cfg);
+    let m = |port: u16| Member { addr: format!("127.0.0.1:{port}"), healthy: true };
+    let fleet: Vec<Member> = (1..=8).map(m).collect();
+    p.set_members(&fleet, 0, 100);
+    assert!(matches!(p.take_update(), Some(Update::Full(t)) if t.runners.len() == 8));
+    // One pod replaced by another: it takes the freed slot; one runner changed.
+    let mut next = fleet.clone();
+    next[2] = m(99);
+    p.set_members(&next, 1, 100);
+    let Some(Update::Delta(d)) = p.take_update() else { panic!("a delta") };
+    assert_eq!(d.runners.len(), 1);
+    assert_eq!((d.runners[0].0, d.runners[0].1.addr.as_str()), (2, "127.0.0.1:99"));
+    // A ninth runner makes the table longer: whole.
+    next.push(m(100));
+    p.set_members(&next, 2, 100);
+    assert!(matches!(p.take_update(), Some(Update::Full(t)) if t.runners.len() == 9));
+}
