@@ -21,6 +21,7 @@ pub struct Drive {
 
 /// What one request task reports.
 pub(super) struct Sent {
+    /// The request's record.
     pub(super) rec: Record,
     /// Send lag, microseconds.
     pub(super) lag_us: u64,
@@ -34,6 +35,29 @@ struct Answer {
     overflow: bool,
     hit: bool,
     runner: Option<usize>,
+    /// The runner's `queue_ms` (200s), microseconds.
+    queue_us: u64,
+}
+
+impl Answer {
+    /// An answer that carries no inference.
+    fn failed(status: u16, overflow: bool) -> Answer {
+        Answer { status, overflow, hit: false, runner: None, queue_us: 0 }
+    }
+}
+
+/// What an inference answer's body says: its `cache` (`hit` or `miss`) and the runner's
+/// `queue_ms` as microseconds. Tolerant: a body that is not JSON, or lacks a field or has it
+/// of another type, gives `None` and 0 for it.
+fn answer_body(body: &[u8]) -> (Option<String>, u64) {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else { return (None, 0) };
+    let cache = doc.get("cache").and_then(|c| c.as_str()).map(str::to_string);
+    let queue_us = doc
+        .get("queue_ms")
+        .and_then(serde_json::Value::as_f64)
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map_or(0, |ms| (ms * 1000.0).round() as u64);
+    (cache, queue_us)
 }
 
 fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
@@ -75,6 +99,9 @@ fn record(
             };
             rec.hit = a.hit;
             rec.runner = a.runner.map(|i| i as u32);
+            if rec.status == Status::Ok {
+                rec.queue_us = a.queue_us;
+            }
         }
     }
     rec
@@ -94,12 +121,14 @@ pub(super) async fn one_request(
         let status = resp.status().as_u16();
         let (cache, runner) = (header(&resp, "x-cache"), header(&resp, "x-runner-id"));
         let overflow = header(&resp, "x-envoy-overloaded").is_some();
-        resp.bytes().await?;
+        let body = resp.bytes().await?;
+        let queue_us = if status == 200 { answer_body(&body).1 } else { 0 };
         Ok(Answer {
             status,
             overflow,
             hit: cache.as_deref() == Some("hit"),
             runner: runner.and_then(|r| addrs.iter().position(|a| *a == r)),
+            queue_us,
         })
     };
     let result = tokio::time::timeout_at(sched + timeout, fut).await;
@@ -153,7 +182,7 @@ pub(super) async fn one_queue_request(
         let overflow = header(&resp, "x-envoy-overloaded").is_some();
         let body = resp.bytes().await?;
         if status != 200 {
-            return Ok(Answer { status, overflow, hit: false, runner: None });
+            return Ok(Answer::failed(status, overflow));
         }
         let doc: serde_json::Value = serde_json::from_slice(&body).context("submit answer")?;
         let field = |name: &str| doc.get(name).and_then(|v| v.as_str()).map(str::to_string);
@@ -169,12 +198,12 @@ pub(super) async fn one_queue_request(
             let code = resp.status().as_u16();
             let body = resp.bytes().await?;
             if code != 200 {
-                return Ok(Answer { status: code, overflow: false, hit: false, runner: None });
+                return Ok(Answer::failed(code, false));
             }
             let st: serde_json::Value = serde_json::from_slice(&body).context("status answer")?;
             if st.get("status").and_then(|v| v.as_str()) == Some("COMPLETED") {
                 if st.get("error").is_some_and(|e| !e.is_null()) {
-                    return Ok(Answer { status: 500, overflow: false, hit: false, runner: None });
+                    return Ok(Answer::failed(500, false));
                 }
                 break;
             }
@@ -183,13 +212,12 @@ pub(super) async fn one_queue_request(
         let status = resp.status().as_u16();
         let (cache_header, runner) = (header(&resp, "x-cache"), header(&resp, "x-runner-id"));
         let body = resp.bytes().await?;
-        let cache = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|d| d.get("cache").and_then(|c| c.as_str()).map(str::to_string))
-            .or(cache_header);
+        // The job's result is the answer `POST /` would have given: the same body.
+        let (cache, queue_us) = answer_body(&body);
+        let cache = cache.or(cache_header);
         let runner =
             runner.and_then(|r| addrs.iter().position(|a| *a == r)).or_else(|| runner_by_token(&id, &tokens));
-        Ok(Answer { status, overflow: false, hit: cache.as_deref() == Some("hit"), runner })
+        Ok(Answer { status, overflow: false, hit: cache.as_deref() == Some("hit"), runner, queue_us })
     };
     let result = tokio::time::timeout_at(sched + drive.timeout, fut).await;
     Sent { rec: record(result, sched, drive.timeout), lag_us, polls: polls.load(Ordering::Relaxed) }
@@ -198,6 +226,32 @@ pub(super) async fn one_queue_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answer_bodies_give_cache_and_queue_time() {
+        let body = br#"{"model":"m","output":"o","cache":"hit","queue_ms":12,"load_ms":0,"infer_ms":10}"#;
+        assert_eq!(answer_body(body), (Some("hit".to_string()), 12_000));
+        assert_eq!(answer_body(br#"{"cache":"miss","queue_ms":0.25}"#), (Some("miss".to_string()), 250));
+        // Tolerant: no field, a field of another type, a negative one, not JSON.
+        assert_eq!(answer_body(br#"{"cache":"miss"}"#), (Some("miss".to_string()), 0));
+        assert_eq!(answer_body(br#"{"queue_ms":"7"}"#), (None, 0));
+        assert_eq!(answer_body(br#"{"queue_ms":-3}"#), (None, 0));
+        assert_eq!(answer_body(b"upstream connect error"), (None, 0));
+        assert_eq!(answer_body(b""), (None, 0));
+    }
+
+    #[test]
+    fn only_answered_requests_carry_a_queue_time() {
+        let now = Instant::now();
+        let t = Duration::from_secs(1);
+        let answer = |status| Answer { status, overflow: false, hit: true, runner: Some(1), queue_us: 4_000 };
+        let ok = record(Ok(Ok(answer(200))), now, t);
+        assert_eq!((ok.status, ok.queue_us, ok.hit, ok.runner), (Status::Ok, 4_000, true, Some(1)));
+        let failed = record(Ok(Ok(answer(500))), now, t);
+        assert_eq!((failed.status, failed.queue_us), (Status::Error, 0));
+        let refused = record(Ok(Ok(Answer::failed(503, true))), now, t);
+        assert_eq!((refused.status, refused.queue_us), (Status::Overflow, 0));
+    }
 
     #[test]
     fn job_urls_and_tokens() {
