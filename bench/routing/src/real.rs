@@ -45,23 +45,32 @@ impl Door {
         }
     }
 }
-/// One policy's stack: its runners and its Envoy.
+
+/// One policy's stack: its runners and the Envoys in front of them (one, or several all
+/// configured alike, as behind an L4 balancer).
 pub struct Stack {
     /// Which policy.
     pub policy: Policy,
     /// Which door the trace goes through.
     pub door: Door,
-    // Envoy first: dropped (killed) before the runners.
-    envoy: Envoy,
+    // Envoys first: dropped (killed) before the runners.
+    envoys: Vec<Envoy>,
     runners: Vec<BenchRunner>,
 }
 
+/// Which of `envoys` Envoys request `i` of a trace goes to: they take turns, the way an L4
+/// balancer alternates connections.
+pub fn envoy_for(i: usize, envoys: usize) -> usize {
+    i % envoys.max(1)
+}
+
 impl Stack {
-    /// Starts `n` runners and an Envoy configured for `policy`; the trace will go through
-    /// `door`.
+    /// Starts `n` runners and `envoys` Envoys in front of all of them, each configured for
+    /// `policy` alike (each with its own ports and base id); the trace will go through `door`.
     pub fn start(
         policy: Policy,
         door: Door,
+        envoys: usize,
         n: usize,
         runner_args: &[String],
         envoy_concurrency: u32,
@@ -69,6 +78,9 @@ impl Stack {
     ) -> Result<Stack> {
         if door == Door::Queue && !policy.is_hint() {
             bail!("the queue door needs the hint-router filter (policy {policy} has none there)");
+        }
+        if envoys == 0 {
+            bail!("a stack needs at least one Envoy");
         }
         let runners = (0..n).map(|_| BenchRunner::start(runner_args)).collect::<Result<Vec<_>>>()?;
         let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
@@ -82,20 +94,37 @@ impl Stack {
             ..opts
         };
         let expect = if policy.is_hint() { n as u64 } else { 0 };
-        // The harness panics (with Envoy's log) when Envoy does not come up; turn that into
-        // an error so the runners already started are dropped in order.
-        let envoy =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Envoy::start(&addrs, &opts, expect)))
-                .map_err(|_| anyhow!("envoy for policy {policy} did not start (see its log above)"))?;
-        Ok(Stack { policy, door, envoy, runners })
+        // Declared after the runners: on an error the Envoys already started go first.
+        let mut started = Vec::with_capacity(envoys);
+        for k in 0..envoys {
+            // The harness panics (with Envoy's log) when Envoy does not come up; turn that
+            // into an error so what is already started is dropped in order.
+            let envoy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Envoy::start(&addrs, &opts, expect)
+            }))
+            .map_err(|_| {
+                anyhow!("envoy {} of {envoys} for policy {policy} did not start (see its log above)", k + 1)
+            })?;
+            started.push(envoy);
+        }
+        Ok(Stack { policy, door, envoys: started, runners })
     }
 
-    /// `policy`, and ` (queue)` for the queue door.
+    /// `policy`, ` (queue)` for the queue door, and ` xN Envoys` for several.
     pub fn label(&self) -> String {
-        match self.door {
-            Door::Blocking => self.policy.to_string(),
-            Door::Queue => format!("{} (queue)", self.policy),
+        let mut s = self.policy.to_string();
+        if self.door == Door::Queue {
+            s.push_str(" (queue)");
         }
+        if self.envoys.len() > 1 {
+            s.push_str(&format!(" x{} Envoys", self.envoys.len()));
+        }
+        s
+    }
+
+    /// How many Envoys stand in front of the runners.
+    pub fn envoys(&self) -> usize {
+        self.envoys.len()
     }
 
     /// The runners' addresses, in config order.
@@ -108,24 +137,26 @@ impl Stack {
         self.runners.iter().map(BenchRunner::loads).sum()
     }
 
-    /// Envoy's public listener URL.
-    pub fn url(&self) -> String {
-        self.envoy.url()
+    /// Each Envoy's URL for the stack's door: the public listener (blocking), or the queue
+    /// listener's base URL (plain HTTP in the bench, no trailing slash).
+    pub fn door_urls(&self) -> Vec<String> {
+        self.envoys
+            .iter()
+            .map(|e| match self.door {
+                Door::Blocking => e.url(),
+                Door::Queue => format!("http://127.0.0.1:{}", e.queue_port),
+            })
+            .collect()
     }
 
-    /// The queue listener's base URL (plain HTTP in the bench), no trailing slash.
-    pub fn queue_base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.envoy.queue_port)
+    /// Each Envoy's admin base URL, no trailing slash.
+    pub fn admin_bases(&self) -> Vec<String> {
+        self.envoys.iter().map(|e| format!("http://127.0.0.1:{}", e.admin)).collect()
     }
 
-    /// Envoy's admin base URL, no trailing slash.
-    pub fn admin_base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.envoy.admin)
-    }
-
-    /// Envoy's scratch directory (config and log).
-    pub fn dir(&self) -> &Path {
-        &self.envoy.dir
+    /// Each Envoy's scratch directory (config and log).
+    pub fn dirs(&self) -> Vec<&Path> {
+        self.envoys.iter().map(|e| e.dir.as_path()).collect()
     }
 }
 
@@ -164,20 +195,36 @@ async fn filter_counters(client: &reqwest::Client, admin: &str) -> BTreeMap<Stri
 /// Every stack's filter counters.
 type Counters = Vec<BTreeMap<String, u64>>;
 
-/// Every stack's filter counters (`admins`: the Envoys' admin URLs, `None` without the filter).
-async fn all_counters(client: reqwest::Client, admins: Vec<Option<String>>) -> Counters {
+/// Counters of several Envoys added up, name by name (gauges too: e.g. `runners_available`
+/// becomes the sum of every Envoy's view).
+fn sum_counters(maps: impl IntoIterator<Item = BTreeMap<String, u64>>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for m in maps {
+        for (name, v) in m {
+            let total: &mut u64 = out.entry(name).or_default();
+            *total = total.saturating_add(v);
+        }
+    }
+    out
+}
+
+/// Every stack's filter counters, summed over its Envoys (`admins`: each stack's Envoys'
+/// admin URLs, empty without the filter).
+async fn all_counters(client: reqwest::Client, admins: Vec<Vec<String>>) -> Counters {
     let mut out = Vec::with_capacity(admins.len());
-    for a in &admins {
-        out.push(match a {
-            Some(a) => filter_counters(&client, a).await,
-            None => BTreeMap::new(),
-        });
+    for stack in &admins {
+        let mut each = Vec::with_capacity(stack.len());
+        for a in stack {
+            each.push(filter_counters(&client, a).await);
+        }
+        out.push(sum_counters(each));
     }
     out
 }
 
 /// Sends `trace` to every stack at once (each request at its scheduled time to all of them,
-/// through each stack's door) and waits for all answers (each bounded by `drive.timeout`).
+/// through each stack's door; request `i` to Envoy [`envoy_for`]`(i, N)` of a stack of `N`)
+/// and waits for all answers (each bounded by `drive.timeout`).
 pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<Vec<RealRun>> {
     let client = reqwest::Client::builder()
         .pool_idle_timeout(Duration::from_secs(30))
@@ -191,11 +238,7 @@ pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<
             Door::Queue => queue_tokens(&client, &addrs).await,
             Door::Blocking => Vec::new(),
         };
-        let url = match s.door {
-            Door::Blocking => s.url(),
-            Door::Queue => s.queue_base(),
-        };
-        targets.push((s.door, url, Arc::new(addrs), Arc::new(tokens)));
+        targets.push((s.door, s.door_urls(), Arc::new(addrs), Arc::new(tokens)));
     }
     let n = trace.reqs.len();
     let mut handles: Vec<Vec<tokio::task::JoinHandle<Sent>>> =
@@ -203,11 +246,11 @@ pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<
     let start = Instant::now() + Duration::from_millis(50);
     let w0 = start + Duration::from_micros(trace.spec.warmup_us);
     let w1 = w0 + Duration::from_micros(trace.spec.measure_us);
-    let admins: Vec<Option<String>> =
-        stacks.iter().map(|s| s.policy.is_hint().then(|| s.admin_base())).collect();
+    let admins: Vec<Vec<String>> =
+        stacks.iter().map(|s| if s.policy.is_hint() { s.admin_bases() } else { Vec::new() }).collect();
     // Read in a task of its own, not to delay the sends.
     let mut at_w0: Option<(Vec<u64>, tokio::task::JoinHandle<Counters>)> = None;
-    for req in &trace.reqs {
+    for (i, req) in trace.reqs.iter().enumerate() {
         let sched = start + Duration::from_micros(req.at_us);
         if at_w0.is_none() && sched >= w0 {
             tokio::time::sleep_until(w0).await;
@@ -216,8 +259,9 @@ pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<
         }
         tokio::time::sleep_until(sched).await;
         let model = names.get(req.model as usize).cloned().unwrap_or_default();
-        for ((door, url, addrs, tokens), hs) in targets.iter().zip(handles.iter_mut()) {
-            let (client, url, model, addrs) = (client.clone(), url.clone(), model.clone(), Arc::clone(addrs));
+        for ((door, urls, addrs, tokens), hs) in targets.iter().zip(handles.iter_mut()) {
+            let url = urls.get(envoy_for(i, urls.len())).cloned().unwrap_or_default();
+            let (client, model, addrs) = (client.clone(), model.clone(), Arc::clone(addrs));
             hs.push(match door {
                 Door::Blocking => tokio::spawn(one_request(client, url, model, sched, drive.timeout, addrs)),
                 Door::Queue => tokio::spawn(one_queue_request(
@@ -275,4 +319,29 @@ pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<
         });
     }
     Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_take_turns_over_the_envoys() {
+        let two: Vec<usize> = (0..6).map(|i| envoy_for(i, 2)).collect();
+        assert_eq!(two, [0, 1, 0, 1, 0, 1]);
+        let three: Vec<usize> = (0..5).map(|i| envoy_for(i, 3)).collect();
+        assert_eq!(three, [0, 1, 2, 0, 1]);
+        assert!((0..5).all(|i| envoy_for(i, 1) == 0));
+        // No Envoy: never out of range of a one-element list either.
+        assert_eq!(envoy_for(7, 0), 0);
+    }
+
+    #[test]
+    fn counters_add_up_over_envoys() {
+        let m = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let sum = sum_counters([m(&[("hit", 3), ("miss", 1)]), m(&[("hit", 4), ("busy_fallback", 2)])]);
+        assert_eq!(sum, m(&[("hit", 7), ("miss", 1), ("busy_fallback", 2)]));
+        assert!(sum_counters(Vec::new()).is_empty());
+        assert_eq!(sum_counters([m(&[("hit", u64::MAX)]), m(&[("hit", 1)])]), m(&[("hit", u64::MAX)]));
+    }
 }

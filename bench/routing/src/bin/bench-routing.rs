@@ -224,6 +224,7 @@ fn main() -> Result<()> {
                 stacks.push(Stack::start(
                     p,
                     door,
+                    1,
                     a.runners,
                     &runner_args,
                     a.envoy_concurrency,
@@ -251,7 +252,8 @@ fn main() -> Result<()> {
                     Door::Queue => pr.queue.push(result),
                 }
             }
-            let dirs: Vec<PathBuf> = stacks.iter().map(|s| s.dir().to_path_buf()).collect();
+            let dirs: Vec<PathBuf> =
+                stacks.iter().flat_map(|s| s.dirs()).map(std::path::Path::to_path_buf).collect();
             drop(stacks);
             for d in dirs {
                 let _ = std::fs::remove_dir_all(d);
