@@ -10,6 +10,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+mod envoys;
+
+pub use envoys::{
+    envoys_comparisons, envoys_table, envoys_target_lines, EnvoysComparison, Side, QUEUE_MS_FLOOR,
+    TWO_ENVOYS_HIT_TARGET_POINTS, TWO_ENVOYS_QUEUE_TARGET_RATIO,
+};
+
 /// One point of the benchmark: a workload at an offered load (fraction of capacity).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Point {
@@ -236,6 +243,14 @@ pub struct PointResult {
     /// empty when not run).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queue: Vec<PolicyResult>,
+    /// Hint policies behind two Envoys in front of the same runners, request `i` to Envoy
+    /// `i % 2`, side by side with `real` (`--two-envoys`; empty when not run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub two_envoys: Vec<PolicyResult>,
+    /// The simulator's rows behind two proxies, side by side with `sim`: the hook for its
+    /// two-proxy mode (filled by nothing yet; [`envoys_table`] prints them when present).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub two_envoys_sim: Vec<PolicyResult>,
 }
 
 /// Issue 13's target: the queue door's hit rate within this many points of the blocking one.
@@ -344,7 +359,7 @@ fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
 /// The table of one point's results (`label` says real or sim).
 pub fn table(label: &str, results: &[PolicyResult]) -> String {
     let mut s = format!(
-        "  {label:<5} {:<18} {:>6} {:>7} {:>8} {:>8} {:>9} {:>8} {:>7} {:>6} {:>6}{}\n",
+        "  {label:<5} {:<18} {:>6} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7} {:>6} {:>6}{}\n",
         "policy",
         "hit%",
         "gap",
@@ -352,6 +367,7 @@ pub fn table(label: &str, results: &[PolicyResult]) -> String {
         "p50ms",
         "p99ms",
         "p99.9ms",
+        "queue ms",
         "tput",
         "errors",
         "spread",
@@ -360,7 +376,7 @@ pub fn table(label: &str, results: &[PolicyResult]) -> String {
     for r in results {
         let m = &r.summary;
         s.push_str(&format!(
-            "  {label:<5} {:<18} {:>6.1} {} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>7.1} {:>6} {:>6.2}",
+            "  {label:<5} {:<18} {:>6.1} {} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>8.2} {:>7.1} {:>6} {:>6.2}",
             r.policy.name(),
             m.hit_rate * 100.0,
             opt(m.gap_closed, 7, 2),
@@ -368,6 +384,7 @@ pub fn table(label: &str, results: &[PolicyResult]) -> String {
             m.p50_ms,
             m.p99_ms,
             m.p999_ms,
+            m.queue_ms,
             m.throughput,
             m.errors,
             m.spread,

@@ -215,6 +215,8 @@ fn main() -> Result<()> {
             real: Vec::new(),
             sim: Vec::new(),
             queue: Vec::new(),
+            two_envoys: Vec::new(),
+            two_envoys_sim: Vec::new(),
         };
         // Runner addresses per policy (the ring depends on them); synthetic when not run.
         let mut addrs: Vec<Vec<String>> = vec![Vec::new(); policies.len()];
