@@ -35,29 +35,39 @@ struct Answer {
     overflow: bool,
     hit: bool,
     runner: Option<usize>,
-    /// The runner's `queue_ms` (200s), microseconds.
+    /// The runner's `queue_ms` and `slot_ms` (200s), microseconds.
+    waits: Waits,
+}
+
+/// The runner's own waits in an inference answer, microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Waits {
+    /// `queue_ms`: for a cache slot and an inference slot.
     queue_us: u64,
+    /// `slot_ms`: of that, for an inference slot.
+    slot_us: u64,
 }
 
 impl Answer {
     /// An answer that carries no inference.
     fn failed(status: u16, overflow: bool) -> Answer {
-        Answer { status, overflow, hit: false, runner: None, queue_us: 0 }
+        Answer { status, overflow, hit: false, runner: None, waits: Waits::default() }
     }
 }
 
 /// What an inference answer's body says: its `cache` (`hit` or `miss`) and the runner's
-/// `queue_ms` as microseconds. Tolerant: a body that is not JSON, or lacks a field or has it
-/// of another type, gives `None` and 0 for it.
-fn answer_body(body: &[u8]) -> (Option<String>, u64) {
-    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else { return (None, 0) };
+/// `queue_ms` and `slot_ms`. Tolerant: a body that is not JSON, or lacks a field or has it of
+/// another type, gives `None` or 0 for it.
+fn answer_body(body: &[u8]) -> (Option<String>, Waits) {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else { return (None, Waits::default()) };
     let cache = doc.get("cache").and_then(|c| c.as_str()).map(str::to_string);
-    let queue_us = doc
-        .get("queue_ms")
-        .and_then(serde_json::Value::as_f64)
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-        .map_or(0, |ms| (ms * 1000.0).round() as u64);
-    (cache, queue_us)
+    let us = |name: &str| {
+        doc.get(name)
+            .and_then(serde_json::Value::as_f64)
+            .filter(|ms| ms.is_finite() && *ms >= 0.0)
+            .map_or(0, |ms| (ms * 1000.0).round() as u64)
+    };
+    (cache, Waits { queue_us: us("queue_ms"), slot_us: us("slot_ms") })
 }
 
 fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
@@ -100,7 +110,7 @@ fn record(
             rec.hit = a.hit;
             rec.runner = a.runner.map(|i| i as u32);
             if rec.status == Status::Ok {
-                rec.queue_us = a.queue_us;
+                (rec.queue_us, rec.slot_us) = (a.waits.queue_us, a.waits.slot_us);
             }
         }
     }
@@ -122,13 +132,13 @@ pub(super) async fn one_request(
         let (cache, runner) = (header(&resp, "x-cache"), header(&resp, "x-runner-id"));
         let overflow = header(&resp, "x-envoy-overloaded").is_some();
         let body = resp.bytes().await?;
-        let queue_us = if status == 200 { answer_body(&body).1 } else { 0 };
+        let waits = if status == 200 { answer_body(&body).1 } else { Waits::default() };
         Ok(Answer {
             status,
             overflow,
             hit: cache.as_deref() == Some("hit"),
             runner: runner.and_then(|r| addrs.iter().position(|a| *a == r)),
-            queue_us,
+            waits,
         })
     };
     let result = tokio::time::timeout_at(sched + timeout, fut).await;
@@ -213,11 +223,11 @@ pub(super) async fn one_queue_request(
         let (cache_header, runner) = (header(&resp, "x-cache"), header(&resp, "x-runner-id"));
         let body = resp.bytes().await?;
         // The job's result is the answer `POST /` would have given: the same body.
-        let (cache, queue_us) = answer_body(&body);
+        let (cache, waits) = answer_body(&body);
         let cache = cache.or(cache_header);
         let runner =
             runner.and_then(|r| addrs.iter().position(|a| *a == r)).or_else(|| runner_by_token(&id, &tokens));
-        Ok(Answer { status, overflow: false, hit: cache.as_deref() == Some("hit"), runner, queue_us })
+        Ok(Answer { status, overflow: false, hit: cache.as_deref() == Some("hit"), runner, waits })
     };
     let result = tokio::time::timeout_at(sched + drive.timeout, fut).await;
     Sent { rec: record(result, sched, drive.timeout), lag_us, polls: polls.load(Ordering::Relaxed) }
@@ -229,26 +239,33 @@ mod tests {
 
     #[test]
     fn answer_bodies_give_cache_and_queue_time() {
-        let body = br#"{"model":"m","output":"o","cache":"hit","queue_ms":12,"load_ms":0,"infer_ms":10}"#;
-        assert_eq!(answer_body(body), (Some("hit".to_string()), 12_000));
-        assert_eq!(answer_body(br#"{"cache":"miss","queue_ms":0.25}"#), (Some("miss".to_string()), 250));
+        let w = |queue_us, slot_us| Waits { queue_us, slot_us };
+        let body =
+            br#"{"model":"m","output":"o","cache":"hit","queue_ms":12,"slot_ms":5,"load_ms":0,"infer_ms":10}"#;
+        assert_eq!(answer_body(body), (Some("hit".to_string()), w(12_000, 5_000)));
+        let older = br#"{"cache":"miss","queue_ms":0.25}"#;
+        assert_eq!(answer_body(older), (Some("miss".to_string()), w(250, 0)));
         // Tolerant: no field, a field of another type, a negative one, not JSON.
-        assert_eq!(answer_body(br#"{"cache":"miss"}"#), (Some("miss".to_string()), 0));
-        assert_eq!(answer_body(br#"{"queue_ms":"7"}"#), (None, 0));
-        assert_eq!(answer_body(br#"{"queue_ms":-3}"#), (None, 0));
-        assert_eq!(answer_body(b"upstream connect error"), (None, 0));
-        assert_eq!(answer_body(b""), (None, 0));
+        assert_eq!(answer_body(br#"{"cache":"miss"}"#), (Some("miss".to_string()), w(0, 0)));
+        assert_eq!(answer_body(br#"{"queue_ms":"7","slot_ms":2}"#), (None, w(0, 2_000)));
+        assert_eq!(answer_body(br#"{"queue_ms":-3}"#), (None, w(0, 0)));
+        assert_eq!(answer_body(b"upstream connect error"), (None, w(0, 0)));
+        assert_eq!(answer_body(b""), (None, w(0, 0)));
     }
 
     #[test]
     fn only_answered_requests_carry_a_queue_time() {
         let now = Instant::now();
         let t = Duration::from_secs(1);
-        let answer = |status| Answer { status, overflow: false, hit: true, runner: Some(1), queue_us: 4_000 };
+        let waits = Waits { queue_us: 4_000, slot_us: 1_000 };
+        let answer = |status| Answer { status, overflow: false, hit: true, runner: Some(1), waits };
         let ok = record(Ok(Ok(answer(200))), now, t);
-        assert_eq!((ok.status, ok.queue_us, ok.hit, ok.runner), (Status::Ok, 4_000, true, Some(1)));
+        assert_eq!(
+            (ok.status, ok.queue_us, ok.slot_us, ok.hit, ok.runner),
+            (Status::Ok, 4_000, 1_000, true, Some(1))
+        );
         let failed = record(Ok(Ok(answer(500))), now, t);
-        assert_eq!((failed.status, failed.queue_us), (Status::Error, 0));
+        assert_eq!((failed.status, failed.queue_us, failed.slot_us), (Status::Error, 0, 0));
         let refused = record(Ok(Ok(Answer::failed(503, true))), now, t);
         assert_eq!((refused.status, refused.queue_us), (Status::Overflow, 0));
     }
