@@ -36,6 +36,8 @@ pub struct Side {
     pub hit: f64,
     /// Runner-side mean `queue_ms` of the 200s.
     pub queue_ms: f64,
+    /// Of that, the mean wait for an inference slot (`slot_ms`).
+    pub slot_ms: f64,
     /// Model loads started per second.
     pub loads_per_s: f64,
     /// Timeouts, overflows and errors.
@@ -47,6 +49,7 @@ impl Side {
         Side {
             hit: r.summary.hit_rate * 100.0,
             queue_ms: r.summary.queue_ms,
+            slot_ms: r.summary.slot_ms,
             loads_per_s: r.summary.loads_per_s,
             errors: r.summary.errors,
         }
@@ -208,7 +211,7 @@ pub fn envoys_target_lines(p: &PointResult) -> Vec<String> {
         .iter()
         .map(|c| {
             format!(
-                "  {:<12} {:<4} {:<12} 2 Envoys vs 1: hit {:.2}% vs {:.2}%, {:+.2} points (target: within {TWO_ENVOYS_HIT_TARGET_POINTS:.0} below) [{}]; queue {:.2} vs {:.2} ms, {} (target: <= {:.2} ms) [{}]; loads/s {:.1} vs {:.1}; errors {} vs {}",
+                "  {:<12} {:<4} {:<12} 2 Envoys vs 1: hit {:.2}% vs {:.2}%, {:+.2} points (target: within {TWO_ENVOYS_HIT_TARGET_POINTS:.0} below) [{}]; queue {:.2} vs {:.2} ms, {} (target: <= {:.2} ms) [{}], of which inference slot {:.2} vs {:.2} ms; loads/s {:.1} vs {:.1}; errors {} vs {}",
                 p.name,
                 c.source,
                 c.policy.name(),
@@ -221,6 +224,8 @@ pub fn envoys_target_lines(p: &PointResult) -> Vec<String> {
                 c.queue_text(),
                 c.queue_allowed_ms(),
                 yes(c.queue_met()),
+                c.two.slot_ms,
+                c.one.slot_ms,
                 c.two.loads_per_s,
                 c.one.loads_per_s,
                 c.two.errors,
@@ -236,7 +241,7 @@ mod tests {
     use crate::report::Summary;
 
     fn side(hit: f64, queue_ms: f64) -> Side {
-        Side { hit, queue_ms, loads_per_s: 10.0, errors: 0 }
+        Side { hit, queue_ms, slot_ms: 0.0, loads_per_s: 10.0, errors: 0 }
     }
 
     fn cmp(one: Side, two: Side) -> EnvoysComparison {
