@@ -193,7 +193,21 @@ pub struct PolicyResult {
 
 /// Fills in `gap_closed` of every result from the round-robin result among them.
 pub fn fill_gap_closed(results: &mut [PolicyResult], belady: f64) {
-    let base = results.iter().find(|r| r.policy == Policy::RoundRobin).map(|r| r.summary.hit_rate);
+    let base = round_robin_hit(results);
+    fill_gap_closed_with(results, base, belady);
+}
+
+/// Fills in `gap_closed` of rows run beside `main` (the queue door's, the 2-Envoy ones) from
+/// the round-robin row of `main`.
+pub fn fill_gap_closed_beside(rows: &mut [PolicyResult], main: &[PolicyResult], belady: f64) {
+    fill_gap_closed_with(rows, round_robin_hit(main), belady);
+}
+
+fn round_robin_hit(results: &[PolicyResult]) -> Option<f64> {
+    results.iter().find(|r| r.policy == Policy::RoundRobin).map(|r| r.summary.hit_rate)
+}
+
+fn fill_gap_closed_with(results: &mut [PolicyResult], base: Option<f64>, belady: f64) {
     for r in results.iter_mut() {
         r.summary.gap_closed = base.and_then(|b| gap_closed(r.summary.hit_rate, b, belady));
     }
@@ -247,8 +261,8 @@ pub struct PointResult {
     /// `i % 2`, side by side with `real` (`--two-envoys`; empty when not run).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub two_envoys: Vec<PolicyResult>,
-    /// The simulator's rows behind two proxies, side by side with `sim`: the hook for its
-    /// two-proxy mode (filled by nothing yet; [`envoys_table`] prints them when present).
+    /// The simulator's hint policies behind two proxies (`SimParams::proxies` 2), side by side
+    /// with `sim` (`bench-routing --two-envoys`; empty when not run).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub two_envoys_sim: Vec<PolicyResult>,
 }
@@ -439,6 +453,24 @@ mod tests {
         d.insert("queue.submits".to_string(), 7);
         d.insert("table_reloads".to_string(), 9);
         assert_eq!(decision_line(&d), "hit 5, queue.submits 7");
+    }
+
+    #[test]
+    fn rows_beside_take_the_main_rows_round_robin() {
+        let row = |policy, hit_rate| PolicyResult {
+            policy,
+            summary: Summary { hit_rate, ..Summary::default() },
+            achieved_rps: None,
+            send_lag_p99_ms: None,
+            decisions: BTreeMap::new(),
+            polls_per_request: None,
+        };
+        let main = vec![row(Policy::Hint, 0.6), row(Policy::RoundRobin, 0.2)];
+        let mut beside = vec![row(Policy::Hint, 0.5)];
+        fill_gap_closed_beside(&mut beside, &main, 0.7);
+        assert!((beside[0].summary.gap_closed.unwrap() - 0.6).abs() < 1e-9);
+        fill_gap_closed_beside(&mut beside, &main[..1], 0.7);
+        assert_eq!(beside[0].summary.gap_closed, None);
     }
 
     #[test]

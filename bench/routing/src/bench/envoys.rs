@@ -144,7 +144,7 @@ pub fn envoys_table(p: &PointResult) -> String {
     let row = |cells: [&str; 14]| {
         let [src, pol, h1, h2, d, hm, q1, q2, qt, qm, l1, l2, e1, e2] = cells;
         format!(
-            "  {src:<5} {pol:<13} {h1:>7} {h2:>7} {d:>7} {hm:>6}  {q1:>8} {q2:>8} {qt:<19} {qm:>6}  {l1:>10} {l2:>10}  {e1:>6} {e2:>6}\n"
+            "  {src:<5} {pol:<13} {h1:>7} {h2:>7} {d:>7} {hm:>6}  {q1:>8} {q2:>8} {qt:<21} {qm:>6}  {l1:>10} {l2:>10}  {e1:>6} {e2:>6}\n"
         )
     };
     s.push_str(&row([

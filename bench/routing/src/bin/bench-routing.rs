@@ -11,8 +11,9 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use hint_router_bench_routing::bench::{
-    bounds, envoys_table, envoys_target_lines, fill_gap_closed, heading, parse_points, parse_policies,
-    queue_comparisons, queue_table, table, Cluster, PointResult, PolicyResult, QUEUE_HIT_TARGET_POINTS,
+    bounds, envoys_table, envoys_target_lines, fill_gap_closed, fill_gap_closed_beside, heading,
+    parse_points, parse_policies, queue_comparisons, queue_table, table, Cluster, PointResult, PolicyResult,
+    QUEUE_HIT_TARGET_POINTS,
 };
 use hint_router_bench_routing::plot::plot;
 use hint_router_bench_routing::real::{run_trace, Door, Drive, Stack};
@@ -282,38 +283,40 @@ fn main() -> Result<()> {
                 let _ = std::fs::remove_dir_all(d);
             }
             fill_gap_closed(&mut pr.real, b.belady);
-            let base = pr.real.iter().find(|r| r.policy == Policy::RoundRobin).cloned();
-            // The queue and 2-Envoy rows' gap closed, against the same round-robin row.
-            for list in [&mut pr.queue, &mut pr.two_envoys] {
-                if !list.is_empty() {
-                    list.extend(base.clone());
-                    fill_gap_closed(list, b.belady);
-                    list.retain(|r| r.policy.is_hint());
-                }
-            }
+            fill_gap_closed_beside(&mut pr.queue, &pr.real, b.belady);
+            fill_gap_closed_beside(&mut pr.two_envoys, &pr.real, b.belady);
         }
         let (w0, w1) = (trace.spec.warmup_us, trace.spec.warmup_us + trace.spec.measure_us);
-        for (&policy, addrs) in policies.iter().zip(addrs) {
-            let params = SimParams { addrs, ..base_params.clone() };
-            let run = simulate(&params, &trace, policy);
+        let sim = |params: &SimParams, policy: Policy| {
+            let run = simulate(params, &trace, policy);
             let loads = run.loads.iter().filter(|&&t| t >= w0 && t < w1).count() as u64;
-            pr.sim.push(PolicyResult {
+            PolicyResult {
                 policy,
                 summary: summarize(&trace, &run.records, loads, a.runners),
                 achieved_rps: None,
                 send_lag_p99_ms: None,
                 decisions: run.decisions.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
                 polls_per_request: None,
-            });
+            }
+        };
+        for (&policy, addrs) in policies.iter().zip(addrs) {
+            let params = SimParams { addrs, ..base_params.clone() };
+            pr.sim.push(sim(&params, policy));
+            // --two-envoys: the simulator's hint policies behind two proxies, same trace.
+            if a.two_envoys && policy.is_hint() {
+                pr.two_envoys_sim.push(sim(&SimParams { proxies: 2, ..params }, policy));
+            }
         }
         fill_gap_closed(&mut pr.sim, b.belady);
+        fill_gap_closed_beside(&mut pr.two_envoys_sim, &pr.sim, b.belady);
         print!("\n{}", heading(&pr));
         if !pr.real.is_empty() {
             print!("{}", table("real", &pr.real));
         }
         print!("{}", queue_table(&pr));
-        print!("{}", envoys_table(&pr));
         print!("{}", table("sim", &pr.sim));
+        // Last: it compares the real and the sim rows.
+        print!("{}", envoys_table(&pr));
         results.push(pr);
     }
     println!("\nfinished in {:.0} s", began.elapsed().as_secs_f64());
