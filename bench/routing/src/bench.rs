@@ -10,6 +10,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+mod envoys;
+
+pub use envoys::{
+    envoys_comparisons, envoys_table, envoys_target_lines, EnvoysComparison, Side, QUEUE_MS_FLOOR,
+    TWO_ENVOYS_HIT_TARGET_POINTS, TWO_ENVOYS_QUEUE_TARGET_RATIO,
+};
+
 /// One point of the benchmark: a workload at an offered load (fraction of capacity).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Point {
@@ -186,7 +193,21 @@ pub struct PolicyResult {
 
 /// Fills in `gap_closed` of every result from the round-robin result among them.
 pub fn fill_gap_closed(results: &mut [PolicyResult], belady: f64) {
-    let base = results.iter().find(|r| r.policy == Policy::RoundRobin).map(|r| r.summary.hit_rate);
+    let base = round_robin_hit(results);
+    fill_gap_closed_with(results, base, belady);
+}
+
+/// Fills in `gap_closed` of rows run beside `main` (the queue door's, the 2-Envoy ones) from
+/// the round-robin row of `main`.
+pub fn fill_gap_closed_beside(rows: &mut [PolicyResult], main: &[PolicyResult], belady: f64) {
+    fill_gap_closed_with(rows, round_robin_hit(main), belady);
+}
+
+fn round_robin_hit(results: &[PolicyResult]) -> Option<f64> {
+    results.iter().find(|r| r.policy == Policy::RoundRobin).map(|r| r.summary.hit_rate)
+}
+
+fn fill_gap_closed_with(results: &mut [PolicyResult], base: Option<f64>, belady: f64) {
     for r in results.iter_mut() {
         r.summary.gap_closed = base.and_then(|b| gap_closed(r.summary.hit_rate, b, belady));
     }
@@ -236,6 +257,14 @@ pub struct PointResult {
     /// empty when not run).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queue: Vec<PolicyResult>,
+    /// Hint policies behind two Envoys in front of the same runners, request `i` to Envoy
+    /// `i % 2`, side by side with `real` (`--two-envoys`; empty when not run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub two_envoys: Vec<PolicyResult>,
+    /// The simulator's hint policies behind two proxies (`SimParams::proxies` 2), side by side
+    /// with `sim` (`bench-routing --two-envoys`; empty when not run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub two_envoys_sim: Vec<PolicyResult>,
 }
 
 /// Issue 13's target: the queue door's hit rate within this many points of the blocking one.
@@ -344,7 +373,7 @@ fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
 /// The table of one point's results (`label` says real or sim).
 pub fn table(label: &str, results: &[PolicyResult]) -> String {
     let mut s = format!(
-        "  {label:<5} {:<18} {:>6} {:>7} {:>8} {:>8} {:>9} {:>8} {:>7} {:>6} {:>6}{}\n",
+        "  {label:<5} {:<18} {:>6} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7} {:>6} {:>6}{}\n",
         "policy",
         "hit%",
         "gap",
@@ -352,6 +381,7 @@ pub fn table(label: &str, results: &[PolicyResult]) -> String {
         "p50ms",
         "p99ms",
         "p99.9ms",
+        "queue ms",
         "tput",
         "errors",
         "spread",
@@ -360,7 +390,7 @@ pub fn table(label: &str, results: &[PolicyResult]) -> String {
     for r in results {
         let m = &r.summary;
         s.push_str(&format!(
-            "  {label:<5} {:<18} {:>6.1} {} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>7.1} {:>6} {:>6.2}",
+            "  {label:<5} {:<18} {:>6.1} {} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>8.2} {:>7.1} {:>6} {:>6.2}",
             r.policy.name(),
             m.hit_rate * 100.0,
             opt(m.gap_closed, 7, 2),
@@ -368,6 +398,7 @@ pub fn table(label: &str, results: &[PolicyResult]) -> String {
             m.p50_ms,
             m.p99_ms,
             m.p999_ms,
+            m.queue_ms,
             m.throughput,
             m.errors,
             m.spread,
@@ -422,6 +453,24 @@ mod tests {
         d.insert("queue.submits".to_string(), 7);
         d.insert("table_reloads".to_string(), 9);
         assert_eq!(decision_line(&d), "hit 5, queue.submits 7");
+    }
+
+    #[test]
+    fn rows_beside_take_the_main_rows_round_robin() {
+        let row = |policy, hit_rate| PolicyResult {
+            policy,
+            summary: Summary { hit_rate, ..Summary::default() },
+            achieved_rps: None,
+            send_lag_p99_ms: None,
+            decisions: BTreeMap::new(),
+            polls_per_request: None,
+        };
+        let main = vec![row(Policy::Hint, 0.6), row(Policy::RoundRobin, 0.2)];
+        let mut beside = vec![row(Policy::Hint, 0.5)];
+        fill_gap_closed_beside(&mut beside, &main, 0.7);
+        assert!((beside[0].summary.gap_closed.unwrap() - 0.6).abs() < 1e-9);
+        fill_gap_closed_beside(&mut beside, &main[..1], 0.7);
+        assert_eq!(beside[0].summary.gap_closed, None);
     }
 
     #[test]

@@ -5,201 +5,25 @@
 //! trace at the same time, so that machine noise hits every policy alike. Requests are sent
 //! open loop at their scheduled times; latency counts from the scheduled time.
 
-use crate::report::{Quantiles, Record, Status};
+mod config;
+mod request;
+mod runner;
+
+pub use config::config_edits;
+pub use request::{Drive, QUEUE_APP};
+pub use runner::BenchRunner;
+
+use crate::report::{Quantiles, Record};
 use crate::sim::Policy;
 use crate::workload::{model_name, Trace};
 use anyhow::{anyhow, bail, Context, Result};
-use hint_router_e2e::{runner_bin, Envoy, EnvoyOptions};
+use hint_router_e2e::{Envoy, EnvoyOptions};
+use request::{one_queue_request, one_request, queue_tokens, Sent};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// A `runner-example` process that counts the model loads it starts (its `loading model` log
-/// lines). Killed on drop.
-pub struct BenchRunner {
-    child: Child,
-    /// `127.0.0.1:PORT`.
-    pub addr: String,
-    loads: Arc<AtomicU64>,
-}
-
-impl BenchRunner {
-    /// Starts `runner-example --listen 127.0.0.1:0 <args>`.
-    pub fn start(args: &[String]) -> Result<BenchRunner> {
-        let bin = runner_bin();
-        if !bin.exists() {
-            bail!("{} missing: run `cargo build --release -p runner-example` first", bin.display());
-        }
-        let mut child = Command::new(&bin)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let loads = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = mpsc::channel();
-        if let Some(out) = child.stdout.take() {
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if let Some(a) = line.strip_prefix("listening on ") {
-                        let _ = tx.send(a.trim().to_string());
-                    }
-                }
-            });
-        }
-        if let Some(err) = child.stderr.take() {
-            let loads = Arc::clone(&loads);
-            std::thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    if line.contains("loading model ") {
-                        loads.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => Ok(BenchRunner { child, addr, loads }),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("runner did not report its address within 20 s")
-            }
-        }
-    }
-
-    /// Loads started so far.
-    pub fn loads(&self) -> u64 {
-        self.loads.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for BenchRunner {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Text surgery on the shipped config for one policy: `(from, to)` replacements for the
-/// harness. The hint policy uses the shipped config unchanged.
-pub fn config_edits(
-    shipped: &str,
-    policy: Policy,
-    hash_balance_factor: u32,
-) -> Result<Vec<(String, String)>> {
-    let mut edits = vec![plain_queue_listener(shipped)?];
-    // Keep the runner's identity header on responses, to count requests per runner.
-    let hide = "              response_headers_to_remove: [x-runner-id]\n";
-    if shipped.contains(hide) {
-        edits.push((hide.to_string(), String::new()));
-    }
-    if policy.is_hint() {
-        let anchor = "            \"poll_cluster\": \"hint_router_poll\",\n";
-        if shipped.matches(anchor).count() != 1 {
-            bail!("the plugin configuration is not where expected in the shipped config");
-        }
-        let mode = policy.when_holders_busy().as_str();
-        edits.push((anchor.to_string(), format!("{anchor}            \"when_holders_busy\": \"{mode}\",\n")));
-        return Ok(edits);
-    }
-    // Drop the wasm HTTP filters, the queue listener's too (the poller service stays; it only
-    // polls /hints).
-    let start = "          - name: envoy.filters.http.wasm\n";
-    let (mut rest, mut found) = (shipped, 0);
-    while let Some(wasm) = block_from(rest, start, 10) {
-        let at = rest.find(start).unwrap_or(0) + wasm.len();
-        rest = rest.get(at..).unwrap_or("");
-        edits.push((wasm, String::new()));
-        found += 1;
-    }
-    if found == 0 {
-        bail!("wasm filter block not found in the shipped config");
-    }
-    // Swap the runners cluster's LB policy.
-    let cluster_at = shipped
-        .find("  - name: runners\n")
-        .ok_or_else(|| anyhow!("runners cluster not found in the shipped config"))?;
-    let rest = shipped.get(cluster_at..).unwrap_or("");
-    let lb = block_from(rest, "    load_balancing_policy:\n", 4)
-        .ok_or_else(|| anyhow!("runners cluster has no load_balancing_policy block"))?;
-    let typed = |name: &str, ty: &str, extra: &str| {
-        format!(
-            "    load_balancing_policy:\n      policies:\n      - typed_extension_config:\n          name: envoy.load_balancing_policies.{name}\n          typed_config:\n            \"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.{name}.v3.{ty}\n{extra}"
-        )
-    };
-    let new_lb = match policy {
-        Policy::RoundRobin => typed("round_robin", "RoundRobin", ""),
-        Policy::LeastRequest => typed("least_request", "LeastRequest", ""),
-        Policy::RingHash => typed("ring_hash", "RingHash", ""),
-        Policy::RingHashBounded => typed(
-            "ring_hash",
-            "RingHash",
-            &format!(
-                "            consistent_hashing_lb_config: {{hash_balance_factor: {hash_balance_factor}}}\n"
-            ),
-        ),
-        Policy::Hint | Policy::HintFastest => String::new(),
-    };
-    if shipped.matches(lb.as_str()).count() != 1 {
-        bail!("the runners cluster's load_balancing_policy block is not unique in the shipped config");
-    }
-    edits.push((lb, new_lb));
-    if matches!(policy, Policy::RingHash | Policy::RingHashBounded) {
-        // Every route to the runners (the HTTP and the HTTPS listener's): the edit applies
-        // to all of them.
-        let route = "                  cluster: runners\n";
-        if shipped.matches(route).count() == 0 {
-            bail!("the route to the runners cluster is not where expected in the shipped config");
-        }
-        edits.push((
-            route.to_string(),
-            format!("{route}                  hash_policy:\n                  - header: {{header_name: x-fal-runner-hint}}\n"),
-        ));
-    }
-    Ok(edits)
-}
-
-/// The edit that makes the queue listener (`public_queue`) plain HTTP: the bench's client
-/// speaks no TLS. Everything else of the listener is kept.
-fn plain_queue_listener(shipped: &str) -> Result<(String, String)> {
-    let tls = "    - transport_socket: *dev_tls_socket\n      filters:\n";
-    let at = shipped
-        .find("  - name: public_queue\n")
-        .ok_or_else(|| anyhow!("the queue listener public_queue is not in the shipped config"))?;
-    let listener =
-        block_from(shipped.get(at..).unwrap_or(""), "  - name: public_queue\n", 3).unwrap_or_default();
-    if !listener.contains(tls) || shipped.matches(tls).count() != 1 {
-        bail!("the queue listener's TLS transport socket is not where expected in the shipped config");
-    }
-    Ok((tls.to_string(), "    - filters:\n".to_string()))
-}
-
-/// The text from the line `start` to the next line indented less than `indent` spaces, or
-/// (at the same indentation) starting a new list item; `None` if `start` is absent.
-fn block_from(text: &str, start: &str, indent: usize) -> Option<String> {
-    let at = text.find(start)?;
-    let body = text.get(at + start.len()..)?;
-    let mut len = start.len();
-    for line in body.split_inclusive('\n') {
-        let lead = line.len() - line.trim_start_matches(' ').len();
-        let ends = line.trim().is_empty()
-            || lead < indent
-            || (lead == indent && line.trim_start().starts_with("- "));
-        if ends {
-            break;
-        }
-        len += line.len();
-    }
-    text.get(at..at + len).map(str::to_string)
-}
 
 /// Which of Envoy's doors a stack's requests use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -222,26 +46,31 @@ impl Door {
     }
 }
 
-/// The app path the queue driver submits to (`/<owner>/<alias>`; any app reaches the runners).
-pub const QUEUE_APP: &str = "/bench/app";
-
-/// One policy's stack: its runners and its Envoy.
+/// One policy's stack: its runners and the Envoys in front of them (one, or several all
+/// configured alike, as behind an L4 balancer).
 pub struct Stack {
     /// Which policy.
     pub policy: Policy,
     /// Which door the trace goes through.
     pub door: Door,
-    // Envoy first: dropped (killed) before the runners.
-    envoy: Envoy,
+    // Envoys first: dropped (killed) before the runners.
+    envoys: Vec<Envoy>,
     runners: Vec<BenchRunner>,
 }
 
+/// Which of `envoys` Envoys request `i` of a trace goes to: they take turns, the way an L4
+/// balancer alternates connections.
+pub fn envoy_for(i: usize, envoys: usize) -> usize {
+    i % envoys.max(1)
+}
+
 impl Stack {
-    /// Starts `n` runners and an Envoy configured for `policy`; the trace will go through
-    /// `door`.
+    /// Starts `n` runners and `envoys` Envoys in front of all of them, each configured for
+    /// `policy` alike (each with its own ports and base id); the trace will go through `door`.
     pub fn start(
         policy: Policy,
         door: Door,
+        envoys: usize,
         n: usize,
         runner_args: &[String],
         envoy_concurrency: u32,
@@ -249,6 +78,9 @@ impl Stack {
     ) -> Result<Stack> {
         if door == Door::Queue && !policy.is_hint() {
             bail!("the queue door needs the hint-router filter (policy {policy} has none there)");
+        }
+        if envoys == 0 {
+            bail!("a stack needs at least one Envoy");
         }
         let runners = (0..n).map(|_| BenchRunner::start(runner_args)).collect::<Result<Vec<_>>>()?;
         let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
@@ -262,20 +94,37 @@ impl Stack {
             ..opts
         };
         let expect = if policy.is_hint() { n as u64 } else { 0 };
-        // The harness panics (with Envoy's log) when Envoy does not come up; turn that into
-        // an error so the runners already started are dropped in order.
-        let envoy =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Envoy::start(&addrs, &opts, expect)))
-                .map_err(|_| anyhow!("envoy for policy {policy} did not start (see its log above)"))?;
-        Ok(Stack { policy, door, envoy, runners })
+        // Declared after the runners: on an error the Envoys already started go first.
+        let mut started = Vec::with_capacity(envoys);
+        for k in 0..envoys {
+            // The harness panics (with Envoy's log) when Envoy does not come up; turn that
+            // into an error so what is already started is dropped in order.
+            let envoy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Envoy::start(&addrs, &opts, expect)
+            }))
+            .map_err(|_| {
+                anyhow!("envoy {} of {envoys} for policy {policy} did not start (see its log above)", k + 1)
+            })?;
+            started.push(envoy);
+        }
+        Ok(Stack { policy, door, envoys: started, runners })
     }
 
-    /// `policy`, and ` (queue)` for the queue door.
+    /// `policy`, ` (queue)` for the queue door, and ` xN Envoys` for several.
     pub fn label(&self) -> String {
-        match self.door {
-            Door::Blocking => self.policy.to_string(),
-            Door::Queue => format!("{} (queue)", self.policy),
+        let mut s = self.policy.to_string();
+        if self.door == Door::Queue {
+            s.push_str(" (queue)");
         }
+        if self.envoys.len() > 1 {
+            s.push_str(&format!(" x{} Envoys", self.envoys.len()));
+        }
+        s
+    }
+
+    /// How many Envoys stand in front of the runners.
+    pub fn envoys(&self) -> usize {
+        self.envoys.len()
     }
 
     /// The runners' addresses, in config order.
@@ -288,24 +137,26 @@ impl Stack {
         self.runners.iter().map(BenchRunner::loads).sum()
     }
 
-    /// Envoy's public listener URL.
-    pub fn url(&self) -> String {
-        self.envoy.url()
+    /// Each Envoy's URL for the stack's door: the public listener (blocking), or the queue
+    /// listener's base URL (plain HTTP in the bench, no trailing slash).
+    pub fn door_urls(&self) -> Vec<String> {
+        self.envoys
+            .iter()
+            .map(|e| match self.door {
+                Door::Blocking => e.url(),
+                Door::Queue => format!("http://127.0.0.1:{}", e.queue_port),
+            })
+            .collect()
     }
 
-    /// The queue listener's base URL (plain HTTP in the bench), no trailing slash.
-    pub fn queue_base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.envoy.queue_port)
+    /// Each Envoy's admin base URL, no trailing slash.
+    pub fn admin_bases(&self) -> Vec<String> {
+        self.envoys.iter().map(|e| format!("http://127.0.0.1:{}", e.admin)).collect()
     }
 
-    /// Envoy's admin base URL, no trailing slash.
-    pub fn admin_base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.envoy.admin)
-    }
-
-    /// Envoy's scratch directory (config and log).
-    pub fn dir(&self) -> &Path {
-        &self.envoy.dir
+    /// Each Envoy's scratch directory (config and log).
+    pub fn dirs(&self) -> Vec<&Path> {
+        self.envoys.iter().map(|e| e.dir.as_path()).collect()
     }
 }
 
@@ -327,191 +178,6 @@ pub struct RealRun {
     pub polls_per_request: Option<f64>,
 }
 
-/// How the driver sends requests.
-#[derive(Debug, Clone, Copy)]
-pub struct Drive {
-    /// Each request's limit, from its scheduled send time.
-    pub timeout: Duration,
-    /// Queue door: the wait between status polls (also before the first).
-    pub poll: Duration,
-}
-
-/// What one request task reports.
-struct Sent {
-    rec: Record,
-    /// Send lag, microseconds.
-    lag_us: u64,
-    /// Status polls (queue door).
-    polls: u64,
-}
-
-/// The answer that decides a request's record.
-struct Answer {
-    status: u16,
-    overflow: bool,
-    hit: bool,
-    runner: Option<usize>,
-}
-
-fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
-    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
-}
-
-/// A request for `model` to `url`, hinted, as both doors send it.
-fn hinted_post(client: &reqwest::Client, url: &str, model: &str) -> reqwest::RequestBuilder {
-    client
-        .post(url)
-        .header("content-type", "application/json")
-        .header("x-fal-runner-hint", model)
-        .body(request_body(model))
-}
-
-fn request_body(model: &str) -> String {
-    format!("{{\"model\":\"{model}\",\"prompt\":\"hello\"}}")
-}
-
-/// Turns the driver's outcome into a record.
-fn record(
-    result: Result<Result<Answer>, tokio::time::error::Elapsed>,
-    sched: Instant,
-    timeout: Duration,
-) -> Record {
-    let latency_us = Instant::now().saturating_duration_since(sched).as_micros() as u64;
-    let mut rec = Record { latency_us, ..Record::default() };
-    match result {
-        Err(_) => {
-            rec.status = Status::Timeout;
-            rec.latency_us = timeout.as_micros() as u64;
-        }
-        Ok(Err(_)) => rec.status = Status::Error,
-        Ok(Ok(a)) => {
-            rec.status = match a.status {
-                200 => Status::Ok,
-                503 if a.overflow => Status::Overflow,
-                _ => Status::Error,
-            };
-            rec.hit = a.hit;
-            rec.runner = a.runner.map(|i| i as u32);
-        }
-    }
-    rec
-}
-
-async fn one_request(
-    client: reqwest::Client,
-    url: String,
-    model: String,
-    sched: Instant,
-    timeout: Duration,
-    addrs: Arc<Vec<String>>,
-) -> Sent {
-    let lag_us = Instant::now().saturating_duration_since(sched).as_micros() as u64;
-    let fut = async {
-        let resp = hinted_post(&client, &url, &model).send().await?;
-        let status = resp.status().as_u16();
-        let (cache, runner) = (header(&resp, "x-cache"), header(&resp, "x-runner-id"));
-        let overflow = header(&resp, "x-envoy-overloaded").is_some();
-        resp.bytes().await?;
-        Ok(Answer {
-            status,
-            overflow,
-            hit: cache.as_deref() == Some("hit"),
-            runner: runner.and_then(|r| addrs.iter().position(|a| *a == r)),
-        })
-    };
-    let result = tokio::time::timeout_at(sched + timeout, fut).await;
-    Sent { rec: record(result, sched, timeout), lag_us, polls: 0 }
-}
-
-/// `url` with its scheme and authority replaced by `base` (`http://host:port`): the runner
-/// builds job URLs from the request's `Host` and `x-forwarded-proto`.
-fn rebase(url: &str, base: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let path = rest.find('/').and_then(|i| rest.get(i..))?;
-    Some(format!("{base}{path}"))
-}
-
-/// The runner holding a request id: by its queue token (`<token>-<hex>`).
-fn runner_by_token(id: &str, tokens: &[Option<String>]) -> Option<usize> {
-    let token = id.split_once('-')?.0;
-    tokens.iter().position(|t| t.as_deref() == Some(token))
-}
-
-/// The runners' queue tokens (`/hints` `queue_token`), in `addrs` order.
-async fn queue_tokens(client: &reqwest::Client, addrs: &[String]) -> Vec<Option<String>> {
-    let mut out = Vec::with_capacity(addrs.len());
-    for a in addrs {
-        let token = async {
-            let body = client.get(format!("http://{a}/hints")).send().await.ok()?.bytes().await.ok()?;
-            let doc: serde_json::Value = serde_json::from_slice(&body).ok()?;
-            doc.get("queue_token")?.as_str().map(str::to_string)
-        };
-        out.push(token.await);
-    }
-    out
-}
-
-/// The queue door's driver for one request: submit, poll the status every `poll` until
-/// COMPLETED, fetch the result. Latency runs from the scheduled time to the result's end.
-async fn one_queue_request(
-    client: reqwest::Client,
-    base: String,
-    model: String,
-    sched: Instant,
-    drive: Drive,
-    addrs: Arc<Vec<String>>,
-    tokens: Arc<Vec<Option<String>>>,
-) -> Sent {
-    let lag_us = Instant::now().saturating_duration_since(sched).as_micros() as u64;
-    let polls = AtomicU64::new(0);
-    let fut = async {
-        let resp = hinted_post(&client, &format!("{base}{QUEUE_APP}"), &model).send().await?;
-        let status = resp.status().as_u16();
-        let overflow = header(&resp, "x-envoy-overloaded").is_some();
-        let body = resp.bytes().await?;
-        if status != 200 {
-            return Ok(Answer { status, overflow, hit: false, runner: None });
-        }
-        let doc: serde_json::Value = serde_json::from_slice(&body).context("submit answer")?;
-        let field = |name: &str| doc.get(name).and_then(|v| v.as_str()).map(str::to_string);
-        let id = field("request_id").ok_or_else(|| anyhow!("no request_id in the submit answer"))?;
-        let job = format!("{base}{QUEUE_APP}/requests/{id}");
-        let status_url =
-            field("status_url").and_then(|u| rebase(&u, &base)).unwrap_or(format!("{job}/status"));
-        let response_url = field("response_url").and_then(|u| rebase(&u, &base)).unwrap_or(job);
-        loop {
-            tokio::time::sleep(drive.poll).await;
-            polls.fetch_add(1, Ordering::Relaxed);
-            let resp = client.get(&status_url).send().await?;
-            let code = resp.status().as_u16();
-            let body = resp.bytes().await?;
-            if code != 200 {
-                return Ok(Answer { status: code, overflow: false, hit: false, runner: None });
-            }
-            let st: serde_json::Value = serde_json::from_slice(&body).context("status answer")?;
-            if st.get("status").and_then(|v| v.as_str()) == Some("COMPLETED") {
-                if st.get("error").is_some_and(|e| !e.is_null()) {
-                    return Ok(Answer { status: 500, overflow: false, hit: false, runner: None });
-                }
-                break;
-            }
-        }
-        let resp = client.get(&response_url).send().await?;
-        let status = resp.status().as_u16();
-        let (cache_header, runner) = (header(&resp, "x-cache"), header(&resp, "x-runner-id"));
-        let body = resp.bytes().await?;
-        let cache = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|d| d.get("cache").and_then(|c| c.as_str()).map(str::to_string))
-            .or(cache_header);
-        let runner =
-            runner.and_then(|r| addrs.iter().position(|a| *a == r)).or_else(|| runner_by_token(&id, &tokens));
-        Ok(Answer { status, overflow: false, hit: cache.as_deref() == Some("hit"), runner })
-    };
-    let result = tokio::time::timeout_at(sched + drive.timeout, fut).await;
-    Sent { rec: record(result, sched, drive.timeout), lag_us, polls: polls.load(Ordering::Relaxed) }
-}
-
 /// The filter's counters of one Envoy (`wasmcustom.hint_router.*`, the prefix dropped).
 async fn filter_counters(client: &reqwest::Client, admin: &str) -> BTreeMap<String, u64> {
     let prefix = "wasmcustom.hint_router.";
@@ -529,20 +195,36 @@ async fn filter_counters(client: &reqwest::Client, admin: &str) -> BTreeMap<Stri
 /// Every stack's filter counters.
 type Counters = Vec<BTreeMap<String, u64>>;
 
-/// Every stack's filter counters (`admins`: the Envoys' admin URLs, `None` without the filter).
-async fn all_counters(client: reqwest::Client, admins: Vec<Option<String>>) -> Counters {
+/// Counters of several Envoys added up, name by name (gauges too: e.g. `runners_available`
+/// becomes the sum of every Envoy's view).
+fn sum_counters(maps: impl IntoIterator<Item = BTreeMap<String, u64>>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for m in maps {
+        for (name, v) in m {
+            let total: &mut u64 = out.entry(name).or_default();
+            *total = total.saturating_add(v);
+        }
+    }
+    out
+}
+
+/// Every stack's filter counters, summed over its Envoys (`admins`: each stack's Envoys'
+/// admin URLs, empty without the filter).
+async fn all_counters(client: reqwest::Client, admins: Vec<Vec<String>>) -> Counters {
     let mut out = Vec::with_capacity(admins.len());
-    for a in &admins {
-        out.push(match a {
-            Some(a) => filter_counters(&client, a).await,
-            None => BTreeMap::new(),
-        });
+    for stack in &admins {
+        let mut each = Vec::with_capacity(stack.len());
+        for a in stack {
+            each.push(filter_counters(&client, a).await);
+        }
+        out.push(sum_counters(each));
     }
     out
 }
 
 /// Sends `trace` to every stack at once (each request at its scheduled time to all of them,
-/// through each stack's door) and waits for all answers (each bounded by `drive.timeout`).
+/// through each stack's door; request `i` to Envoy [`envoy_for`]`(i, N)` of a stack of `N`)
+/// and waits for all answers (each bounded by `drive.timeout`).
 pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<Vec<RealRun>> {
     let client = reqwest::Client::builder()
         .pool_idle_timeout(Duration::from_secs(30))
@@ -556,11 +238,7 @@ pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<
             Door::Queue => queue_tokens(&client, &addrs).await,
             Door::Blocking => Vec::new(),
         };
-        let url = match s.door {
-            Door::Blocking => s.url(),
-            Door::Queue => s.queue_base(),
-        };
-        targets.push((s.door, url, Arc::new(addrs), Arc::new(tokens)));
+        targets.push((s.door, s.door_urls(), Arc::new(addrs), Arc::new(tokens)));
     }
     let n = trace.reqs.len();
     let mut handles: Vec<Vec<tokio::task::JoinHandle<Sent>>> =
@@ -568,11 +246,11 @@ pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<
     let start = Instant::now() + Duration::from_millis(50);
     let w0 = start + Duration::from_micros(trace.spec.warmup_us);
     let w1 = w0 + Duration::from_micros(trace.spec.measure_us);
-    let admins: Vec<Option<String>> =
-        stacks.iter().map(|s| s.policy.is_hint().then(|| s.admin_base())).collect();
+    let admins: Vec<Vec<String>> =
+        stacks.iter().map(|s| if s.policy.is_hint() { s.admin_bases() } else { Vec::new() }).collect();
     // Read in a task of its own, not to delay the sends.
     let mut at_w0: Option<(Vec<u64>, tokio::task::JoinHandle<Counters>)> = None;
-    for req in &trace.reqs {
+    for (i, req) in trace.reqs.iter().enumerate() {
         let sched = start + Duration::from_micros(req.at_us);
         if at_w0.is_none() && sched >= w0 {
             tokio::time::sleep_until(w0).await;
@@ -581,8 +259,9 @@ pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<
         }
         tokio::time::sleep_until(sched).await;
         let model = names.get(req.model as usize).cloned().unwrap_or_default();
-        for ((door, url, addrs, tokens), hs) in targets.iter().zip(handles.iter_mut()) {
-            let (client, url, model, addrs) = (client.clone(), url.clone(), model.clone(), Arc::clone(addrs));
+        for ((door, urls, addrs, tokens), hs) in targets.iter().zip(handles.iter_mut()) {
+            let url = urls.get(envoy_for(i, urls.len())).cloned().unwrap_or_default();
+            let (client, model, addrs) = (client.clone(), model.clone(), Arc::clone(addrs));
             hs.push(match door {
                 Door::Blocking => tokio::spawn(one_request(client, url, model, sched, drive.timeout, addrs)),
                 Door::Queue => tokio::spawn(one_queue_request(
@@ -620,7 +299,6 @@ pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<
             }
             records.push(sent.rec);
         }
-        lags.sort_unstable();
         let before = c0.get(k).cloned().unwrap_or_default();
         let filter_counters = c1
             .get(k)
@@ -646,77 +324,23 @@ pub async fn run_trace(stacks: &[Stack], trace: &Trace, drive: Drive) -> Result<
 mod tests {
     use super::*;
 
-    fn shipped() -> String {
-        // The config the bench renders (the harness's default).
-        let file = EnvoyOptions::default().config_file;
-        std::fs::read_to_string(hint_router_e2e::repo_root().join(file)).unwrap()
+    #[test]
+    fn requests_take_turns_over_the_envoys() {
+        let two: Vec<usize> = (0..6).map(|i| envoy_for(i, 2)).collect();
+        assert_eq!(two, [0, 1, 0, 1, 0, 1]);
+        let three: Vec<usize> = (0..5).map(|i| envoy_for(i, 3)).collect();
+        assert_eq!(three, [0, 1, 2, 0, 1]);
+        assert!((0..5).all(|i| envoy_for(i, 1) == 0));
+        // No Envoy: never out of range of a one-element list either.
+        assert_eq!(envoy_for(7, 0), 0);
     }
 
     #[test]
-    fn config_edits_apply_to_the_shipped_config() {
-        let text = shipped();
-        for policy in Policy::ALL {
-            let edits = config_edits(&text, policy, 150).unwrap();
-            let mut t = text.clone();
-            for (from, to) in &edits {
-                assert!(t.contains(from.as_str()), "{policy}: {from}");
-                t = t.replace(from.as_str(), to);
-            }
-            let has_wasm = t.contains("envoy.filters.http.wasm");
-            assert_eq!(has_wasm, policy.is_hint(), "{policy}");
-            assert!(!t.contains("response_headers_to_remove: [x-runner-id]"));
-            match policy {
-                Policy::Hint | Policy::HintFastest => {
-                    assert!(t.contains("override_host_sources:\n            - metadata:"));
-                    let mode = format!("\"when_holders_busy\": \"{}\",", policy.when_holders_busy().as_str());
-                    assert!(t.contains(&mode), "{policy}");
-                }
-                Policy::RoundRobin => assert!(t.contains("round_robin.v3.RoundRobin\n\n")),
-                Policy::LeastRequest => assert!(t.contains("least_request.v3.LeastRequest\n\n")),
-                Policy::RingHash | Policy::RingHashBounded => {
-                    assert!(t.contains(
-                        "hash_policy:\n                  - header: {header_name: x-fal-runner-hint}"
-                    ));
-                    assert_eq!(t.contains("hash_balance_factor: 150"), policy == Policy::RingHashBounded);
-                }
-            }
-            // The poll cluster keeps its own policy.
-            assert!(t.contains("x-hint-router-poll-target"));
-            // The queue listener is plain HTTP; the HTTPS listener keeps its certificate.
-            assert!(!t.contains("*dev_tls_socket"), "{policy}");
-            assert!(t.contains("- transport_socket: &dev_tls_socket"), "{policy}");
-            let queue = t.find("  - name: public_queue\n").unwrap();
-            let listener = block_from(&t[queue..], "  - name: public_queue\n", 3).unwrap();
-            assert!(listener.contains("    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n"));
-            assert!(listener.contains("stat_prefix: public_queue"));
-            assert_eq!(listener.contains("root_id: hint_router_queue"), policy.is_hint(), "{policy}");
-        }
-    }
-
-    #[test]
-    fn job_urls_and_tokens() {
-        let base = "http://127.0.0.1:4000";
-        assert_eq!(
-            rebase("https://example.com:10444/bench/app/requests/ab-cd/status", base).unwrap(),
-            "http://127.0.0.1:4000/bench/app/requests/ab-cd/status"
-        );
-        assert_eq!(
-            rebase("http://127.0.0.1:4000/bench/app/requests/x", base).unwrap(),
-            "http://127.0.0.1:4000/bench/app/requests/x"
-        );
-        assert!(rebase("no-scheme/path", base).is_none());
-        assert!(rebase("http://host-only", base).is_none());
-        let tokens = vec![Some("00aa".to_string()), None, Some("11bb".to_string())];
-        assert_eq!(runner_by_token("11bb-0123", &tokens), Some(2));
-        assert_eq!(runner_by_token("22cc-0123", &tokens), None);
-        assert_eq!(runner_by_token("nodash", &tokens), None);
-    }
-
-    #[test]
-    fn block_from_stops_at_dedent_and_siblings() {
-        let t = "a:\n  - x: 1\n    y: 2\n  - z: 3\nb: 4\n";
-        assert_eq!(block_from(t, "  - x: 1\n", 2).unwrap(), "  - x: 1\n    y: 2\n");
-        assert_eq!(block_from(t, "a:\n", 1).unwrap(), "a:\n  - x: 1\n    y: 2\n  - z: 3\n");
-        assert!(block_from(t, "c:\n", 0).is_none());
+    fn counters_add_up_over_envoys() {
+        let m = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let sum = sum_counters([m(&[("hit", 3), ("miss", 1)]), m(&[("hit", 4), ("busy_fallback", 2)])]);
+        assert_eq!(sum, m(&[("hit", 7), ("miss", 1), ("busy_fallback", 2)]));
+        assert!(sum_counters(Vec::new()).is_empty());
+        assert_eq!(sum_counters([m(&[("hit", u64::MAX)]), m(&[("hit", 1)])]), m(&[("hit", u64::MAX)]));
     }
 }

@@ -5,13 +5,15 @@
 //! cargo run --release -p hint-router-bench-routing --bin bench-routing            # default run
 //! cargo run --release -p hint-router-bench-routing --bin bench-routing -- --quick # smoke check
 //! cargo run --release -p hint-router-bench-routing --bin bench-routing -- --quick --queue-mode
+//! cargo run --release -p hint-router-bench-routing --bin bench-routing -- --quick --two-envoys
 //! ```
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use hint_router_bench_routing::bench::{
-    bounds, fill_gap_closed, heading, parse_points, parse_policies, queue_comparisons, queue_table, table,
-    Cluster, PointResult, PolicyResult, QUEUE_HIT_TARGET_POINTS,
+    bounds, envoys_table, envoys_target_lines, fill_gap_closed, fill_gap_closed_beside, heading,
+    parse_points, parse_policies, queue_comparisons, queue_table, table, Cluster, PointResult, PolicyResult,
+    QUEUE_HIT_TARGET_POINTS,
 };
 use hint_router_bench_routing::plot::plot;
 use hint_router_bench_routing::real::{run_trace, Door, Drive, Stack};
@@ -69,6 +71,11 @@ struct Args {
     /// compare its hit rate with the blocking door's.
     #[arg(long)]
     queue_mode: bool,
+    /// Also run every hint policy behind two Envoys in front of the same runners (request `i`
+    /// of the trace to Envoy `i % 2`), on a stack of its own fed the same trace at the same
+    /// time, and compare its hit rate and runner-side queue time with one Envoy's.
+    #[arg(long)]
+    two_envoys: bool,
     /// Queue door: milliseconds between status polls (also before the first).
     #[arg(long, default_value_t = 20)]
     queue_poll_ms: u64,
@@ -150,11 +157,16 @@ fn main() -> Result<()> {
     .collect();
     let timeout = Duration::from_secs_f64(a.timeout_s);
     let drive = Drive { timeout, poll: Duration::from_millis(a.queue_poll_ms) };
-    // The stacks of one point: every policy through the blocking door, and with --queue-mode
-    // every hint policy again through the queue door.
-    let mut doors: Vec<(Policy, Door)> = policies.iter().map(|&p| (p, Door::Blocking)).collect();
+    // The stacks of one point (policy, door, Envoys): every policy through the blocking door
+    // behind one Envoy, with --queue-mode every hint policy again through the queue door, and
+    // with --two-envoys every hint policy again behind two Envoys.
+    let mut doors: Vec<(Policy, Door, usize)> = policies.iter().map(|&p| (p, Door::Blocking, 1)).collect();
+    let hints = || policies.iter().filter(|p| p.is_hint()).copied();
     if a.queue_mode {
-        doors.extend(policies.iter().filter(|p| p.is_hint()).map(|&p| (p, Door::Queue)));
+        doors.extend(hints().map(|p| (p, Door::Queue, 1)));
+    }
+    if a.two_envoys {
+        doors.extend(hints().map(|p| (p, Door::Blocking, 2)));
     }
     let base_params = SimParams {
         runners: a.runners,
@@ -169,7 +181,7 @@ fn main() -> Result<()> {
     };
     println!(
         "bench-routing: {} runners x {} slots, max_concurrency {}, {} models, load {} ms, infer {} ms; \
-         warm-up {} s + measured {} s per point; {} point(s) x {} policies{}{}",
+         warm-up {} s + measured {} s per point; {} point(s) x {} policies{}{}{}",
         a.runners,
         a.capacity,
         a.max_concurrency,
@@ -184,9 +196,14 @@ fn main() -> Result<()> {
         if a.queue_mode && !a.sim_only {
             format!(
                 "; queue door for {} hint polic(ies), status polled every {} ms",
-                doors.len() - policies.len(),
+                hints().count(),
                 a.queue_poll_ms
             )
+        } else {
+            String::new()
+        },
+        if a.two_envoys && !a.sim_only {
+            format!("; {} hint polic(ies) also behind 2 Envoys, requests alternating", hints().count())
         } else {
             String::new()
         }
@@ -215,22 +232,29 @@ fn main() -> Result<()> {
             real: Vec::new(),
             sim: Vec::new(),
             queue: Vec::new(),
+            two_envoys: Vec::new(),
+            two_envoys_sim: Vec::new(),
         };
         // Runner addresses per policy (the ring depends on them); synthetic when not run.
         let mut addrs: Vec<Vec<String>> = vec![Vec::new(); policies.len()];
         if !a.sim_only {
             let mut stacks = Vec::new();
-            for &(p, door) in &doors {
+            for &(p, door, envoys) in &doors {
                 stacks.push(Stack::start(
                     p,
                     door,
+                    envoys,
                     a.runners,
                     &runner_args,
                     a.envoy_concurrency,
                     base_params.hash_balance_factor,
                 )?);
             }
-            addrs = stacks.iter().filter(|s| s.door == Door::Blocking).map(Stack::addrs).collect();
+            addrs = stacks
+                .iter()
+                .filter(|s| s.door == Door::Blocking && s.envoys() == 1)
+                .map(Stack::addrs)
+                .collect();
             let runs = rt.block_on(async {
                 tokio::select! {
                     r = run_trace(&stacks, &trace, drive) => r,
@@ -246,43 +270,53 @@ fn main() -> Result<()> {
                     decisions: run.filter_counters,
                     polls_per_request: run.polls_per_request,
                 };
-                match stack.door {
-                    Door::Blocking => pr.real.push(result),
-                    Door::Queue => pr.queue.push(result),
+                match (stack.door, stack.envoys()) {
+                    (Door::Blocking, 1) => pr.real.push(result),
+                    (Door::Blocking, _) => pr.two_envoys.push(result),
+                    (Door::Queue, _) => pr.queue.push(result),
                 }
             }
-            let dirs: Vec<PathBuf> = stacks.iter().map(|s| s.dir().to_path_buf()).collect();
+            let dirs: Vec<PathBuf> =
+                stacks.iter().flat_map(|s| s.dirs()).map(std::path::Path::to_path_buf).collect();
             drop(stacks);
             for d in dirs {
                 let _ = std::fs::remove_dir_all(d);
             }
             fill_gap_closed(&mut pr.real, b.belady);
-            let base = pr.real.iter().find(|r| r.policy == Policy::RoundRobin).cloned();
-            pr.queue.extend(base);
-            fill_gap_closed(&mut pr.queue, b.belady);
-            pr.queue.retain(|r| r.policy.is_hint());
+            fill_gap_closed_beside(&mut pr.queue, &pr.real, b.belady);
+            fill_gap_closed_beside(&mut pr.two_envoys, &pr.real, b.belady);
         }
         let (w0, w1) = (trace.spec.warmup_us, trace.spec.warmup_us + trace.spec.measure_us);
-        for (&policy, addrs) in policies.iter().zip(addrs) {
-            let params = SimParams { addrs, ..base_params.clone() };
-            let run = simulate(&params, &trace, policy);
+        let sim = |params: &SimParams, policy: Policy| {
+            let run = simulate(params, &trace, policy);
             let loads = run.loads.iter().filter(|&&t| t >= w0 && t < w1).count() as u64;
-            pr.sim.push(PolicyResult {
+            PolicyResult {
                 policy,
                 summary: summarize(&trace, &run.records, loads, a.runners),
                 achieved_rps: None,
                 send_lag_p99_ms: None,
                 decisions: run.decisions.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
                 polls_per_request: None,
-            });
+            }
+        };
+        for (&policy, addrs) in policies.iter().zip(addrs) {
+            let params = SimParams { addrs, ..base_params.clone() };
+            pr.sim.push(sim(&params, policy));
+            // --two-envoys: the simulator's hint policies behind two proxies, same trace.
+            if a.two_envoys && policy.is_hint() {
+                pr.two_envoys_sim.push(sim(&SimParams { proxies: 2, ..params }, policy));
+            }
         }
         fill_gap_closed(&mut pr.sim, b.belady);
+        fill_gap_closed_beside(&mut pr.two_envoys_sim, &pr.sim, b.belady);
         print!("\n{}", heading(&pr));
         if !pr.real.is_empty() {
             print!("{}", table("real", &pr.real));
         }
         print!("{}", queue_table(&pr));
         print!("{}", table("sim", &pr.sim));
+        // Last: it compares the real and the sim rows.
+        print!("{}", envoys_table(&pr));
         results.push(pr);
     }
     println!("\nfinished in {:.0} s", began.elapsed().as_secs_f64());
@@ -298,6 +332,7 @@ fn main() -> Result<()> {
         "seed": a.seed,
         "sim_overhead_ms": SIM_OVERHEAD_MS,
         "queue_poll_ms": a.queue_mode.then_some(a.queue_poll_ms),
+        "two_envoys": a.two_envoys,
         "points": results,
     });
     let json = out.join("routing.json");
@@ -381,6 +416,9 @@ fn print_targets(results: &[PointResult]) {
                 c.diff_points(),
                 if c.met() { "met" } else { "MISSED" },
             );
+        }
+        for line in envoys_target_lines(pr) {
+            println!("{line}");
         }
     }
 }

@@ -185,6 +185,8 @@ fn main() -> Result<()> {
             real: Vec::new(),
             sim,
             queue: Vec::new(),
+            two_envoys: Vec::new(),
+            two_envoys_sim: Vec::new(),
         };
         print!("\n{}", heading(&pr));
         print!("{}", table("sim", &pr.sim));
