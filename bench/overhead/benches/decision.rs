@@ -18,6 +18,9 @@
 //! * `refresh/one_changed/N`: a worker's refresh when the new table differs in one runner:
 //!   `TableRef::parse` (in place) + `View::refresh_from_ref`.
 //! * `refresh/{parse_in_place,decode_owned}/N`: the parse alone, in place or into a `Table`.
+//! * `refresh/one_delta/N`: the same change as a worker gets it now, a delta of that runner
+//!   (`DeltaRef::parse` + `Router::apply_delta`); `publish/{whole,one_delta}/N`: the poller's
+//!   side, encoding the whole table or that delta.
 //!
 //! Before the runs it prints the native heap estimate of a filter VM (counting allocator);
 //! after them, a table of criterion's median estimates, also written to
@@ -32,6 +35,7 @@ use hint_router_core::hint::parse_hint_list;
 use hint_router_core::inflight;
 use hint_router_core::rank::{rank, Outcome};
 use hint_router_core::router::{Router, WhenHoldersBusy};
+use hint_router_core::table::delta::{Delta, DeltaRef};
 use hint_router_core::table::{Table, TableRef, View};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -202,11 +206,42 @@ fn bench_refresh(c: &mut Criterion) {
                 view.refresh_from_ref(TableRef::parse(black_box(bytes)).expect("parse"));
             })
         });
+        // The same change as a delta: parse it and apply that runner to the router.
+        let deltas: Vec<Vec<u8>> = [&changed, &table]
+            .iter()
+            .zip([table.generation + 1, table.generation + 2])
+            .map(|(t, generation)| {
+                let runners = t.runners.first().map(|r| (0, r.clone())).into_iter().collect();
+                Delta { generation, runners }.encode()
+            })
+            .collect();
+        let mut router = Router::new(View::from_owned(table.clone()));
+        let mut k = 0usize;
+        g.bench_with_input(BenchmarkId::new("one_delta", n), &n, |b, _| {
+            b.iter(|| {
+                k += 1;
+                let bytes = &deltas[k % 2];
+                router.apply_delta(DeltaRef::parse(black_box(bytes)).expect("parse"))
+            })
+        });
         g.bench_with_input(BenchmarkId::new("parse_in_place", n), &n, |b, _| {
             b.iter(|| TableRef::parse(black_box(&json)).map(|t| t.runners.len()))
         });
         g.bench_with_input(BenchmarkId::new("decode_owned", n), &n, |b, _| {
             b.iter(|| Table::decode(black_box(&json)).expect("decode"))
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("publish");
+    for n in SIZES {
+        let table = fixture::table(n, HINTS_PER_RUNNER);
+        let delta = Delta {
+            generation: 2,
+            runners: table.runners.first().map(|r| (0, r.clone())).into_iter().collect(),
+        };
+        g.bench_with_input(BenchmarkId::new("whole", n), &n, |b, _| b.iter(|| black_box(&table).encode()));
+        g.bench_with_input(BenchmarkId::new("one_delta", n), &n, |b, _| {
+            b.iter(|| black_box(&delta).encode())
         });
     }
     g.finish();
@@ -265,6 +300,9 @@ fn main() {
         ("refresh", "one_changed"),
         ("refresh", "parse_in_place"),
         ("refresh", "decode_owned"),
+        ("refresh", "one_delta"),
+        ("publish", "whole"),
+        ("publish", "one_delta"),
     ];
     let mut doc = serde_json::Map::new();
     println!("\ncriterion median estimates (ns):");
@@ -286,9 +324,14 @@ fn main() {
             SIZES.iter().zip(&vals).map(|(n, v)| (n.to_string(), serde_json::json!(v))).collect();
         doc.insert(format!("{g}/{f}"), serde_json::Value::Object(per));
     }
-    for f in ["full", "one_changed"] {
-        if let (Some(r100), Some(r1000)) = (median_ns("refresh", f, 100), median_ns("refresh", f, 1000)) {
-            println!("refresh/{f} growth 100 -> 1000 runners: x{:.1} (linear = x10)", r1000 / r100);
+    for (g, f) in
+        [("refresh", "full"), ("refresh", "one_changed"), ("refresh", "one_delta"), ("publish", "one_delta")]
+    {
+        if let (Some(r100), Some(r1000)) = (median_ns(g, f, 100), median_ns(g, f, 1000)) {
+            println!(
+                "{g}/{f} growth 100 -> 1000 runners: x{:.1} (linear = x10, independent of the fleet = x1)",
+                r1000 / r100
+            );
         }
     }
     let out = hint_router_e2e::repo_root().join("target/bench/decision.json");
