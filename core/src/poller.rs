@@ -7,6 +7,7 @@ use crate::hint::{parse_hint_list, HintList};
 use crate::report::{self, Defaults, Limits, Report};
 use crate::table::delta::{Delta, RING};
 use crate::table::{Table, TableRunner};
+use rustc_hash::FxHashMap;
 use std::fmt;
 
 /// Why a poll did not produce a usable report.
@@ -206,6 +207,8 @@ pub struct Poller {
     /// Generation of the last whole table published.
     full_generation: u64,
     changes: Changes,
+    /// Address -> slot of every occupied slot (a response header names its runner).
+    by_addr: FxHashMap<String, usize>,
 }
 
 /// Runners changed since the last publication.
@@ -275,6 +278,7 @@ impl Poller {
             generation: 0,
             full_generation: 0,
             changes: Changes { all: true, ..Changes::default() },
+            by_addr: cfg.runners.iter().enumerate().map(|(i, a)| (a.clone(), i)).collect(),
         }
     }
 
@@ -607,12 +611,9 @@ impl Poller {
     /// poll). Unknown runners are ignored. Returns the parsed list when it changed the table.
     pub fn on_header_hints(&mut self, addr: &str, raw: &[u8]) -> Option<HintList> {
         let list = parse_hint_list(raw, self.max_hint_bytes, self.max_hints);
-        let pos = match self.slots.iter().position(|s| s.runner.addr == addr) {
-            Some(i) => i,
-            None => {
-                let addr = crate::addr::canonical(addr)?;
-                self.slots.iter().position(|s| s.runner.addr == addr)?
-            }
+        let pos = match self.by_addr.get(addr) {
+            Some(&i) => i,
+            None => *self.by_addr.get(&crate::addr::canonical(addr)?)?,
         };
         let defaults = self.defaults;
         let s = self.slots.get_mut(pos)?;

@@ -62,6 +62,7 @@ impl Poller {
             }
             match wanted.get(s.runner.addr.as_str()) {
                 None => {
+                    self.by_addr.remove(&s.runner.addr);
                     s.vacate();
                     churn.left += 1;
                     self.changes.touch(i);
@@ -105,6 +106,7 @@ impl Poller {
                 *s = slot;
             }
             present.insert(m.addr.clone(), idx);
+            self.by_addr.insert(m.addr.clone(), idx);
             churn.joined.push(idx);
             self.changes.touch(idx);
         }

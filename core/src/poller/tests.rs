@@ -477,6 +477,11 @@ fn a_runner_taking_a_freed_slot_is_a_delta_and_a_longer_table_is_whole() {
     let Some(Update::Delta(d)) = p.take_update() else { panic!("a delta") };
     assert_eq!(d.runners.len(), 1);
     assert_eq!((d.runners[0].0, d.runners[0].1.addr.as_str()), (2, "127.0.0.1:99"));
+    // A response header names its runner: the one gone is unknown now, the new one is found.
+    assert_eq!(p.on_header_hints("127.0.0.1:3", b"a"), None);
+    assert!(p.on_header_hints("127.0.0.1:99", b"a").is_some());
+    let Some(Update::Delta(d)) = p.take_update() else { panic!("a delta") };
+    assert_eq!((d.runners[0].0, d.runners[0].1.hints.clone()), (2, vec!["a".to_string()]));
     // A ninth runner makes the table longer: whole.
     next.push(m(100));
     p.set_members(&next, 2, 100);
