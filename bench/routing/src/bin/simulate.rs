@@ -7,9 +7,9 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use hint_router_bench_routing::bench::{
-    bounds, heading, parse_points, parse_policies, sim_point, table, Cluster, PointResult,
+    bounds, heading, parse_points, parse_policies, sim_point, table, Cluster, PointResult, PolicyResult,
 };
-use hint_router_bench_routing::sim::SimParams;
+use hint_router_bench_routing::sim::{Policy, SimParams};
 use hint_router_bench_routing::workload::{Trace, TraceSpec};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -107,6 +107,21 @@ struct Args {
     json: Option<PathBuf>,
 }
 
+/// Simulates the hint policies among `policies` again with `params` (a variant of the point's),
+/// printing their table under `label`.
+fn hint_policies_again(
+    params: &SimParams,
+    trace: &Trace,
+    policies: &[Policy],
+    belady: f64,
+    label: &str,
+) -> Vec<PolicyResult> {
+    let hint: Vec<Policy> = policies.iter().copied().filter(|p| p.is_hint()).collect();
+    let results = sim_point(params, trace, &hint, belady);
+    print!("{}", table(label, &results));
+    results
+}
+
 fn us(ms: f64) -> u64 {
     (ms * 1000.0).round().max(0.0) as u64
 }
@@ -196,9 +211,7 @@ fn main() -> Result<()> {
         if params.host_cache > 0 {
             // The same trace with the router blind to warm lists: what reading them buys.
             let blind_params = SimParams { what_if_blind_to_warm: true, ..params.clone() };
-            let hint: Vec<_> = policies.iter().copied().filter(|p| p.is_hint()).collect();
-            let blind = sim_point(&blind_params, &trace, &hint, b.belady);
-            print!("{}", table("blind", &blind));
+            let blind = hint_policies_again(&blind_params, &trace, &policies, b.belady, "blind");
             for (seeing, blind) in pr.sim.iter().filter(|r| r.policy.is_hint()).zip(&blind) {
                 let (s, b) = (&seeing.summary, &blind.summary);
                 println!(
@@ -222,9 +235,8 @@ fn main() -> Result<()> {
                 what_if_shared_responses: a.what_if_shared_responses,
                 ..params.clone()
             };
-            let hint: Vec<_> = policies.iter().copied().filter(|p| p.is_hint()).collect();
-            let multi = sim_point(&multi_params, &trace, &hint, b.belady);
-            print!("{}", table(&format!("x{}", a.proxies), &multi));
+            let multi =
+                hint_policies_again(&multi_params, &trace, &policies, b.belady, &format!("x{}", a.proxies));
             for (one, multi) in pr.sim.iter().filter(|r| r.policy.is_hint()).zip(&multi) {
                 let (s, m) = (&one.summary, &multi.summary);
                 println!(
