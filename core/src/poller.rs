@@ -641,7 +641,7 @@ impl Poller {
 
     /// What to publish, if anything changed since the last call: only the runners that
     /// changed ([`Update::Delta`], work proportional to them), or the whole table when the
-    /// runner list grew, when a quarter of the runners or more changed at once, or when
+    /// runner list grew, when more than half of the runners changed at once, or when
     /// [`RING`] - 1 deltas followed the last whole table (so the ring always holds every
     /// delta since it; the table's cost, proportional to the fleet, is spread over them).
     pub fn take_update(&mut self) -> Option<Update> {
@@ -651,7 +651,7 @@ impl Poller {
         let (all, list) = self.changes.take();
         let n = self.slots.len();
         let next = self.generation.wrapping_add(1);
-        if all || list.len().saturating_mul(4) >= n || next.wrapping_sub(self.full_generation) >= RING {
+        if all || list.len().saturating_mul(2) > n || next.wrapping_sub(self.full_generation) >= RING {
             return Some(Update::Full(self.whole_table()));
         }
         self.generation = next;

@@ -187,3 +187,42 @@ fn two_hundred_rollouts_reuse_slots_and_memory_stays_flat() {
     assert_eq!(stat(&e, "runners_left"), 200);
     assert!(heap1 < heap0 + 4 * 1048576, "heap grew from {heap0} to {heap1}");
 }
+
+// A change of one runner reaches the workers as a delta of that runner, not as a reload of the
+// whole table (`table_deltas` against `table_reloads`). Each of six runners loads a model
+// straight (not through Envoy), so only its own poll tells the filter; afterwards every
+// request for that model, on either worker, goes to that runner as a hit. A worker that missed
+// a delta would route the model as a miss elsewhere.
+#[test]
+fn a_change_of_one_runner_reaches_every_worker_as_a_delta() {
+    let runners: Vec<Runner> =
+        (0..8).map(|_| Runner::start(&["--load-ms", "1", "--infer-ms", "1"])).collect();
+    let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
+    let e = Envoy::start(&addrs, &EnvoyOptions::default(), 8);
+    let url = e.url();
+    let (reloads0, deltas0) = (stat(&e, "table_reloads"), stat(&e, "table_deltas"));
+    for (k, r) in runners.iter().enumerate().take(6) {
+        let m = format!("only-on-{k}");
+        let a = infer(&format!("http://{}", r.addr), &m, None, &[]);
+        assert_eq!(a.status, 200, "{a:?}");
+        // Two polls of every runner later, the poller has published it.
+        let polls = stat(&e, "poll_ok");
+        e.wait_stat("wasmcustom.hint_router.poll_ok", Duration::from_secs(10), |v| v >= polls + 16);
+        for _ in 0..6 {
+            let a = infer(&url, &m, Some(m.as_bytes()), &[]);
+            assert_eq!(
+                (a.status, a.cache.as_str(), a.upstream.as_str()),
+                (200, "hit", r.addr.as_str()),
+                "{m} (runner {k}): {a:?}\n{}",
+                e.log_text()
+            );
+        }
+    }
+    let (reloads, deltas) = (stat(&e, "table_reloads") - reloads0, stat(&e, "table_deltas") - deltas0);
+    eprintln!(
+        "six single-runner changes: {deltas} deltas applied, {reloads} whole-table loads (workers' first)"
+    );
+    assert!(deltas >= 6, "{deltas} deltas, {reloads} whole-table loads");
+    // At most each worker's first load of the table.
+    assert!(reloads <= 2, "{reloads} whole-table loads, {deltas} deltas");
+}

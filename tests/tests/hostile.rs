@@ -193,8 +193,12 @@ fn distinct_client_hints_publish_the_table_at_a_bounded_rate() {
         (0..3).map(|_| Runner::start(&["--load-ms", "1", "--infer-ms", "1"])).collect();
     let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
     let e = Envoy::start(&addrs, &EnvoyOptions::default(), 3);
-    let (pub0, reload0, reload_us0) =
-        (stat(&e, "table_publishes"), stat(&e, "table_reloads"), stat(&e, "table_reload_us"));
+    let (pub0, reload0, reload_us0, delta0) = (
+        stat(&e, "table_publishes"),
+        stat(&e, "table_reloads"),
+        stat(&e, "table_reload_us"),
+        stat(&e, "table_deltas"),
+    );
     let t0 = Instant::now();
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -218,8 +222,9 @@ fn distinct_client_hints_publish_the_table_at_a_bounded_rate() {
     let publishes = stat(&e, "table_publishes") - pub0;
     let reloads = stat(&e, "table_reloads") - reload0;
     let reload_ms = (stat(&e, "table_reload_us") - reload_us0) as f64 / 1000.0;
+    let deltas = stat(&e, "table_deltas") - delta0;
     eprintln!(
-        "{sent} distinct hints in {secs:.1} s ({:.0}/s): {publishes} publications ({:.1}/s), {reloads} worker reloads taking {reload_ms:.1} ms in all; Envoy heap {:.1} MiB",
+        "{sent} distinct hints in {secs:.1} s ({:.0}/s): {publishes} publications ({:.1}/s), {reloads} whole-table loads and {deltas} deltas applied by the workers, taking {reload_ms:.1} ms in all; Envoy heap {:.1} MiB",
         sent as f64 / secs,
         publishes as f64 / secs,
         envoy_allocated(&e) as f64 / 1048576.0

@@ -423,12 +423,16 @@ fn a_change_of_one_runner_is_published_as_that_runner_alone() {
     let Some(Update::Delta(d)) = p.take_update() else { panic!("a delta") };
     assert_eq!(d.runners.len(), 1);
     assert_eq!(d.runners[0].1.hints, ["c", "b", "a"]);
-    // A quarter of the fleet at once: the whole table is as cheap.
-    for i in 0..2 {
+    // Half the fleet at once is still a delta; more than half, the whole table.
+    for i in 0..4 {
+        answer(&mut p, i, 10 + i as u32, &["w"]);
+    }
+    assert!(matches!(p.take_update(), Some(Update::Delta(d)) if d.runners.len() == 4));
+    for i in 0..5 {
         answer(&mut p, i, 10 + i as u32, &["z"]);
     }
-    assert!(matches!(p.take_update(), Some(Update::Full(t)) if t.generation == 4));
-    assert_eq!(p.full_generation(), 4);
+    assert!(matches!(p.take_update(), Some(Update::Full(t)) if t.generation == 5));
+    assert_eq!(p.full_generation(), 5);
     // After a write that failed, the next publication is whole.
     answer(&mut p, 5, 20, &["y"]);
     p.publish_whole_next();
