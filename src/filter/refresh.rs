@@ -25,9 +25,13 @@ impl State {
             host::increment_metric(self.metrics.table_errors, 1);
             return;
         };
+        let plan = catch_up(self.seen_generation, published);
+        if plan == Catchup::UpToDate {
+            return; // the common case: no host call beyond the generation's read
+        }
         let started = host::now_ns();
-        match catch_up(self.seen_generation, published) {
-            Catchup::UpToDate => return,
+        match plan {
+            Catchup::UpToDate => {}
             Catchup::Deltas { from, to } => {
                 if !self.apply_deltas(from, to) {
                     self.load_whole(published);
