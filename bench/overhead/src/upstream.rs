@@ -15,9 +15,10 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -31,22 +32,51 @@ struct Variant {
 struct RunnerData {
     /// The runner's hints, and (runner 0 only) an alternative list it flips to with churn.
     variants: Vec<Variant>,
-    churn: Arc<AtomicU64>,
+    churn: Arc<Churn>,
     started: Instant,
+    /// Churn on polls: serving the alternative list, and since when.
+    flipped: Cell<bool>,
+    since: Cell<Instant>,
+}
+
+/// How runner 0 changes its list: every `period_ms` by the clock (responses and polls alike),
+/// or, `on_polls`, at the first `/hints` answer `period_ms` after the last change.
+#[derive(Default)]
+struct Churn {
+    period_ms: AtomicU64,
+    on_polls: AtomicBool,
 }
 
 impl RunnerData {
     fn current(&self) -> Option<&Variant> {
-        let period = self.churn.load(Ordering::Relaxed);
-        let flip = period > 0 && (self.started.elapsed().as_millis() as u64 / period) % 2 == 1;
+        let period = self.churn.period_ms.load(Ordering::Relaxed);
+        let flip = if self.churn.on_polls.load(Ordering::Relaxed) {
+            self.flipped.get()
+        } else {
+            period > 0 && (self.started.elapsed().as_millis() as u64 / period) % 2 == 1
+        };
         self.variants.get(usize::from(flip)).or(self.variants.first())
+    }
+
+    /// A `/hints` answer: with churn on polls, switches lists if the period has passed, so
+    /// every poll sees a change when the period is shorter than the poll interval. (The clock's
+    /// flip, sampled by polls every ~555 ms, changed the table only every few seconds: the two
+    /// periods alias.)
+    fn polled(&self) {
+        let period = self.churn.period_ms.load(Ordering::Relaxed);
+        if !self.churn.on_polls.load(Ordering::Relaxed) || period == 0 || self.variants.len() < 2 {
+            self.flipped.set(false);
+        } else if self.since.get().elapsed().as_millis() as u64 >= period {
+            self.flipped.set(!self.flipped.get());
+            self.since.set(Instant::now());
+        }
     }
 }
 
 /// The running upstream; stops on drop.
 pub struct Upstream {
     addrs: Vec<String>,
-    churn: Arc<AtomicU64>,
+    churn: Arc<Churn>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -62,7 +92,7 @@ impl Upstream {
             addrs.push(l.local_addr()?.to_string());
             listeners.push(l);
         }
-        let churn = Arc::new(AtomicU64::new(0));
+        let churn = Arc::new(Churn::default());
         let started = Instant::now();
         let mut data = Vec::with_capacity(n);
         for (i, addr) in addrs.iter().enumerate() {
@@ -94,7 +124,8 @@ impl Upstream {
                     hints_header: HeaderValue::from_str(&hints.join(","))?,
                 });
             }
-            data.push(RunnerData { variants, churn: Arc::clone(&churn), started });
+            let (flipped, since) = (Cell::new(false), Cell::new(started));
+            data.push(RunnerData { variants, churn: Arc::clone(&churn), started, flipped, since });
         }
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -137,7 +168,14 @@ impl Upstream {
     /// Makes runner 0 swap one of its hints every `period_ms` (0 = never): each swap makes
     /// the poller publish a new table, which every worker then reloads.
     pub fn set_churn(&self, period_ms: u64) {
-        self.churn.store(period_ms, Ordering::Relaxed);
+        self.churn.on_polls.store(false, Ordering::Relaxed);
+        self.churn.period_ms.store(period_ms, Ordering::Relaxed);
+    }
+
+    /// Runner 0 changes its list at the first poll `period_ms` after its last change (0: never).
+    pub fn set_churn_on_polls(&self, period_ms: u64) {
+        self.churn.on_polls.store(true, Ordering::Relaxed);
+        self.churn.period_ms.store(period_ms, Ordering::Relaxed);
     }
 }
 
@@ -169,6 +207,9 @@ async fn accept_loop(l: tokio::net::TcpListener, d: Rc<RunnerData>) {
 }
 
 fn answer(d: &RunnerData, path: &str) -> Response<Full<Bytes>> {
+    if path == "/hints" {
+        d.polled();
+    }
     let v = d.current();
     let mut r = match (path, v) {
         ("/hints", Some(v)) => {
@@ -224,5 +265,17 @@ mod tests {
             seen.insert(r.hints.contains(&"model-churn".to_string()));
         }
         assert_eq!(seen.len(), 2);
+        // Churn on polls: each /hints answer a period after the last change switches lists.
+        up.set_churn_on_polls(1);
+        let churned = |body: String| {
+            let r: HintsReport = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+            r.hints.contains(&"model-churn".to_string())
+        };
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            answers.push(churned(get(&a0, "/hints")));
+        }
+        assert!(answers.windows(2).all(|w| w[0] != w[1]), "{answers:?}");
     }
 }
