@@ -30,14 +30,13 @@ impl State {
             return; // the common case: no host call beyond the generation's read
         }
         let started = host::now_ns();
-        match plan {
-            Catchup::UpToDate => {}
-            Catchup::Deltas { from, to } => {
-                if !self.apply_deltas(from, to) {
-                    self.load_whole(published);
-                }
-            }
-            Catchup::Full => self.load_whole(published),
+        // The deltas when the ring has them all, else (or if one is missing) the whole table.
+        let caught_up = match plan {
+            Catchup::Deltas { from, to } => self.apply_deltas(from, to),
+            Catchup::UpToDate | Catchup::Full => false,
+        };
+        if !caught_up {
+            self.load_whole(published);
         }
         let took_us = host::now_ns().saturating_sub(started) / 1000;
         host::increment_metric(self.metrics.table_reload_us, took_us as i64);
