@@ -80,32 +80,18 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rank::reference::Rng;
     use crate::table::delta::Delta;
-    use crate::table::{Table, TableRunner, TableRunnerRef, View};
+    use crate::table::{Table, TableRunner, View};
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    /// A tiny deterministic generator for the test's random edits.
-    struct Lcg(u64);
-    impl Lcg {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            (self.0 >> 33) % n.max(1)
-        }
-    }
-
-    fn runner(rng: &mut Lcg, addr: String) -> TableRunner {
-        let hints = (0..rng.below(4)).map(|_| format!("m{}", rng.below(12))).collect::<Vec<_>>();
-        let mut distinct = Vec::new();
-        for h in hints {
-            if !distinct.contains(&h) {
-                distinct.push(h);
-            }
-        }
+    fn runner(rng: &mut Rng, addr: String) -> TableRunner {
+        let n = rng.below(4);
         TableRunner {
             addr,
             available: rng.below(5) != 0,
-            hints: distinct,
+            hints: rng.hints(n, 12),
             capacity: rng.below(4) as u32,
             max_concurrency: 1 + rng.below(3) as u32,
             queue_token: rng.below(3),
@@ -121,7 +107,7 @@ mod tests {
 
     #[test]
     fn deltas_leave_the_router_where_the_whole_table_would() {
-        let mut rng = Lcg(7);
+        let mut rng = Rng(7);
         let n = 9u32;
         let mut table = Table {
             generation: 1,
@@ -184,6 +170,5 @@ mod tests {
         assert!(!apply(&mut router, &delta));
         assert_eq!(router.view().generation(), 3);
         assert_eq!(router.view().runners().len(), 1);
-        let _ = TableRunnerRef::into_owned; // the delta's runners parse as the table's do
     }
 }
