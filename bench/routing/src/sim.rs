@@ -105,8 +105,6 @@ struct Sim<'a> {
     /// The last `pick`'s decision.
     last_decision: Option<Decision>,
     proxies: Vec<Proxy>,
-    /// Requests in flight through all proxies (when to stop polling).
-    total_inflight: u32,
     states: Vec<ReqState>,
     hit: Vec<bool>,
     /// Per request: since when it has been queued, and whether for an inference slot (else
@@ -174,7 +172,6 @@ pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
         routed: vec![None; n],
         last_decision: None,
         proxies: (0..p.proxies.max(1)).map(|_| proxy()).collect(),
-        total_inflight: 0,
         states: vec![ReqState::Pending; n],
         hit: vec![false; n],
         queued_since: vec![None; n],
@@ -238,7 +235,8 @@ impl Sim<'_> {
                 Event::Poll(k, r) => {
                     self.poll(k, r);
                     // Stop polling once nothing is left to do.
-                    if next_arrival < self.trace.reqs.len() || self.total_inflight > 0 || t < end {
+                    let busy = self.proxies.iter().any(|px| px.total_inflight > 0);
+                    if next_arrival < self.trace.reqs.len() || busy || t < end {
                         self.push(t + self.p.poll_interval_us.max(1), Event::Poll(k, r));
                     }
                 }
@@ -344,7 +342,6 @@ impl Sim<'_> {
         if let Some(d) = self.routed.get_mut(i as usize) {
             *d = self.last_decision.take();
         }
-        self.total_inflight += 1;
         if let Some(rec) = self.records.get_mut(i as usize) {
             rec.runner = Some(r);
         }
@@ -430,7 +427,6 @@ impl Sim<'_> {
         if let Some(c) = self.at_runner.get_mut(r as usize) {
             *c = c.saturating_sub(1);
         }
-        self.total_inflight = self.total_inflight.saturating_sub(1);
     }
 
     fn finish(&mut self, i: u32, hit: Option<bool>, status: Status) {
