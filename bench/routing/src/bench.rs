@@ -215,25 +215,27 @@ fn fill_gap_closed_with(results: &mut [PolicyResult], base: Option<f64>, belady:
 
 /// Simulates every policy on `trace`.
 pub fn sim_point(params: &SimParams, trace: &Trace, policies: &[Policy], belady: f64) -> Vec<PolicyResult> {
-    let start = trace.spec.warmup_us;
-    let end = start + trace.spec.measure_us;
-    let mut out: Vec<PolicyResult> = policies
-        .iter()
-        .map(|&policy| {
-            let run = simulate(params, trace, policy);
-            let loads = run.loads.iter().filter(|&&t| t >= start && t < end).count() as u64;
-            PolicyResult {
-                policy,
-                summary: summarize(trace, &run.records, loads, params.runners),
-                achieved_rps: None,
-                send_lag_p99_ms: None,
-                decisions: run.decisions.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-                polls_per_request: None,
-            }
-        })
-        .collect();
+    let mut out: Vec<PolicyResult> =
+        policies.iter().map(|&policy| sim_policy(params, trace, policy)).collect();
     fill_gap_closed(&mut out, belady);
     out
+}
+
+/// Simulates one policy on `trace` and summarises its measured window (`gap_closed` left for
+/// [`fill_gap_closed`]).
+pub fn sim_policy(params: &SimParams, trace: &Trace, policy: Policy) -> PolicyResult {
+    let start = trace.spec.warmup_us;
+    let end = start + trace.spec.measure_us;
+    let run = simulate(params, trace, policy);
+    let loads = run.loads.iter().filter(|&&t| t >= start && t < end).count() as u64;
+    PolicyResult {
+        policy,
+        summary: summarize(trace, &run.records, loads, params.runners),
+        achieved_rps: None,
+        send_lag_p99_ms: None,
+        decisions: run.decisions.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        polls_per_request: None,
+    }
 }
 
 /// All results of one point.
@@ -309,6 +311,15 @@ pub fn queue_comparisons(p: &PointResult) -> Vec<QueueComparison> {
         .collect()
 }
 
+/// How a target check prints: `met` or `MISSED`.
+pub fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
 /// The filter decisions worth printing (hit, miss, busy_fallback, ...), as `name n` pairs.
 pub fn decision_line(d: &BTreeMap<String, u64>) -> String {
     const SHOWN: [&str; 8] = [
@@ -348,7 +359,7 @@ pub fn queue_table(p: &PointResult) -> String {
             c.queue_hit,
             c.blocking_hit,
             c.diff_points(),
-            if c.met() { "met" } else { "MISSED" },
+            verdict(c.met()),
         ));
     }
     for (door, list) in [("blocking", &p.real), ("queue", &p.queue)] {

@@ -16,7 +16,7 @@
 //! Below the floor that allows up to 0.55 ms (less than a twentieth of one 10 ms inference);
 //! at and above it, it is the plain ratio.
 
-use super::{decision_line, table, PointResult, PolicyResult};
+use super::{decision_line, table, verdict, PointResult, PolicyResult};
 use crate::sim::Policy;
 
 /// The 2-Envoy hit rate may be at most this many points below the 1-Envoy one.
@@ -105,14 +105,6 @@ impl EnvoysComparison {
     }
 }
 
-fn yes(b: bool) -> &'static str {
-    if b {
-        "met"
-    } else {
-        "MISSED"
-    }
-}
-
 /// Each 2-Envoy row (real, then the simulator's) with the 1-Envoy row of the same policy.
 pub fn envoys_comparisons(p: &PointResult) -> Vec<EnvoysComparison> {
     let pairs = [("real", &p.real, &p.two_envoys), ("sim", &p.sim, &p.two_envoys_sim)];
@@ -172,11 +164,11 @@ pub fn envoys_table(p: &PointResult) -> String {
             &format!("{:.2}", c.one.hit),
             &format!("{:.2}", c.two.hit),
             &format!("{:+.2}", c.hit_diff_points()),
-            yes(c.hit_met()),
+            verdict(c.hit_met()),
             &format!("{:.2}", c.one.queue_ms),
             &format!("{:.2}", c.two.queue_ms),
             &c.queue_text(),
-            yes(c.queue_met()),
+            verdict(c.queue_met()),
             &format!("{:.1}", c.one.loads_per_s),
             &format!("{:.1}", c.two.loads_per_s),
             &c.one.errors.to_string(),
@@ -218,12 +210,12 @@ pub fn envoys_target_lines(p: &PointResult) -> Vec<String> {
                 c.two.hit,
                 c.one.hit,
                 c.hit_diff_points(),
-                yes(c.hit_met()),
+                verdict(c.hit_met()),
                 c.two.queue_ms,
                 c.one.queue_ms,
                 c.queue_text(),
                 c.queue_allowed_ms(),
-                yes(c.queue_met()),
+                verdict(c.queue_met()),
                 c.two.slot_ms,
                 c.one.slot_ms,
                 c.two.loads_per_s,

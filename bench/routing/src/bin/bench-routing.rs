@@ -12,13 +12,13 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use hint_router_bench_routing::bench::{
     bounds, envoys_table, envoys_target_lines, fill_gap_closed, fill_gap_closed_beside, heading,
-    parse_points, parse_policies, queue_comparisons, queue_table, table, Cluster, PointResult, PolicyResult,
-    QUEUE_HIT_TARGET_POINTS,
+    parse_points, parse_policies, queue_comparisons, queue_table, sim_policy, table, verdict, Cluster,
+    PointResult, PolicyResult, QUEUE_HIT_TARGET_POINTS,
 };
 use hint_router_bench_routing::plot::plot;
 use hint_router_bench_routing::real::{run_trace, Door, Drive, Stack};
 use hint_router_bench_routing::report::summarize;
-use hint_router_bench_routing::sim::{simulate, Policy, SimParams};
+use hint_router_bench_routing::sim::{Policy, SimParams};
 use hint_router_bench_routing::workload::{Trace, TraceSpec};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -286,25 +286,12 @@ fn main() -> Result<()> {
             fill_gap_closed_beside(&mut pr.queue, &pr.real, b.belady);
             fill_gap_closed_beside(&mut pr.two_envoys, &pr.real, b.belady);
         }
-        let (w0, w1) = (trace.spec.warmup_us, trace.spec.warmup_us + trace.spec.measure_us);
-        let sim = |params: &SimParams, policy: Policy| {
-            let run = simulate(params, &trace, policy);
-            let loads = run.loads.iter().filter(|&&t| t >= w0 && t < w1).count() as u64;
-            PolicyResult {
-                policy,
-                summary: summarize(&trace, &run.records, loads, a.runners),
-                achieved_rps: None,
-                send_lag_p99_ms: None,
-                decisions: run.decisions.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-                polls_per_request: None,
-            }
-        };
         for (&policy, addrs) in policies.iter().zip(addrs) {
             let params = SimParams { addrs, ..base_params.clone() };
-            pr.sim.push(sim(&params, policy));
+            pr.sim.push(sim_policy(&params, &trace, policy));
             // --two-envoys: the simulator's hint policies behind two proxies, same trace.
             if a.two_envoys && policy.is_hint() {
-                pr.two_envoys_sim.push(sim(&SimParams { proxies: 2, ..params }, policy));
+                pr.two_envoys_sim.push(sim_policy(&SimParams { proxies: 2, ..params }, &trace, policy));
             }
         }
         fill_gap_closed(&mut pr.sim, b.belady);
@@ -388,21 +375,20 @@ fn print_targets(results: &[PointResult]) {
                 let mode = h.policy.name();
                 let best_hit = others.iter().map(|r| r.summary.hit_rate).fold(0.0, f64::max);
                 let gap = h.summary.gap_closed.unwrap_or(f64::NAN);
-                let yes = |b: bool| if b { "met" } else { "MISSED" };
                 println!(
                 "  {:<12} {label:<4} {mode:<12} p99 {:.0} ms vs best Envoy {:.0} ms ({}) [{}]; errors {} [{}]; hit {:.1}% vs best Envoy {:.1}% [{}]; gap closed {:.2} [{}]",
                 pr.name,
                 h.summary.p99_ms,
                 best.summary.p99_ms,
                 best.policy,
-                yes(h.summary.p99_ms <= 0.5 * best.summary.p99_ms),
+                verdict(h.summary.p99_ms <= 0.5 * best.summary.p99_ms),
                 h.summary.errors,
-                yes(h.summary.errors == 0),
+                verdict(h.summary.errors == 0),
                 h.summary.hit_rate * 100.0,
                 best_hit * 100.0,
-                yes(h.summary.hit_rate >= best_hit),
+                verdict(h.summary.hit_rate >= best_hit),
                 gap,
-                yes(gap >= 0.85),
+                verdict(gap >= 0.85),
             );
             }
         }
@@ -414,7 +400,7 @@ fn print_targets(results: &[PointResult]) {
                 c.queue_hit,
                 c.blocking_hit,
                 c.diff_points(),
-                if c.met() { "met" } else { "MISSED" },
+                verdict(c.met()),
             );
         }
         for line in envoys_target_lines(pr) {
