@@ -7,7 +7,7 @@
 use hint_router_e2e::configs::EdsFile;
 use hint_router_e2e::fake::{FakeRunner, HintsMode};
 use hint_router_e2e::util::wait_until;
-use hint_router_e2e::{infer, Envoy, EnvoyOptions, Runner};
+use hint_router_e2e::{infer, Envoy, EnvoyOptions, Runner, Stack};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -195,18 +195,16 @@ fn two_hundred_rollouts_reuse_slots_and_memory_stays_flat() {
 // a delta would route the model as a miss elsewhere.
 #[test]
 fn a_change_of_one_runner_reaches_every_worker_as_a_delta() {
-    let runners: Vec<Runner> =
-        (0..8).map(|_| Runner::start(&["--load-ms", "1", "--infer-ms", "1"])).collect();
-    let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
-    let e = Envoy::start(&addrs, &EnvoyOptions::default(), 8);
+    let stack = Stack::start(8, &["--load-ms", "1", "--infer-ms", "1"], &EnvoyOptions::default());
+    let e = &stack.envoy;
     let url = e.url();
-    let (reloads0, deltas0) = (stat(&e, "table_reloads"), stat(&e, "table_deltas"));
-    for (k, r) in runners.iter().enumerate().take(6) {
+    let (reloads0, deltas0) = (stat(e, "table_reloads"), stat(e, "table_deltas"));
+    for (k, r) in stack.runners.iter().enumerate().take(6) {
         let m = format!("only-on-{k}");
         let a = infer(&format!("http://{}", r.addr), &m, None, &[]);
         assert_eq!(a.status, 200, "{a:?}");
         // Two polls of every runner later, the poller has published it.
-        let polls = stat(&e, "poll_ok");
+        let polls = stat(e, "poll_ok");
         e.wait_stat("wasmcustom.hint_router.poll_ok", Duration::from_secs(10), |v| v >= polls + 16);
         for _ in 0..6 {
             let a = infer(&url, &m, Some(m.as_bytes()), &[]);
@@ -218,7 +216,7 @@ fn a_change_of_one_runner_reaches_every_worker_as_a_delta() {
             );
         }
     }
-    let (reloads, deltas) = (stat(&e, "table_reloads") - reloads0, stat(&e, "table_deltas") - deltas0);
+    let (reloads, deltas) = (stat(e, "table_reloads") - reloads0, stat(e, "table_deltas") - deltas0);
     eprintln!(
         "six single-runner changes: {deltas} deltas applied, {reloads} whole-table loads (workers' first)"
     );

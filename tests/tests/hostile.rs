@@ -7,7 +7,7 @@
 
 use hint_router_e2e::fake::{FakeRunner, HintsMode};
 use hint_router_e2e::util::{envoy_allocated, wait_until};
-use hint_router_e2e::{client, infer, Envoy, EnvoyOptions, Runner};
+use hint_router_e2e::{client, infer, Envoy, EnvoyOptions, Runner, Stack};
 use std::time::{Duration, Instant};
 
 fn plugin(members: &[(&str, &str)]) -> EnvoyOptions {
@@ -189,15 +189,13 @@ fn sixty_thousand_hints_are_read_in_one_pass() {
 // client hints as fast as this machine can send them must publish at a bounded rate.
 #[test]
 fn distinct_client_hints_publish_the_table_at_a_bounded_rate() {
-    let runners: Vec<Runner> =
-        (0..3).map(|_| Runner::start(&["--load-ms", "1", "--infer-ms", "1"])).collect();
-    let addrs: Vec<String> = runners.iter().map(|r| r.addr.clone()).collect();
-    let e = Envoy::start(&addrs, &EnvoyOptions::default(), 3);
+    let stack = Stack::start(3, &["--load-ms", "1", "--infer-ms", "1"], &EnvoyOptions::default());
+    let e = &stack.envoy;
     let (pub0, reload0, reload_us0, delta0) = (
-        stat(&e, "table_publishes"),
-        stat(&e, "table_reloads"),
-        stat(&e, "table_reload_us"),
-        stat(&e, "table_deltas"),
+        stat(e, "table_publishes"),
+        stat(e, "table_reloads"),
+        stat(e, "table_reload_us"),
+        stat(e, "table_deltas"),
     );
     let t0 = Instant::now();
     let threads: Vec<_> = (0..8)
@@ -219,15 +217,15 @@ fn distinct_client_hints_publish_the_table_at_a_bounded_rate() {
         .collect();
     let sent: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
     let secs = t0.elapsed().as_secs_f64();
-    let publishes = stat(&e, "table_publishes") - pub0;
-    let reloads = stat(&e, "table_reloads") - reload0;
-    let reload_ms = (stat(&e, "table_reload_us") - reload_us0) as f64 / 1000.0;
-    let deltas = stat(&e, "table_deltas") - delta0;
+    let publishes = stat(e, "table_publishes") - pub0;
+    let reloads = stat(e, "table_reloads") - reload0;
+    let reload_ms = (stat(e, "table_reload_us") - reload_us0) as f64 / 1000.0;
+    let deltas = stat(e, "table_deltas") - delta0;
     eprintln!(
         "{sent} distinct hints in {secs:.1} s ({:.0}/s): {publishes} publications ({:.1}/s), {reloads} whole-table loads and {deltas} deltas applied by the workers, taking {reload_ms:.1} ms in all; Envoy heap {:.1} MiB",
         sent as f64 / secs,
         publishes as f64 / secs,
-        envoy_allocated(&e) as f64 / 1048576.0
+        envoy_allocated(e) as f64 / 1048576.0
     );
     // At most one per 20 ms gap plus one per 100 ms tick, with slack for the test's edges.
     assert!((publishes as f64) / secs <= 65.0, "{publishes} publications in {secs:.1} s");
