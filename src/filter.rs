@@ -19,6 +19,10 @@ mod refresh;
 
 /// Response header naming the decision (with `debug_headers`).
 const DECISION_HEADER: &str = "x-hint-router-decision";
+/// Request header naming the model the chosen runner should evict if it must make room for
+/// the requested one ([`hint_router_core::router::Router::evicting`]); `runner-example`
+/// follows it, other runners ignore it. Envoy strips any client-sent one before this filter.
+const EVICT_HEADER: &str = "x-hint-router-evict";
 /// Response header naming the runner that answered (with `debug_headers`).
 const UPSTREAM_HEADER: &str = "x-hint-router-upstream";
 /// Compare-and-swap attempts for one in-flight counter update (fresh reads of the value).
@@ -487,6 +491,11 @@ impl HttpContext for Stream {
                         self.load = decision.load;
                         if self.submit {
                             self.queue_runner = Some((first, before));
+                        }
+                    }
+                    if let Some(victim) = st.router.evicting() {
+                        if let Err(e) = host::set_header(Map::Request, EVICT_HEADER, victim.as_bytes()) {
+                            log::debug!("hint-router: cannot set {EVICT_HEADER}: {e}");
                         }
                     }
                     if decision.listed {

@@ -19,24 +19,59 @@ pub(crate) const ALL_PINNED_COST: u32 = 1 << 16;
 /// A runner's eviction victim as the router last computed it.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Victim {
-    /// [`hint_hash`] of its least recently used hint.
+    /// [`hint_hash`] of the model.
     pub(crate) hash: u64,
-    /// Another available runner lists that hint too.
-    pub(crate) dup: bool,
+    /// Available runners listing that model, this one included (at least 1 once computed).
+    pub(crate) copies: u32,
 }
 
-/// The eviction a miss on runner `i` causes: 0 for a free slot, 1 for a victim another
-/// runner also holds, else 2 + the victim's popularity; [`crate::rank::UNKNOWN_CAPACITY_COST`]
-/// when the capacity is unknown.
+impl Victim {
+    /// Another available runner lists the model too.
+    pub(crate) fn dup(&self) -> bool {
+        self.copies > 1
+    }
+}
+
+/// How evictions are priced: by the popularity estimate, and (`copies_share_demand`) whether
+/// the copies of a model share its demand, so that a copy of a hot model is worth keeping.
+///
+/// Under `any_available` they do: every request that finds all its model's holders busy
+/// becomes a load elsewhere, so the copies of a hot model are what carries it, and evicting
+/// one because it is "only a duplicate" brings the next load straight back (measured: the
+/// simulator's 120-runner fleet fell from 75 % to 37 % hits). Under `fastest` a busy holder's
+/// queue is the alternative to a copy, weighed per request, so a duplicate costs little to
+/// lose.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prices<'a> {
+    pub(crate) popularity: &'a Popularity,
+    pub(crate) copies_share_demand: bool,
+}
+
+impl Prices<'_> {
+    /// What evicting the model with hash `hash` held by `copies` available runners costs:
+    /// 1 (+ its share of the demand, when copies share it) for a duplicate, else 2 + its
+    /// popularity estimate.
+    #[inline]
+    pub(crate) fn eviction(&self, hash: u64, copies: u32) -> u32 {
+        let estimate = u32::from(self.popularity.estimate(hash));
+        match (copies > 1, self.copies_share_demand) {
+            (true, true) => 1 + estimate / copies,
+            (true, false) => 1,
+            (false, _) => 2 + estimate,
+        }
+    }
+}
+
+/// The eviction a miss on runner `i` causes: 0 for a free slot, else its victim's
+/// [`Prices::eviction`]; [`crate::rank::UNKNOWN_CAPACITY_COST`] when the capacity is unknown.
 #[inline]
-pub(crate) fn victim_cost(popularity: &Popularity, victims: &[Victim], i: u32, r: &ViewRunner) -> u32 {
+pub(crate) fn victim_cost(prices: Prices<'_>, victims: &[Victim], i: u32, r: &ViewRunner) -> u32 {
     let c = slot_cost(r);
     if c != 1 {
         return c;
     }
     match victims.get(i as usize) {
-        Some(v) if v.dup => 1,
-        Some(v) => 2 + u32::from(popularity.estimate(v.hash)),
+        Some(v) => prices.eviction(v.hash, v.copies),
         None => 2,
     }
 }
@@ -45,7 +80,7 @@ pub(crate) fn victim_cost(popularity: &Popularity, victims: &[Victim], i: u32, r
 /// on each runner): what [`crate::rank::rank_by`] orders the runners for a miss by.
 pub(crate) fn miss_cost(
     view: &View,
-    popularity: &Popularity,
+    prices: Prices<'_>,
     victims: &[Victim],
     pins: &[Pins],
     i: u32,
@@ -54,8 +89,8 @@ pub(crate) fn miss_cost(
     match pins.get(i as usize) {
         // As many models in use as slots (some perhaps no longer listed): a load waits.
         Some(p) if r.capacity > 0 && p.len() >= r.capacity as usize => ALL_PINNED_COST,
-        Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
-        _ => victim_cost(popularity, victims, i, r),
+        Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, prices, p, i),
+        _ => victim_cost(prices, victims, i, r),
     }
 }
 
@@ -63,12 +98,13 @@ pub(crate) fn miss_cost(
 /// every runner: 1 for a full runner with models in use (its victim is found by a walk of its
 /// hints; it costs at least 1), otherwise exact when computed. It stays a floor while the
 /// runner, its victim and its pins do not change (the router recomputes it when they do) and
-/// the popularity counters do not halve (they only grow in between; the router recomputes
-/// every floor when they halve). Floors of 0, [`ALL_PINNED_COST`] and
+/// the popularity counters do not halve (they only grow in between, so no model of the
+/// runner becomes cheaper to evict than the victim was; the router recomputes every victim
+/// and floor when they halve). Floors of 0, [`ALL_PINNED_COST`] and
 /// [`crate::rank::UNKNOWN_CAPACITY_COST`] are always exact: they depend on the runner and its
 /// pins alone.
 pub(crate) fn miss_cost_floor(
-    popularity: &Popularity,
+    prices: Prices<'_>,
     victims: &[Victim],
     pins: &[Pins],
     i: u32,
@@ -77,35 +113,53 @@ pub(crate) fn miss_cost_floor(
     match pins.get(i as usize) {
         Some(p) if r.capacity > 0 && p.len() >= r.capacity as usize => ALL_PINNED_COST,
         Some(p) if !p.is_empty() && slot_cost(r) == 1 => 1,
-        _ => victim_cost(popularity, victims, i, r),
+        _ => victim_cost(prices, victims, i, r),
     }
 }
 
-/// [`victim_cost`] for a full runner with models in use (`pins`): its victim is the least
-/// recently used listed model not in use, as a runner evicts; [`ALL_PINNED_COST`] if none.
-pub(crate) fn pinned_victim_cost(
+/// [`victim_cost`] for a full runner with models in use (`pins`): its victim is the cheapest
+/// listed model not in use ([`best_victim`]); [`ALL_PINNED_COST`] if none.
+pub(crate) fn pinned_victim_cost(view: &View, prices: Prices<'_>, pins: &Pins, idx: u32) -> u32 {
+    let in_use = |hash: u64| pins.iter().any(|&(p, _)| p == hash);
+    match best_victim(view, prices, idx, in_use) {
+        Some((v, _)) => prices.eviction(v.hash, v.copies),
+        None => ALL_PINNED_COST,
+    }
+}
+
+/// The listed model of runner `idx` whose eviction costs least ([`Prices::eviction`]),
+/// skipping those `skip` says are in use; among equals the least recently used (runners
+/// list most recently used first). With its position in the runner's list. The router asks
+/// the runner to evict it (the `x-hint-router-evict` request header), so this, not the
+/// runner's LRU model, is what a miss there costs.
+pub(crate) fn best_victim(
     view: &View,
-    popularity: &Popularity,
-    pins: &Pins,
+    prices: Prices<'_>,
     idx: u32,
-    r: &ViewRunner,
-) -> u32 {
-    for h in r.hints.iter().rev() {
+    skip: impl Fn(u64) -> bool,
+) -> Option<(Victim, usize)> {
+    let r = view.runner(idx)?;
+    let mut best: Option<(u32, Victim, usize)> = None;
+    for (k, h) in r.hints.iter().enumerate().rev() {
         let hash = hint_hash(h);
-        if pins.iter().any(|&(p, _)| p == hash) {
+        if skip(hash) {
             continue;
         }
-        let dup = view.holders(h).iter().any(|&j| j != idx && view.runner(j).is_some_and(|r| r.available));
-        return if dup { 1 } else { 2 + u32::from(popularity.estimate(hash)) };
+        let others =
+            view.holders(h).iter().filter(|&&j| j != idx && view.runner(j).is_some_and(|r| r.available));
+        let copies = 1 + others.count() as u32;
+        let cost = prices.eviction(hash, copies);
+        if best.map_or(true, |(c, _, _)| cost < c) {
+            best = Some((cost, Victim { hash, copies }, k));
+            if cost == 1 {
+                break; // nothing is cheaper to evict than a cold duplicate
+            }
+        }
     }
-    ALL_PINNED_COST
+    best.map(|(_, v, k)| (v, k))
 }
 
-/// Runner `idx`'s eviction victim in `view`: its last-listed hint.
-pub(crate) fn victim_of(view: &View, idx: u32) -> Victim {
-    let Some(h) = view.runner(idx).and_then(|r| r.hints.last()) else {
-        return Victim::default();
-    };
-    let dup = view.holders(h).iter().any(|&j| j != idx && view.runner(j).is_some_and(|r| r.available));
-    Victim { hash: hint_hash(h), dup }
+/// Runner `idx`'s eviction victim in `view`: [`best_victim`] with nothing in use.
+pub(crate) fn victim_of(view: &View, prices: Prices<'_>, idx: u32) -> Victim {
+    best_victim(view, prices, idx, |_| false).map(|(v, _)| v).unwrap_or_default()
 }

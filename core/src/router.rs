@@ -23,7 +23,9 @@
 
 use crate::hint::HintList;
 use crate::learned::Times;
-use crate::placement::{miss_cost, miss_cost_floor, victim_of, Pins, Victim, ALL_PINNED_COST, MAX_PINS};
+use crate::placement::{
+    best_victim, miss_cost, miss_cost_floor, victim_of, Pins, Prices, Victim, ALL_PINNED_COST, MAX_PINS,
+};
 use crate::popularity::{hint_hash, Popularity};
 use crate::rank::{rank_by, slot_cost, Costs, Outcome, UNKNOWN_CAPACITY_COST};
 use crate::table::{View, ViewRunner};
@@ -94,6 +96,9 @@ pub struct Router {
     /// Per runner: a floor of the cost of a miss there ([`miss_cost_floor`]), read by the fleet
     /// scan; recomputed whenever what it depends on changes.
     floors: Vec<u32>,
+    /// The model the last [`Router::route`] asks its first candidate to evict, if it made
+    /// room there.
+    evicting: Option<String>,
     /// Cache slots of the fleet (every runner's capacity, at least 1 each): sizes the
     /// popularity window.
     slots: u64,
@@ -109,6 +114,11 @@ fn tie_break(hint: Option<&str>, hash: u64, spin: u32) -> u32 {
         Some(_) => (hash >> 32) as u32,
         None => spin,
     }
+}
+
+/// How `mode` prices evictions ([`Prices`]).
+fn prices(popularity: &Popularity, mode: WhenHoldersBusy) -> Prices<'_> {
+    Prices { popularity, copies_share_demand: mode == WhenHoldersBusy::AnyAvailable }
 }
 
 impl Router {
@@ -127,6 +137,13 @@ impl Router {
     /// The current view.
     pub fn view(&self) -> &View {
         &self.view
+    }
+
+    /// The model the last [`Router::route`] chose for its first candidate to evict to make
+    /// room for the requested one (a miss on a full runner), if any: the filter sends it in
+    /// the `x-hint-router-evict` request header.
+    pub fn evicting(&self) -> Option<&str> {
+        self.evicting.as_deref()
     }
 
     /// How busy holders are handled.
@@ -177,11 +194,21 @@ impl Router {
     fn reindex_all(&mut self) {
         let n = self.view.runners().len();
         self.victims.clear();
-        self.victims.extend((0..n as u32).map(|i| victim_of(&self.view, i)));
+        let prices = prices(&self.popularity, self.mode);
+        self.victims.extend((0..n as u32).map(|i| victim_of(&self.view, prices, i)));
         self.times.resize_with(n, Times::default);
         self.pins.resize_with(n, Pins::new);
         self.slots = self.view.runners().iter().map(|r| u64::from(r.capacity.max(1))).sum();
         self.size_window();
+        self.refloor_all();
+    }
+
+    /// Recomputes every victim and cost floor (the popularity counters halved).
+    fn revictim_all(&mut self) {
+        let n = self.view.runners().len() as u32;
+        self.victims.clear();
+        let prices = prices(&self.popularity, self.mode);
+        self.victims.extend((0..n).map(|i| victim_of(&self.view, prices, i)));
         self.refloor_all();
     }
 
@@ -191,7 +218,7 @@ impl Router {
     }
 
     fn reindex(&mut self, idx: u32) {
-        let v = victim_of(&self.view, idx);
+        let v = victim_of(&self.view, prices(&self.popularity, self.mode), idx);
         if let Some(slot) = self.victims.get_mut(idx as usize) {
             *slot = v;
         }
@@ -200,8 +227,8 @@ impl Router {
 
     /// Recomputes runner `idx`'s cost floor (its runner, victim or pins changed).
     fn refloor(&mut self, idx: u32) {
-        let (popularity, victims, pins) = (&self.popularity, &self.victims, &self.pins);
-        let floor = self.view.runner(idx).map(|r| miss_cost_floor(popularity, victims, pins, idx, r));
+        let (prices, victims, pins) = (prices(&self.popularity, self.mode), &self.victims, &self.pins);
+        let floor = self.view.runner(idx).map(|r| miss_cost_floor(prices, victims, pins, idx, r));
         if let (Some(f), Some(slot)) = (floor, self.floors.get_mut(idx as usize)) {
             *slot = f;
         }
@@ -209,10 +236,10 @@ impl Router {
 
     /// Recomputes every runner's cost floor.
     fn refloor_all(&mut self) {
-        let (popularity, victims, pins) = (&self.popularity, &self.victims, &self.pins);
+        let (prices, victims, pins) = (prices(&self.popularity, self.mode), &self.victims, &self.pins);
         let runners = (0u32..).zip(self.view.runners());
         self.floors.clear();
-        self.floors.extend(runners.map(|(i, r)| miss_cost_floor(popularity, victims, pins, i, r)));
+        self.floors.extend(runners.map(|(i, r)| miss_cost_floor(prices, victims, pins, i, r)));
     }
 
     /// Counts a request for `hint` in the popularity estimate; returns its hash (0 without a
@@ -224,7 +251,19 @@ impl Router {
         let Some(h) = hint else { return 0 };
         let hash = hint_hash(h);
         if self.popularity.record(hash) {
-            self.refloor_all();
+            // Halved: which model is cheapest to evict may have changed anywhere.
+            self.revictim_all();
+        } else {
+            // Runners whose victim this is now price it higher: another of their models may
+            // be cheaper to evict.
+            // (Collecting allocates only when there are some: not on the common hit path.)
+            let victims = &self.victims;
+            let holders = self.view.holders(h).iter().copied();
+            let stale: Vec<u32> =
+                holders.filter(|&j| victims.get(j as usize).is_some_and(|v| v.hash == hash)).collect();
+            for j in stale {
+                self.reindex(j);
+            }
         }
         hash
     }
@@ -354,6 +393,7 @@ impl Router {
             (Some(_), Some(&first)) => self.pin(first, hash).then_some(hash),
             _ => None,
         };
+        self.evicting = None;
         let plain = Decision { outcome, load: false, listed: false, ahead, pin, warm: false };
         let (Some(h), Some(&first)) = (hint, out.first()) else {
             return plain;
@@ -364,10 +404,6 @@ impl Router {
         if r.hints.iter().any(|x| x == h) {
             // A hit, unless the hint is only our own guess: then it joins a load.
             let guessed = self.guessed.get(first as usize).is_some_and(|g| g.iter().any(|(x, _)| x == h));
-            if self.victims.get(first as usize).is_some_and(|v| v.hash == hash) {
-                // Its victim was just requested: keep its floor up with the count.
-                self.refloor(first);
-            }
             return Decision { load: guessed, ..plain };
         }
         let warm = r.warm.iter().any(|x| x == h);
@@ -384,6 +420,20 @@ impl Router {
         // One mark per listed hint (a runner's list may be long: linear, not quadratic).
         let mut drop = vec![false; r.hints.len()];
         let mut dropping = 0;
+        // The model the runner is asked to evict first: the cheapest one not in use.
+        let mut evict = None;
+        if excess > 0 {
+            let pins = self.pins.get(first as usize);
+            let in_use = |hash: u64| pins.is_some_and(|p| p.iter().any(|&(ph, _)| ph == hash));
+            if let Some((_, k)) = best_victim(&self.view, prices(&self.popularity, self.mode), first, in_use)
+            {
+                if let (Some(d), Some(x)) = (drop.get_mut(k), r.hints.get(k)) {
+                    *d = true;
+                    dropping += 1;
+                    evict = Some(x.clone());
+                }
+            }
+        }
         for pass_in_use in [false, true] {
             for (k, x) in r.hints.iter().enumerate().rev() {
                 if dropping >= excess {
@@ -408,7 +458,15 @@ impl Router {
             }
         }
         self.view.set_runner_hints(first, &HintList { hints, invalid: 0, truncated: 0 });
+        self.evicting = evict;
         self.reindex(first);
+        // Runners that hold the hint too now have a duplicate: a cheaper victim.
+        let holders: Vec<u32> = self.view.holders(h).to_vec();
+        for j in holders {
+            if j != first {
+                self.reindex(j);
+            }
+        }
         // Runners that held a dropped hint too may have lost their duplicate.
         for d in &dropped {
             let holders: Vec<u32> = self.view.holders(d).to_vec();
@@ -453,10 +511,11 @@ impl Router {
         max: usize,
         out: &mut Vec<u32>,
     ) -> Outcome {
-        let (view, popularity, victims, pins) = (&self.view, &self.popularity, &self.victims, &self.pins);
+        let (view, victims, pins) = (&self.view, &self.victims, &self.pins);
+        let prices = prices(&self.popularity, self.mode);
         let exact = |i: u32, floor: u32| match floor {
             0 | ALL_PINNED_COST | UNKNOWN_CAPACITY_COST => floor, // always exact (miss_cost_floor)
-            _ => view.runner(i).map_or(floor, |r| miss_cost(view, popularity, victims, pins, i, r)),
+            _ => view.runner(i).map_or(floor, |r| miss_cost(view, prices, victims, pins, i, r)),
         };
         let costs = Costs { floor: &self.floors, exact };
         let outcome = rank_by(view, hint, in_flight, in_flight, costs, spin, max, out);
@@ -508,7 +567,7 @@ impl Router {
         // The eviction a load causes: the victim's popularity relative to the requested
         // model's, in loads (a victim as popular as the request costs one load later).
         let penalty = match (slot_cost(fr), self.victims.get(f as usize)) {
-            (1, Some(v)) if !v.dup => {
+            (1, Some(v)) if !v.dup() => {
                 let (pv, ph) = (
                     u64::from(self.popularity.estimate(v.hash)),
                     u64::from(self.popularity.estimate(hash)).max(1),

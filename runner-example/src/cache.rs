@@ -25,8 +25,9 @@
 //! * A request **pins** its model from the moment it asks for it ([`ModelCache::acquire`])
 //!   until it drops the returned [`ModelLease`] (the end of its inference). A pinned model is
 //!   never evicted.
-//! * On a miss with a full cache, the least-recently-used *unpinned resident* model is
-//!   evicted. When every slot is pinned or loading, the request waits, without polling, in a
+//! * On a miss with a full cache, the *unpinned resident* model the request asked to evict
+//!   ([`ModelCache::acquire_evicting`]: hint-router's `x-hint-router-evict`) is evicted, or,
+//!   without one (or when it is pinned, loading or absent), the least-recently-used one. When every slot is pinned or loading, the request waits, without polling, in a
 //!   FIFO queue of absent models; the queue's head is admitted as soon as a slot can be made.
 //!   Requests for a model already in the queue join its place instead of queueing again.
 //! * **Single flight**: all concurrent requests for one absent model share exactly one
@@ -235,8 +236,14 @@ impl ModelCache {
     ///
     /// Cancel-safe: dropping the future unpins the model and leaves any load running.
     pub async fn acquire(&self, model: &str) -> Result<ModelLease, LoadFailed> {
+        self.acquire_evicting(model, None).await
+    }
+
+    /// [`ModelCache::acquire`], evicting `evict` (if it is resident and unpinned) rather than
+    /// the least recently used model when room must be made for `model`.
+    pub async fn acquire_evicting(&self, model: &str, evict: Option<&str>) -> Result<ModelLease, LoadFailed> {
         let start = Instant::now();
-        let (found, pin) = self.shared.pin(model, start)?;
+        let (found, pin) = self.shared.pin(model, evict, start)?;
         let mut rx = match found {
             Found::Resident(loaded) => {
                 return Ok(ModelLease {
@@ -325,11 +332,16 @@ impl Shared {
     }
 
     /// Pins `model` (see [`ModelCache::acquire`]), starting a load if it must.
-    fn pin(self: &Arc<Self>, model: &str, now: Instant) -> Result<(Found, PinGuard), LoadFailed> {
+    fn pin(
+        self: &Arc<Self>,
+        model: &str,
+        evict: Option<&str>,
+        now: Instant,
+    ) -> Result<(Found, PinGuard), LoadFailed> {
         // Asked before taking the lock; only used when the model has to be queued.
         let lookup = self.backend.lookup(model);
         let (found, id) =
-            self.with_state(|state, limits, effects| state.pin(limits, model, lookup, now, effects))?;
+            self.with_state(|state, limits, effects| state.pin(limits, model, evict, lookup, now, effects))?;
         Ok((found, PinGuard { shared: Arc::clone(self), model: model.to_string(), id }))
     }
 

@@ -80,7 +80,17 @@ pub struct InferRequest {
     /// The input; empty when absent.
     #[serde(default)]
     pub prompt: String,
+    /// The model to evict if room must be made (the [`EVICT_HEADER`] request header, not
+    /// part of the body).
+    #[serde(skip)]
+    pub evict: Option<String>,
 }
+
+/// Request header naming the model hint-router asks the runner to evict if it has to make
+/// room for the requested one: the cheapest to lose fleet-wide (a copy another runner also
+/// holds, or the least popular). Advice only: ignored when absent, not a valid model name,
+/// not resident, in use or loading; the runner then evicts its least recently used model.
+pub const EVICT_HEADER: &str = "x-hint-router-evict";
 
 /// Body of a successful `POST /`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -203,24 +213,32 @@ async fn infer(State(runner): State<Runner>, request: Request) -> Response {
         Ok(request) => request,
         Err(refused) => return refused,
     };
-    let result = runner.infer_admitted(admission, &request.model, request.prompt).await;
+    let evict = request.evict.as_deref();
+    let result = runner.infer_admitted(admission, &request.model, evict, request.prompt).await;
     inference_answer(request.model, result).into_response()
 }
 
 /// Reads and checks the body of `POST /` (a submission's too): the error answer when it is
 /// too large, not the JSON of [`InferRequest`], or names a bad model.
 pub(crate) async fn read_request(request: Request) -> Result<InferRequest, Response> {
+    let evict = request
+        .headers()
+        .get(EVICT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|name| validate_model_name(name).is_ok())
+        .map(str::to_string);
     let body = match Bytes::from_request(request, &()).await {
         Ok(body) => body,
         Err(rejection) => return Err(error(rejection.status(), rejection.body_text())),
     };
-    let request: InferRequest = match serde_json::from_slice(&body) {
+    let mut request: InferRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => return Err(error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}"))),
     };
     if let Err(e) = validate_model_name(&request.model) {
         return Err(error(StatusCode::BAD_REQUEST, e));
     }
+    request.evict = evict;
     Ok(request)
 }
 

@@ -210,7 +210,8 @@ mod tests {
         let key = queue.key(&id).unwrap();
         assert!(matches!(queue.cancel(key), Cancel::Cancelled(Some(_))));
         let admission = runner.admit().unwrap();
-        let result = runner.infer_admitted_with(admission, "a", String::new(), |s| queue.start(key, s)).await;
+        let result =
+            runner.infer_admitted_with(admission, "a", None, String::new(), |s| queue.start(key, s)).await;
         assert_eq!(result.unwrap_err(), InferError::Cancelled);
         assert_eq!((runner.in_flight(), runner.running(), backend.max_infers()), (0, 0, 0));
         assert!(matches!(queue.status(key, false), Some((Phase::Done(store::Outcome::Cancelled), None))));

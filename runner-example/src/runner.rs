@@ -237,7 +237,7 @@ impl Runner {
     /// [`Runner::admit`], then [`Runner::infer_admitted`].
     pub async fn infer(&self, model: &str, prompt: String) -> Result<Inference, InferError> {
         let admission = self.admit()?;
-        self.infer_admitted(admission, model, prompt).await
+        self.infer_admitted(admission, model, None, prompt).await
     }
 
     /// Runs `prompt` on `model` for a request let in by [`Runner::admit`]: pins the model
@@ -254,9 +254,10 @@ impl Runner {
         &self,
         admission: Admission,
         model: &str,
+        evict: Option<&str>,
         prompt: String,
     ) -> Result<Inference, InferError> {
-        self.infer_admitted_with(admission, model, prompt, |_| true).await
+        self.infer_admitted_with(admission, model, evict, prompt, |_| true).await
     }
 
     /// [`Runner::infer_admitted`], calling `on_start` at the moment the inference starts (the
@@ -268,11 +269,12 @@ impl Runner {
         &self,
         admission: Admission,
         model: &str,
+        evict: Option<&str>,
         prompt: String,
         on_start: impl FnOnce(&Starting) -> bool + Send,
     ) -> Result<Inference, InferError> {
         let inner = &*self.inner;
-        let lease = inner.cache.acquire(model).await.map_err(InferError::Load)?;
+        let lease = inner.cache.acquire_evicting(model, evict).await.map_err(InferError::Load)?;
         let waited_from = Instant::now();
         let permit = Arc::clone(&inner.permits).acquire_owned().await.map_err(|_| InferError::Closed)?;
         let started = Instant::now();

@@ -269,3 +269,31 @@ fn a_miss_goes_to_the_runner_holding_the_model_warm() {
     assert_eq!((a.status, a.decision.as_str()), (200, "miss"), "{a:?}");
     assert_eq!(envoy.stat("wasmcustom.hint_router.warm_miss"), Some(3));
 }
+
+#[test]
+fn a_miss_asks_the_runner_to_evict_the_coldest_model_and_clients_cannot() {
+    // One runner, two slots. a is hot, b was asked for once, after a: the runner's least
+    // recently used model is a. A miss for c must evict b (the filter's x-hint-router-evict),
+    // not a, as the runner alone would.
+    let s =
+        Stack::start(1, &["--load-ms", "20", "--infer-ms", "1", "--capacity", "2"], &EnvoyOptions::default());
+    let url = s.envoy.url();
+    for i in 0..20 {
+        let a = infer(&url, "model-a", hint("model-a"), &[]);
+        assert_eq!(a.status, 200, "request {i}: {a:?}");
+    }
+    let b = infer(&url, "model-b", hint("model-b"), &[]);
+    assert_eq!(b.status, 200, "{b:?}");
+    wait_runner(&s, 0, Duration::from_secs(5), |r| r.hints == ["model-b", "model-a"]);
+    let c = infer(&url, "model-c", hint("model-c"), &[]);
+    assert_eq!((c.status, c.cache.as_str()), (200, "miss"), "{c:?}");
+    wait_runner(&s, 0, Duration::from_secs(5), |r| r.hints == ["model-c", "model-a"]);
+    // A client naming a victim itself is not heard: with no hint the filter asks for no
+    // eviction, and Envoy strips the client's header, so the runner evicts its least
+    // recently used model (c), not the one the client named (a).
+    let a = infer(&url, "model-a", hint("model-a"), &[]);
+    assert_eq!((a.status, a.cache.as_str()), (200, "hit"), "{a:?}");
+    let e = infer(&url, "model-e", None, &[("x-hint-router-evict", "model-a")]);
+    assert_eq!((e.status, e.cache.as_str()), (200, "miss"), "{e:?}");
+    wait_runner(&s, 0, Duration::from_secs(5), |r| r.hints == ["model-e", "model-a"]);
+}

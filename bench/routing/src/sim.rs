@@ -1,7 +1,9 @@
 //! A deterministic discrete-event simulator of the same system: virtual time, no sleeps.
 //!
-//! Runners behave as `runner-example` does (see its `cache` and `runner` modules): an LRU
-//! cache of `capacity` models counting loading ones, pinned models never evicted, one shared
+//! Runners behave as `runner-example` does (see its `cache` and `runner` modules): a cache
+//! of `capacity` models counting loading ones that evicts the model the router asks for
+//! (`x-hint-router-evict`, [`Router::evicting`]) when it can, else its least recently used
+//! one (always, with `what_if_runner_lru`), pinned models never evicted, one shared
 //! load per absent model (single flight), a FIFO queue of absent models when every slot is
 //! pinned or loading, loads that hold no inference slot, and `max_concurrency` inference slots
 //! served first come first served. A request that times out is cancelled as Envoy would reset
@@ -24,7 +26,7 @@
 use crate::envoy_lb::{bounded_pick, header_hash, least_request_pick, Ring};
 use crate::report::{Record, Status};
 use crate::rng::Rng;
-use crate::workload::{model_name, Trace};
+use crate::workload::{model_id, model_name, Trace};
 use hint_router_core::hint::HintList;
 use hint_router_core::rank::{rank, Outcome};
 use hint_router_core::router::{Decision, Router};
@@ -65,7 +67,8 @@ struct Entry {
 #[derive(Debug, Clone, Default)]
 struct SimRunner {
     entries: Vec<Entry>,
-    queue: VecDeque<(u32, Vec<u32>)>,
+    /// Models waiting for a cache slot: (model, waiters, the model the router asked to evict).
+    queue: VecDeque<(u32, Vec<u32>, Option<u32>)>,
     ready_q: VecDeque<u32>,
     running: u32,
     clock: u64,
@@ -345,8 +348,14 @@ impl Sim<'_> {
         if let Some(rec) = self.records.get_mut(i as usize) {
             rec.runner = Some(r);
         }
+        // The model the router asked the runner to evict to make room (`x-hint-router-evict`).
+        let evict = if self.policy.is_hint() && !self.p.plain_rank && !self.p.what_if_runner_lru {
+            self.proxies.get(k).and_then(|px| px.router.evicting()).and_then(model_id)
+        } else {
+            None
+        };
         self.push(self.now + self.p.timeout_us, Event::Timeout(i));
-        self.acquire(r, i, req.model);
+        self.acquire(r, i, req.model, evict);
     }
 
     fn infer_done(&mut self, r: u32, i: u32) {
@@ -382,8 +391,8 @@ impl Sim<'_> {
                 if let Some(run) = self.runners.get_mut(r as usize) {
                     if let Some(e) = run.entries.iter_mut().find(|e| e.model == m) {
                         e.waiters.retain(|&w| w != i);
-                    } else if let Some(pos) = run.queue.iter().position(|(qm, _)| *qm == m) {
-                        if let Some((_, w)) = run.queue.get_mut(pos) {
+                    } else if let Some(pos) = run.queue.iter().position(|(qm, _, _)| *qm == m) {
+                        if let Some((_, w, _)) = run.queue.get_mut(pos) {
                             w.retain(|&x| x != i);
                             if w.is_empty() {
                                 run.queue.remove(pos);

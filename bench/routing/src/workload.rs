@@ -188,6 +188,11 @@ pub fn model_name(i: u32) -> String {
     format!("m{i:05}")
 }
 
+/// The model [`model_name`] names, if it is one.
+pub fn model_id(name: &str) -> Option<u32> {
+    name.strip_prefix('m')?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,6 @@
 use super::Router;
 use crate::learned::Times;
 use crate::placement::Pins;
-use crate::popularity::hint_hash;
 use crate::table::delta::DeltaRef;
 
 impl Router {
@@ -24,7 +23,7 @@ impl Router {
             let i = idx as usize;
             let Some(old) = self.view.runner(idx) else { continue };
             let old_slots = u64::from(old.capacity.max(1));
-            // Other runners whose victim is one of these may now (no longer) share it.
+            // Other runners holding one of these may now (no longer) share it.
             let mut touched = old.hints.clone();
             if old.addr == t.addr {
                 self.view.apply_runner(idx, t);
@@ -57,17 +56,13 @@ impl Router {
         true
     }
 
-    /// Recomputes the victim of every runner but `idx` whose victim is one of `hints` (whether
-    /// another runner also holds it may have changed with `idx`).
+    /// Recomputes the victim of every runner but `idx` that holds one of `hints`: how many
+    /// copies of it the fleet has may have changed with `idx`, and with it which of that
+    /// runner's models is cheapest to evict (work proportional to those holders).
     fn reindex_sharers(&mut self, idx: u32, hints: &[String]) {
         let mut sharers: Vec<u32> = Vec::new();
         for h in hints {
-            let hash = hint_hash(h);
-            for &j in self.view.holders(h) {
-                if j != idx && self.victims.get(j as usize).is_some_and(|v| v.hash == hash) {
-                    sharers.push(j);
-                }
-            }
+            sharers.extend(self.view.holders(h).iter().copied().filter(|&j| j != idx));
         }
         sharers.sort_unstable();
         sharers.dedup();

@@ -40,13 +40,13 @@ impl Router {
         max: usize,
         out: &mut Vec<u32>,
     ) -> Outcome {
-        let (popularity, victims) = (&self.popularity, &self.victims);
+        let (prices, victims) = (super::prices(&self.popularity, self.mode), &self.victims);
         let (view, pins) = (&self.view, &self.pins);
         let cost = |i: u32, r: &ViewRunner| match pins.get(i as usize) {
             // As many models in use as slots (some perhaps no longer listed): a load waits.
             Some(p) if r.capacity > 0 && p.len() >= r.capacity as usize => ALL_PINNED_COST,
-            Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, popularity, p, i, r),
-            _ => victim_cost(popularity, victims, i, r),
+            Some(p) if !p.is_empty() && slot_cost(r) == 1 => pinned_victim_cost(view, prices, p, i),
+            _ => victim_cost(prices, victims, i, r),
         };
         let outcome = reference::rank_by(view, hint, in_flight, in_flight, cost, spin, max, out);
         if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
@@ -64,7 +64,14 @@ impl Router {
     fn check_floors(&self) {
         assert_eq!(self.floors.len(), self.view.runners().len());
         for (i, r) in (0u32..).zip(self.view.runners()) {
-            let exact = miss_cost(&self.view, &self.popularity, &self.victims, &self.pins, i, r);
+            let exact = miss_cost(
+                &self.view,
+                super::prices(&self.popularity, self.mode),
+                &self.victims,
+                &self.pins,
+                i,
+                r,
+            );
             let floor = self.floors[i as usize];
             assert!(floor <= exact, "runner {i}: floor {floor} > cost {exact}");
             if matches!(floor, 0 | ALL_PINNED_COST | UNKNOWN_CAPACITY_COST) {

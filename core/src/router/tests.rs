@@ -42,28 +42,33 @@ fn requests_waiting_for_a_load_count_as_busy() {
 
 #[test]
 fn a_miss_evicts_the_coldest_victim_fleet_wide() {
-    // Both runners are full; runner 0's victim (c) is hot, runner 1's (z) cold. Rotation
-    // (spin 0) and load alone would pick runner 0 and evict the hot model.
+    // Both runners are full; runner 0's models are hot, runner 1's cold. Rotation (spin 0)
+    // and load alone would pick runner 0 and evict a hot model.
     let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "z"]])));
     for _ in 0..20 {
-        let (d, out) = go(&mut v, Some("c"), &[0, 0]);
-        assert_eq!((out[0], d.pin.is_some()), (0, true));
-        v.observe(0, &d, Some(10_000)); // ended: c is no longer in use
+        for h in ["a", "b", "c"] {
+            let (d, out) = go(&mut v, Some(h), &[0, 0]);
+            assert_eq!((out[0], d.pin.is_some()), (0, true));
+            v.observe(0, &d, Some(10_000)); // ended: no longer in use
+        }
     }
     let (d, out) = go(&mut v, Some("new"), &[0, 0]);
     assert_eq!((d.outcome, out), (Outcome::Miss, vec![1, 0]));
+    assert_eq!(v.evicting(), Some("z"));
     assert_eq!(v.view().runner(1).unwrap().hints, vec!["new", "x", "y"]);
     assert!(v.popularity_bytes() <= 8192);
 }
 
 #[test]
 fn a_model_in_use_is_no_victim() {
-    // Runner 0's victim c is cold but in use (a request of ours in flight): the runner
-    // would evict b instead, which is hot; runner 1's victim z is cold and free.
+    // Runner 0's coldest model c is in use (a request of ours in flight): the runner would
+    // have to evict a or b instead, which are hot; runner 1's z is cold and free.
     let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "z"]])));
     for _ in 0..20 {
-        let (d, _) = go(&mut v, Some("b"), &[0, 0]);
-        v.observe(0, &d, None);
+        for h in ["a", "b"] {
+            let (d, _) = go(&mut v, Some(h), &[0, 0]);
+            v.observe(0, &d, None);
+        }
     }
     let (busy_c, _) = go(&mut v, Some("c"), &[0, 0]);
     let (miss, out) = go(&mut v, Some("new"), &[1, 0]);
@@ -108,15 +113,68 @@ fn independent_routers_send_a_cold_model_to_the_same_runner_and_spread_different
 
 #[test]
 fn a_duplicate_copy_is_evicted_before_a_single_one() {
-    // Runner 1's victim (a) is also held by runner 0: evicting it loses no model.
-    let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "a"]])));
-    let (d, out) = go(&mut v, Some("new"), &[0, 0]);
-    assert_eq!((d.outcome, out[0]), (Outcome::Miss, 1));
-    assert_eq!(v.view().holders("a"), &[0]);
-    // Runner 0's victim (c) is now the only copy, like runner 1's (y): a tie of equally
-    // cold single copies, broken by the hint (the same on every worker and proxy).
-    let (_, out) = go(&mut v, Some("new2"), &[0, 0]);
-    assert_eq!(out[0], (hint_hash("new2") >> 32) as u32 % 2);
+    // Runner 0 holds a as its most recently used model, runner 1 as its least; both also
+    // hold models nobody else has. Evicting either copy of a loses no model: the miss goes
+    // to one of them and asks it to evict a, whatever its LRU order.
+    for mode in [WhenHoldersBusy::AnyAvailable, WhenHoldersBusy::Fastest] {
+        let mut v = Router::with_mode(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "a"]])), mode);
+        let (d, out) = go(&mut v, Some("new"), &[0, 0]);
+        assert_eq!(d.outcome, Outcome::Miss, "{mode:?}");
+        assert_eq!(v.evicting(), Some("a"), "{mode:?}");
+        assert_eq!(v.view().holders("a"), &[1 - out[0]], "{mode:?}");
+        // a is now a single copy, like every other model: a tie of equally cold single
+        // copies, each runner evicting its least recently used, broken by the hint (the same
+        // on every worker and proxy).
+        let (_, out) = go(&mut v, Some("new2"), &[0, 0]);
+        assert_eq!(out[0], (hint_hash("new2") >> 32) as u32 % 2, "{mode:?}");
+        let lru = v.view().runner(out[0]).map(|r| r.hints.last().cloned());
+        assert!(lru.is_some(), "{mode:?}");
+    }
+}
+
+#[test]
+fn a_miss_asks_the_runner_to_evict_its_coldest_model_not_its_least_recently_used() {
+    // One full runner; its least recently used model (c) is hot, b is cold.
+    let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"]])));
+    for _ in 0..10 {
+        for h in ["a", "c"] {
+            let (d, _) = go(&mut v, Some(h), &[0]);
+            v.observe(0, &d, Some(10_000));
+        }
+    }
+    let (d, _) = go(&mut v, Some("new"), &[0]);
+    assert!(d.load && d.listed);
+    assert_eq!(v.evicting(), Some("b"));
+    assert_eq!(v.view().runner(0).unwrap().hints, vec!["new", "a", "c"]);
+    // A hit asks for no eviction.
+    go(&mut v, Some("a"), &[0]);
+    assert_eq!(v.evicting(), None);
+}
+
+#[test]
+fn under_any_available_the_copies_of_a_hot_model_share_its_demand() {
+    // a is hot and held twice; b (runner 0) and c (runner 1) are single copies, b lukewarm.
+    // fastest evicts a copy of a (a busy holder's queue can take over); any_available, which
+    // turns every request finding a's holders busy into a load, keeps both copies and
+    // evicts b, whose demand is below a's per copy.
+    let mut t = table(&[&["a", "b"], &["a", "c"]]);
+    for r in &mut t.runners {
+        r.capacity = 2;
+    }
+    for (mode, victim) in [(WhenHoldersBusy::Fastest, "a"), (WhenHoldersBusy::AnyAvailable, "b")] {
+        let mut v = Router::with_mode(View::from_table(&t), mode);
+        for k in 0..40 {
+            let h = match k % 8 {
+                0 => "b",
+                1..=3 => "c",
+                _ => "a",
+            };
+            let (d, out) = go(&mut v, Some(h), &[0, 0]);
+            v.observe(out[0], &d, Some(10_000));
+        }
+        go(&mut v, Some("new"), &[0, 0]);
+        assert_eq!(v.evicting(), Some(victim), "{mode:?}");
+    }
 }
 
 /// Teaches `r` that runner `idx` loads in `load_us` and infers in `infer_us`.

@@ -83,6 +83,9 @@ pub(super) struct Queued {
     pins: usize,
     /// The size hint (0 when unknown).
     bytes: u64,
+    /// The model the router asked to evict to make room for this one (`x-hint-router-evict`,
+    /// from the request that queued it), tried before the least recently used.
+    evict: Option<String>,
     tx: watch::Sender<Phase>,
 }
 
@@ -123,6 +126,7 @@ impl State {
         &mut self,
         limits: &Limits,
         model: &str,
+        evict: Option<&str>,
         lookup: Result<Option<u64>, BackendError>,
         now: Instant,
         effects: &mut Effects,
@@ -172,7 +176,8 @@ impl State {
         self.next_id += 1;
         let id = self.next_id;
         let (tx, rx) = watch::channel(Phase::Queued);
-        self.queue.push_back(Queued { id, model: model.to_string(), pins: 1, bytes, tx });
+        let evict = evict.map(str::to_string);
+        self.queue.push_back(Queued { id, model: model.to_string(), pins: 1, bytes, evict, tx });
         self.admit(limits, now, effects);
         Ok((Found::Wait(rx), id))
     }
@@ -200,7 +205,8 @@ impl State {
     }
 
     /// Admits queued models while room (a slot, and bytes under the budget) can be made,
-    /// evicting LRU unpinned resident models; also evicts while over the budget. Evicts
+    /// evicting unpinned resident models (first the one the head's request asked for, then
+    /// the least recently used); also evicts while over the budget. Evicts
     /// nothing while the releases under way would make the room.
     fn admit(&mut self, limits: &Limits, now: Instant, effects: &mut Effects) {
         loop {
@@ -210,12 +216,17 @@ impl State {
                     // Room is on its way: evict nothing more, wait for the releases.
                     return;
                 }
-                let victim = self
-                    .entries
-                    .iter()
-                    .filter(|(_, e)| e.pins == 0 && matches!(e.status, Status::Ready(_)))
-                    .min_by_key(|(_, e)| e.last_used)
-                    .map(|(name, _)| name.clone());
+                let evictable = |e: &Entry| e.pins == 0 && matches!(e.status, Status::Ready(_));
+                // The model the router asked for, if it can go (it knows what the rest of the
+                // fleet holds and how popular each model is); else the least recently used.
+                let asked = self.queue.front().and_then(|q| q.evict.as_deref());
+                let victim = asked
+                    .filter(|name| self.entries.get(*name).is_some_and(evictable))
+                    .map(str::to_string)
+                    .or_else(|| {
+                        let lru = self.entries.iter().filter(|(_, e)| evictable(e));
+                        lru.min_by_key(|(_, e)| e.last_used).map(|(name, _)| name.clone())
+                    });
                 let Some(victim) = victim else {
                     // Every slot is pinned, loading or releasing: wait for an unpin, a load's
                     // end or a release's end.

@@ -69,6 +69,31 @@ async fn evicts_least_recently_used_first() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn evicts_the_model_the_router_asks_for_when_it_can() {
+    let backend = TestBackend::new(LOAD, Duration::ZERO);
+    let cache = cache(&backend, 3);
+    for m in ["a", "b", "c"] {
+        drop(cache.acquire(m).await.unwrap());
+    }
+    assert_eq!(hints(&cache), ["c", "b", "a"]);
+    // Asked to evict b (not the least recently used, a): b goes.
+    drop(cache.acquire_evicting("d", Some("b")).await.unwrap());
+    assert_eq!(hints(&cache), ["d", "c", "a"]);
+    // Advice that cannot be followed (absent, then pinned) falls back to the LRU model.
+    drop(cache.acquire_evicting("e", Some("nope")).await.unwrap());
+    assert_eq!(hints(&cache), ["e", "d", "c"]);
+    let pinned = cache.acquire("d").await.unwrap();
+    drop(cache.acquire_evicting("f", Some("d")).await.unwrap());
+    assert_eq!(hints(&cache), ["f", "d", "e"]);
+    drop(pinned);
+    // On a hit nothing is evicted, whatever is asked.
+    drop(cache.acquire_evicting("f", Some("e")).await.unwrap());
+    assert_eq!(hints(&cache), ["f", "d", "e"]);
+    assert_eq!(backend.max_live(), 3);
+    cache.validate().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn pinned_models_are_never_evicted_the_miss_waits() {
     let backend = TestBackend::new(LOAD, Duration::ZERO);
     let cache = cache(&backend, 2);

@@ -151,9 +151,9 @@ async fn submit(State(runner): State<Runner>, request: Request) -> Response {
 /// its admission goes with the future, and a load it waits for goes on for others.
 async fn run(runner: Runner, queue: Arc<JobQueue>, key: Key, admission: Admission, job: InferRequest) {
     let mut unanswered = Unanswered { queue: Arc::clone(&queue), key, armed: true };
-    let InferRequest { model, prompt } = job;
-    let result =
-        runner.infer_admitted_with(admission, &model, prompt, |starting| queue.start(key, starting)).await;
+    let InferRequest { model, prompt, evict } = job;
+    let on_start = |starting: &_| queue.start(key, starting);
+    let result = runner.infer_admitted_with(admission, &model, evict.as_deref(), prompt, on_start).await;
     let error = result.as_ref().err().map(|e| JobError { message: e.to_string(), kind: error_kind(e) });
     queue.finish(key, inference_answer(model, result), error);
     unanswered.armed = false;

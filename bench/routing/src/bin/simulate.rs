@@ -75,6 +75,10 @@ struct Args {
     /// What-if, with --proxies: every response's hints reach every proxy.
     #[arg(long)]
     what_if_shared_responses: bool,
+    /// What-if: runners ignore `x-hint-router-evict` and evict their least recently used
+    /// model (as before the router chose victims).
+    #[arg(long)]
+    what_if_runner_lru: bool,
     /// Points: `all`, `default`, or a list like `zipf1.0@60,uniform@30`.
     #[arg(long, default_value = "all")]
     points: String,
@@ -150,6 +154,7 @@ fn main() -> Result<()> {
         plain_rank: a.plain_rank,
         host_cache: a.host_cache,
         warm_load_us: us(a.warm_load_ms),
+        what_if_runner_lru: a.what_if_runner_lru,
         ..SimParams::default()
     };
     let cluster = Cluster {

@@ -69,6 +69,10 @@ pub struct SimParams {
     /// the one that sent the request.
     #[serde(default)]
     pub what_if_shared_responses: bool,
+    /// What-if (the runners before `x-hint-router-evict`): runners evict their least
+    /// recently used model whatever the router asks.
+    #[serde(default)]
+    pub what_if_runner_lru: bool,
 }
 
 fn one() -> usize {
@@ -100,6 +104,7 @@ impl Default for SimParams {
             proxies: 1,
             what_if_exact_in_flight: false,
             what_if_shared_responses: false,
+            what_if_runner_lru: false,
         }
     }
 }

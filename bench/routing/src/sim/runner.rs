@@ -20,7 +20,7 @@ impl Sim<'_> {
         }
     }
 
-    pub(super) fn acquire(&mut self, r: u32, i: u32, model: u32) {
+    pub(super) fn acquire(&mut self, r: u32, i: u32, model: u32, evict: Option<u32>) {
         let Some(run) = self.runners.get_mut(r as usize) else { return };
         run.clock += 1;
         let clock = run.clock;
@@ -41,10 +41,10 @@ impl Sim<'_> {
             }
             return;
         }
-        if let Some((_, w)) = run.queue.iter_mut().find(|(m, _)| *m == model) {
+        if let Some((_, w, _)) = run.queue.iter_mut().find(|(m, _, _)| *m == model) {
             w.push(i);
         } else {
-            run.queue.push_back((model, vec![i]));
+            run.queue.push_back((model, vec![i], evict));
         }
         self.set_state(i, ReqState::WaitingLoad(r, model));
         // Waiting for a cache slot (admit ends it at once when one is free).
@@ -62,13 +62,16 @@ impl Sim<'_> {
                 break;
             }
             if run.entries.len() + 1 > cap {
-                let victim = run
-                    .entries
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| e.pins == 0 && e.ready)
-                    .min_by_key(|(_, e)| e.last_used)
-                    .map(|(k, _)| k);
+                // The model the router asked to evict, if it can go; else the least recently
+                // used one not in use (as `runner-example` does).
+                let evictable = |e: &Entry| e.pins == 0 && e.ready;
+                let asked = run.queue.front().and_then(|q| q.2);
+                let victim = asked
+                    .and_then(|m| run.entries.iter().position(|e| e.model == m && evictable(e)))
+                    .or_else(|| {
+                        let lru = run.entries.iter().enumerate().filter(|(_, e)| evictable(e));
+                        lru.min_by_key(|(_, e)| e.last_used).map(|(k, _)| k)
+                    });
                 match victim {
                     Some(k) => {
                         run.entries.swap_remove(k);
@@ -77,7 +80,7 @@ impl Sim<'_> {
                     None => break,
                 }
             }
-            let Some((model, waiters)) = run.queue.pop_front() else { break };
+            let Some((model, waiters, _)) = run.queue.pop_front() else { break };
             run.clock += 1;
             let from_host = self.p.host_cache > 0 && run.host.iter().any(|&(_, m)| m == model);
             if self.p.host_cache > 0 {
