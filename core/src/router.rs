@@ -193,17 +193,15 @@ impl Router {
     /// Sizes the per-runner state for the view and recomputes every victim.
     fn reindex_all(&mut self) {
         let n = self.view.runners().len();
-        self.victims.clear();
-        let prices = prices(&self.popularity, self.mode);
-        self.victims.extend((0..n as u32).map(|i| victim_of(&self.view, prices, i)));
         self.times.resize_with(n, Times::default);
         self.pins.resize_with(n, Pins::new);
         self.slots = self.view.runners().iter().map(|r| u64::from(r.capacity.max(1))).sum();
         self.size_window();
-        self.refloor_all();
+        self.revictim_all();
     }
 
-    /// Recomputes every victim and cost floor (the popularity counters halved).
+    /// Recomputes every victim and cost floor (the view changed, or the popularity counters
+    /// halved).
     fn revictim_all(&mut self) {
         let n = self.view.runners().len() as u32;
         self.victims.clear();
@@ -460,20 +458,10 @@ impl Router {
         self.view.set_runner_hints(first, &HintList { hints, invalid: 0, truncated: 0 });
         self.evicting = evict;
         self.reindex(first);
-        // Runners that hold the hint too now have a duplicate: a cheaper victim.
-        let holders: Vec<u32> = self.view.holders(h).to_vec();
-        for j in holders {
-            if j != first {
-                self.reindex(j);
-            }
-        }
-        // Runners that held a dropped hint too may have lost their duplicate.
-        for d in &dropped {
-            let holders: Vec<u32> = self.view.holders(d).to_vec();
-            for j in holders {
-                self.reindex(j);
-            }
-        }
+        // Runners that hold the hint too now have a duplicate (a cheaper victim); runners
+        // that held a dropped hint too may have lost theirs.
+        dropped.push(h.to_string());
+        self.reindex_sharers(first, &dropped);
         let n = self.view.runners().len();
         if self.guessed.len() < n {
             self.guessed.resize_with(n, Vec::new);

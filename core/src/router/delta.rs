@@ -59,7 +59,7 @@ impl Router {
     /// Recomputes the victim of every runner but `idx` that holds one of `hints`: how many
     /// copies of it the fleet has may have changed with `idx`, and with it which of that
     /// runner's models is cheapest to evict (work proportional to those holders).
-    fn reindex_sharers(&mut self, idx: u32, hints: &[String]) {
+    pub(super) fn reindex_sharers(&mut self, idx: u32, hints: &[String]) {
         let mut sharers: Vec<u32> = Vec::new();
         for h in hints {
             sharers.extend(self.view.holders(h).iter().copied().filter(|&j| j != idx));
