@@ -96,15 +96,18 @@ async def call(app, step):
             s = fal_client.status(app, rid, with_logs=step.get("with_logs", False))
         return describe(s)
     if c == "wait":
+        # Polls until the job is in state `until` (Completed unless told): a step that must act
+        # on a running job waits for InProgress, since a job stays Queued while its model loads.
+        until = step.get("until", "Completed")
         seen, end = [], time.monotonic() + step.get("limit_s", 30)
         while time.monotonic() < end:
             s = fal_client.status(app, rid)
             if not seen or seen[-1] != kind(s):
                 seen.append(kind(s))
-            if isinstance(s, fal_client.Completed):
+            if kind(s) == until:
                 return {"seen": seen, **describe(s)}
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"not completed; seen {seen}")
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"not {until}; seen {seen}")
     if c == "result":
         if is_async:
             return {"result": await fal_client.result_async(app, rid)}

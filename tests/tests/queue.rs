@@ -176,6 +176,8 @@ fn cancel_removes_a_queued_job_and_a_running_one_finishes() {
             {"call": "cancel", "name": "queued"},
             {"call": "status", "name": "queued"},
             {"call": "result", "name": "queued"},
+            // A job stays IN_QUEUE while its model loads: wait until it really runs.
+            {"call": "wait", "name": "running", "until": "InProgress"},
             {"call": "cancel", "name": "running", "async": true},
             {"call": "result", "name": "running"},
             {"call": "cancel", "name": "running"},
@@ -191,9 +193,10 @@ fn cancel_removes_a_queued_job_and_a_running_one_finishes() {
     assert_eq!(ok(&out[4])["status"], "Completed");
     assert_eq!(out[4]["error_type"], "Cancelled");
     failed(&out[5], "400");
-    ok(&out[6]); // 202 CANCELLATION_REQUESTED: a running inference cannot be stopped
-    assert_eq!(ok(&out[7])["result"]["model"], "m0", "the running job finished");
-    failed(&out[8], "400"); // ALREADY_COMPLETED
+    assert_eq!(ok(&out[6])["status"], "InProgress");
+    ok(&out[7]); // 202 CANCELLATION_REQUESTED: a running inference cannot be stopped
+    assert_eq!(ok(&out[8])["result"]["model"], "m0", "the running job finished");
+    failed(&out[9], "400"); // ALREADY_COMPLETED
     let report = s.runners[0].hints().unwrap();
     assert_eq!(report.in_flight, 0, "the cancelled job left no request slot behind");
 }
