@@ -404,3 +404,40 @@ async fn drain_gives_up_after_its_timeout() {
     assert_eq!(h.stop().await, Drained::TimedOut);
     request.abort();
 }
+
+#[tokio::test]
+async fn the_evict_header_picks_the_victim_and_a_bad_one_falls_back_to_lru() {
+    let h = Harness::start(3, 2, PATIENCE).await;
+    let post_evicting = |model: &'static str, evict: reqwest::header::HeaderValue| {
+        let request = h
+            .client
+            .post(&h.url)
+            .header("content-type", "application/json")
+            .header("x-hint-router-evict", evict)
+            .body(format!(r#"{{"model":"{model}"}}"#));
+        async move { request.send().await.unwrap() }
+    };
+    for model in ["a", "b", "c"] {
+        assert_eq!(h.post(&format!(r#"{{"model":"{model}"}}"#)).await.status(), 200);
+    }
+    // Asked for b (not the LRU a): b goes.
+    let response = post_evicting("d", reqwest::header::HeaderValue::from_static("b")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(h.check_runner_headers(&response), "d,c,a");
+    // Values that name no resident model, or no valid model at all, change nothing but the
+    // choice: the request is served and the LRU model goes, as with no header.
+    let bad = [
+        reqwest::header::HeaderValue::from_static("no-such-model"),
+        reqwest::header::HeaderValue::from_static("d,c"), // a list is not a model name
+        reqwest::header::HeaderValue::from_bytes(b"\xffd").unwrap(), // not UTF-8
+        reqwest::header::HeaderValue::from_str(&"x".repeat(10_000)).unwrap(), // too long
+    ];
+    let expected = ["e,d,c", "f,e,d", "g,f,e", "h,g,f"];
+    for ((evict, model), want) in bad.into_iter().zip(["e", "f", "g", "h"]).zip(expected) {
+        let response = post_evicting(model, evict).await;
+        assert_eq!(response.status(), 200, "a bad evict header fails nothing");
+        assert_eq!(h.check_runner_headers(&response), want);
+    }
+    assert_eq!(h.backend.loads.load(Ordering::SeqCst), 8, "one load per model, none repeated");
+    assert_eq!(h.stop().await, Drained::Complete);
+}
