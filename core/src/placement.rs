@@ -10,6 +10,11 @@ use smallvec::SmallVec;
 /// A runner never evicts a model in use, so these are not eviction victims.
 pub(crate) type Pins = SmallVec<[(u64, u32); 4]>;
 
+/// Whether `pins` holds model `hash` in use (a runner never evicts it).
+pub(crate) fn pinned(pins: &Pins, hash: u64) -> bool {
+    pins.iter().any(|&(p, _)| p == hash)
+}
+
 /// Most distinct models pinned per runner that are tracked (a runner has few slots).
 pub(crate) const MAX_PINS: usize = 64;
 
@@ -32,32 +37,32 @@ impl Victim {
     }
 }
 
-/// How evictions are priced: by the popularity estimate, and (`copies_share_demand`) whether
-/// the copies of a model share its demand, so that a copy of a hot model is worth keeping.
+/// How evictions are priced: by the popularity estimate, the copies of a model sharing its
+/// demand, so that a copy of a hot model is worth keeping and a copy of a cold one is not.
 ///
-/// Under `any_available` they do: every request that finds all its model's holders busy
-/// becomes a load elsewhere, so the copies of a hot model are what carries it, and evicting
-/// one because it is "only a duplicate" brings the next load straight back (measured: the
-/// simulator's 120-runner fleet fell from 75 % to 37 % hits). Under `fastest` a busy holder's
-/// queue is the alternative to a copy, weighed per request, so a duplicate costs little to
-/// lose.
+/// A duplicate is not free to lose, in either mode. Under `any_available` every request that
+/// finds all its model's holders busy becomes a load elsewhere, so the copies of a hot model
+/// are what carries it (pricing duplicates at 1 dropped the simulator's 120-runner fleet from
+/// 75 % to 37 % hits). Under `fastest`, pricing them at 1 won a point with one router but
+/// lost up to 6 with two, as Envoy runs them (one per worker, `simulate --proxies 2
+/// --what-if-exact-in-flight`) and as the real benchmark showed (`fastest` 55.5 % against
+/// `any_available`'s 62.8 % at Zipf 1.0 / 60 %): two routers that each see a second copy
+/// evict both at once, and the model is loaded again.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Prices<'a> {
     pub(crate) popularity: &'a Popularity,
-    pub(crate) copies_share_demand: bool,
 }
 
 impl Prices<'_> {
     /// What evicting the model with hash `hash` held by `copies` available runners costs:
-    /// 1 (+ its share of the demand, when copies share it) for a duplicate, else 2 + its
-    /// popularity estimate.
+    /// 1 + its share of the demand for a duplicate, else 2 + its popularity estimate.
     #[inline]
     pub(crate) fn eviction(&self, hash: u64, copies: u32) -> u32 {
         let estimate = u32::from(self.popularity.estimate(hash));
-        match (copies > 1, self.copies_share_demand) {
-            (true, true) => 1 + estimate / copies,
-            (true, false) => 1,
-            (false, _) => 2 + estimate,
+        if copies > 1 {
+            1 + estimate / copies
+        } else {
+            2 + estimate
         }
     }
 }
@@ -120,8 +125,7 @@ pub(crate) fn miss_cost_floor(
 /// [`victim_cost`] for a full runner with models in use (`pins`): its victim is the cheapest
 /// listed model not in use ([`best_victim`]); [`ALL_PINNED_COST`] if none.
 pub(crate) fn pinned_victim_cost(view: &View, prices: Prices<'_>, pins: &Pins, idx: u32) -> u32 {
-    let in_use = |hash: u64| pins.iter().any(|&(p, _)| p == hash);
-    match best_victim(view, prices, idx, in_use) {
+    match best_victim(view, prices, idx, |hash| pinned(pins, hash)) {
         Some((v, _)) => prices.eviction(v.hash, v.copies),
         None => ALL_PINNED_COST,
     }

@@ -24,7 +24,8 @@
 use crate::hint::HintList;
 use crate::learned::Times;
 use crate::placement::{
-    best_victim, miss_cost, miss_cost_floor, victim_of, Pins, Prices, Victim, ALL_PINNED_COST, MAX_PINS,
+    best_victim, miss_cost, miss_cost_floor, pinned, victim_of, Pins, Prices, Victim, ALL_PINNED_COST,
+    MAX_PINS,
 };
 use crate::popularity::{hint_hash, Popularity};
 use crate::rank::{rank_by, slot_cost, Costs, Outcome, UNKNOWN_CAPACITY_COST};
@@ -116,11 +117,6 @@ fn tie_break(hint: Option<&str>, hash: u64, spin: u32) -> u32 {
     }
 }
 
-/// How `mode` prices evictions ([`Prices`]).
-fn prices(popularity: &Popularity, mode: WhenHoldersBusy) -> Prices<'_> {
-    Prices { popularity, copies_share_demand: mode == WhenHoldersBusy::AnyAvailable }
-}
-
 impl Router {
     /// A router over `view` (busy holders handled the default way).
     pub fn new(view: View) -> Router {
@@ -205,7 +201,7 @@ impl Router {
     fn revictim_all(&mut self) {
         let n = self.view.runners().len() as u32;
         self.victims.clear();
-        let prices = prices(&self.popularity, self.mode);
+        let prices = Prices { popularity: &self.popularity };
         self.victims.extend((0..n).map(|i| victim_of(&self.view, prices, i)));
         self.refloor_all();
     }
@@ -216,7 +212,7 @@ impl Router {
     }
 
     fn reindex(&mut self, idx: u32) {
-        let v = victim_of(&self.view, prices(&self.popularity, self.mode), idx);
+        let v = victim_of(&self.view, Prices { popularity: &self.popularity }, idx);
         if let Some(slot) = self.victims.get_mut(idx as usize) {
             *slot = v;
         }
@@ -225,7 +221,7 @@ impl Router {
 
     /// Recomputes runner `idx`'s cost floor (its runner, victim or pins changed).
     fn refloor(&mut self, idx: u32) {
-        let (prices, victims, pins) = (prices(&self.popularity, self.mode), &self.victims, &self.pins);
+        let (prices, victims, pins) = (Prices { popularity: &self.popularity }, &self.victims, &self.pins);
         let floor = self.view.runner(idx).map(|r| miss_cost_floor(prices, victims, pins, idx, r));
         if let (Some(f), Some(slot)) = (floor, self.floors.get_mut(idx as usize)) {
             *slot = f;
@@ -234,7 +230,7 @@ impl Router {
 
     /// Recomputes every runner's cost floor.
     fn refloor_all(&mut self) {
-        let (prices, victims, pins) = (prices(&self.popularity, self.mode), &self.victims, &self.pins);
+        let (prices, victims, pins) = (Prices { popularity: &self.popularity }, &self.victims, &self.pins);
         let runners = (0u32..).zip(self.view.runners());
         self.floors.clear();
         self.floors.extend(runners.map(|(i, r)| miss_cost_floor(prices, victims, pins, i, r)));
@@ -409,21 +405,16 @@ impl Router {
         // The runner makes room by evicting its least recently used models not in use; if all
         // are in use the load waits, and the list still holds `keep` models.
         let excess = (r.hints.len() + 1).saturating_sub(keep);
-        let in_use = |x: &String| {
-            self.pins.get(first as usize).is_some_and(|p| {
-                let hx = hint_hash(x);
-                p.iter().any(|&(ph, _)| ph == hx)
-            })
-        };
+        let pins = self.pins.get(first as usize);
+        let in_use = |hash: u64| pins.is_some_and(|p| pinned(p, hash));
         // One mark per listed hint (a runner's list may be long: linear, not quadratic).
         let mut drop = vec![false; r.hints.len()];
         let mut dropping = 0;
         // The model the runner is asked to evict first: the cheapest one not in use.
         let mut evict = None;
         if excess > 0 {
-            let pins = self.pins.get(first as usize);
-            let in_use = |hash: u64| pins.is_some_and(|p| p.iter().any(|&(ph, _)| ph == hash));
-            if let Some((_, k)) = best_victim(&self.view, prices(&self.popularity, self.mode), first, in_use)
+            if let Some((_, k)) =
+                best_victim(&self.view, Prices { popularity: &self.popularity }, first, in_use)
             {
                 if let (Some(d), Some(x)) = (drop.get_mut(k), r.hints.get(k)) {
                     *d = true;
@@ -438,7 +429,7 @@ impl Router {
                     break;
                 }
                 if let Some(d) = drop.get_mut(k) {
-                    if !*d && in_use(x) == pass_in_use {
+                    if !*d && in_use(hint_hash(x)) == pass_in_use {
                         *d = true;
                         dropping += 1;
                     }
@@ -500,7 +491,7 @@ impl Router {
         out: &mut Vec<u32>,
     ) -> Outcome {
         let (view, victims, pins) = (&self.view, &self.victims, &self.pins);
-        let prices = prices(&self.popularity, self.mode);
+        let prices = Prices { popularity: &self.popularity };
         let exact = |i: u32, floor: u32| match floor {
             0 | ALL_PINNED_COST | UNKNOWN_CAPACITY_COST => floor, // always exact (miss_cost_floor)
             _ => view.runner(i).map_or(floor, |r| miss_cost(view, prices, victims, pins, i, r)),

@@ -40,7 +40,7 @@ impl Router {
         max: usize,
         out: &mut Vec<u32>,
     ) -> Outcome {
-        let (prices, victims) = (super::prices(&self.popularity, self.mode), &self.victims);
+        let (prices, victims) = (Prices { popularity: &self.popularity }, &self.victims);
         let (view, pins) = (&self.view, &self.pins);
         let cost = |i: u32, r: &ViewRunner| match pins.get(i as usize) {
             // As many models in use as slots (some perhaps no longer listed): a load waits.
@@ -66,7 +66,7 @@ impl Router {
         for (i, r) in (0u32..).zip(self.view.runners()) {
             let exact = miss_cost(
                 &self.view,
-                super::prices(&self.popularity, self.mode),
+                Prices { popularity: &self.popularity },
                 &self.victims,
                 &self.pins,
                 i,
