@@ -402,8 +402,9 @@ impl Router {
         }
         let warm = r.warm.iter().any(|x| x == h);
         let keep = if r.capacity > 0 { r.capacity as usize } else { max_hints.max(1) };
-        // The runner makes room by evicting its least recently used models not in use; if all
-        // are in use the load waits, and the list still holds `keep` models.
+        // The runner makes room by evicting the victim we name (below), then, if it needs more
+        // room, its least recently used models not in use; if all are in use the load waits,
+        // and the list still holds `keep` models.
         let excess = (r.hints.len() + 1).saturating_sub(keep);
         let pins = self.pins.get(first as usize);
         let in_use = |hash: u64| pins.is_some_and(|p| pinned(p, hash));
