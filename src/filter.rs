@@ -128,45 +128,76 @@ struct State {
     queue: Option<u32>,
     spin: u32,
     loads: Vec<u32>,
+    /// The pin bytes of the in-flight value as the router last synced them, to skip an
+    /// unchanged sync.
+    synced_pins: Vec<u8>,
     candidates: Vec<u32>,
     metrics: Metrics,
 }
 
+/// What a counter update does to the shared pins ([`hint_router_core::inflight`]).
+#[derive(Clone, Copy)]
+enum PinEdit {
+    None,
+    /// Count a request using the model with this hash on the runner.
+    Add(u64),
+    /// Release one such request.
+    Remove(u64),
+}
+
 impl State {
-    /// Reads the in-flight counters into `loads`; returns the value and its CAS token when
-    /// the key exists (a CAS token of 0 would write unconditionally, so none is kept then).
+    /// Reads the in-flight counters into `loads`, and the pins of every worker's requests
+    /// into the router; returns the value and its CAS token when the key exists (a CAS token
+    /// of 0 would write unconditionally, so none is kept then).
     fn read_loads(&mut self) -> Snapshot {
-        let n = 2 * self.router.view().runners().len();
-        match host::get_shared(INFLIGHT_KEY) {
-            Ok((Some(bytes), cas)) => {
-                inflight::decode(&bytes, n, &mut self.loads);
-                (cas != 0).then_some((bytes, cas))
-            }
-            Ok((None, _)) | Err(_) => {
-                inflight::decode(&[], n, &mut self.loads);
-                None
-            }
+        let runners = self.router.view().runners().len();
+        let (bytes, cas) = match host::get_shared(INFLIGHT_KEY) {
+            Ok((Some(bytes), cas)) => (bytes, cas),
+            Ok((None, _)) | Err(_) => (Vec::new(), 0),
+        };
+        inflight::decode(&bytes, 2 * runners, &mut self.loads);
+        let pins = inflight::pin_bytes(&bytes);
+        if pins != self.synced_pins.as_slice() {
+            self.router.sync_pins(inflight::pins(&bytes, runners));
+            self.synced_pins.clear();
+            self.synced_pins.extend_from_slice(pins);
         }
+        (cas != 0).then_some((bytes, cas))
     }
 
     /// Moves runner `idx`'s shared in-flight counter by `delta`, and its `loading` counter
     /// too when `load` (one compare-and-swap). The first attempt may use `snapshot`, the value
     /// read earlier in this request; a CAS mismatch (someone wrote since) retries with fresh
-    /// reads, `CAS_ATTEMPTS` of them. Returns whether the count moved (a request whose
-    /// increment gave up must not decrement later: that would undo someone else's).
-    fn adjust_inflight(&self, idx: u32, load: bool, delta: i32, snapshot: Snapshot) -> bool {
-        self.adjust_counters(idx, delta, if load { delta } else { 0 }, snapshot)
+    /// reads, `CAS_ATTEMPTS` of them. `pin` adds or releases a pin on the runner in the same
+    /// write. Returns `None` when it gave up (a request whose increment gave up must not
+    /// decrement later: that would undo someone else's), else whether the pin edit took (an
+    /// add fails when the value holds as many pins as it may).
+    fn adjust_inflight(
+        &self,
+        idx: u32,
+        load: bool,
+        delta: i32,
+        pin: PinEdit,
+        snapshot: Snapshot,
+    ) -> Option<bool> {
+        self.adjust_counters(idx, delta, if load { delta } else { 0 }, pin, snapshot)
     }
 
-    /// Moves only runner `idx`'s `loading` counter.
-    fn adjust_loading(&self, idx: u32, delta: i32) -> bool {
-        self.adjust_counters(idx, 0, delta, None)
+    /// Moves only runner `idx`'s `loading` counter (and releases `pin` there).
+    fn adjust_loading(&self, idx: u32, delta: i32, pin: PinEdit) -> Option<bool> {
+        self.adjust_counters(idx, 0, delta, pin, None)
     }
 
     /// [`State::adjust_inflight`] with the two counters moved independently.
-    fn adjust_counters(&self, idx: u32, in_flight: i32, loading: i32, mut snapshot: Snapshot) -> bool {
+    fn adjust_counters(
+        &self,
+        idx: u32,
+        in_flight: i32,
+        loading: i32,
+        pin: PinEdit,
+        mut snapshot: Snapshot,
+    ) -> Option<bool> {
         let runners = self.router.view().runners().len();
-        let n = 2 * runners;
         let attempts = CAS_ATTEMPTS + usize::from(snapshot.is_some());
         for _ in 0..attempts {
             let (mut bytes, cas) = match snapshot.take() {
@@ -176,20 +207,26 @@ impl State {
                     Err(_) => break,
                 },
             };
-            if in_flight != 0 {
-                inflight::adjust_in_place(&mut bytes, n, idx, in_flight);
-            }
+            inflight::adjust_in_place(&mut bytes, runners, idx, in_flight);
             if loading != 0 {
-                inflight::adjust_in_place(&mut bytes, n, runners as u32 + idx, loading);
+                inflight::adjust_in_place(&mut bytes, runners, runners as u32 + idx, loading);
             }
+            let pinned = match pin {
+                PinEdit::None => true,
+                PinEdit::Add(hash) => inflight::add_pin(&mut bytes, runners, idx, hash),
+                PinEdit::Remove(hash) => {
+                    inflight::remove_pin(&mut bytes, runners, idx, hash);
+                    true
+                }
+            };
             match host::set_shared(INFLIGHT_KEY, &bytes, cas) {
-                Ok(()) => return true,
+                Ok(()) => return Some(pinned),
                 Err(host::HostError::CasMismatch) => continue,
                 Err(_) => break,
             }
         }
         host::increment_metric(self.metrics.inflight_errors, 1);
-        false
+        None
     }
 
     /// Sends runner `idx`'s hint list, as this worker's view has it, to the poller.
@@ -230,6 +267,7 @@ impl FilterRoot {
             queue: None,
             spin: 0,
             loads: Vec::new(),
+            synced_pins: Vec::new(),
             candidates: Vec::with_capacity(max),
             metrics: Metrics::define(),
         };
@@ -241,6 +279,7 @@ impl FilterRoot {
         Stream {
             state: Rc::clone(&self.state),
             picked: None,
+            shared_pin: None,
             load: false,
             outcome: None,
             decision: None,
@@ -259,6 +298,8 @@ pub struct Stream {
     state: Rc<RefCell<State>>,
     /// Runner whose in-flight counter this request incremented.
     picked: Option<u32>,
+    /// The model this request pinned on `picked` in the shared in-flight value.
+    shared_pin: Option<u64>,
     /// The request was routed to wait for a model load (counted in `loading` too).
     load: bool,
     outcome: Option<Outcome>,
@@ -486,8 +527,10 @@ impl HttpContext for Stream {
             match host::set_header(Map::Request, &st.cfg.pick_header, list.as_bytes()) {
                 Ok(()) => {
                     let before = in_flight.get(first as usize).copied().unwrap_or(0);
-                    if st.adjust_inflight(first, decision.load, 1, snapshot) {
+                    let pin = decision.pin.map_or(PinEdit::None, PinEdit::Add);
+                    if let Some(pinned) = st.adjust_inflight(first, decision.load, 1, pin, snapshot) {
                         self.picked = Some(first);
+                        self.shared_pin = decision.pin.filter(|_| pinned);
                         self.load = decision.load;
                         if self.submit {
                             self.queue_runner = Some((first, before));
@@ -597,14 +640,16 @@ impl HttpContext for Stream {
         }
         let Ok(mut st) = self.state.try_borrow_mut() else { return };
         if let Some(idx) = picked {
+            let pin = self.shared_pin.take().map_or(PinEdit::None, PinEdit::Remove);
             if self.accepted {
                 // The job is still queued or running on the runner: only its wait for a
-                // load (if any) is over as far as this request can tell.
-                if self.load {
-                    st.adjust_loading(idx, -1);
+                // load (if any) is over as far as this request can tell. (Its pin goes: no
+                // end of the job will be heard to release it.)
+                if self.load || matches!(pin, PinEdit::Remove(_)) {
+                    st.adjust_loading(idx, if self.load { -1 } else { 0 }, pin);
                 }
             } else {
-                st.adjust_inflight(idx, self.load, -1, None);
+                st.adjust_inflight(idx, self.load, -1, pin, None);
             }
         }
         if let Some((idx, d)) = decision {

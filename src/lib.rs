@@ -42,8 +42,9 @@ pub(crate) const DELTA_KEY_PREFIX: &str = "hint_router.table_delta.";
 pub(crate) fn delta_key(slot: u64) -> String {
     format!("{DELTA_KEY_PREFIX}{slot}")
 }
-/// Shared-data key of the in-flight counters: `2n` little-endian `u32`s for `n` runners, the
-/// requests in flight to each runner, then those of them routed to wait for a model load.
+/// Shared-data key of the in-flight value (`hint_router_core::inflight`): for `n` runners,
+/// `2n` counters (the requests in flight to each runner, then those of them routed to wait
+/// for a model load) and the pins (which models those requests use where).
 pub(crate) const INFLIGHT_KEY: &str = "hint_router.inflight";
 /// Shared queue over which workers send hints seen in response headers to the poller.
 pub(crate) const QUEUE_NAME: &str = "hint_router.response_hints";
@@ -51,7 +52,8 @@ pub(crate) const QUEUE_NAME: &str = "hint_router.response_hints";
 /// Rewrites the shared in-flight counters of `runners` runners (`2 * runners` values: in
 /// flight, then loading): `edit` gets the decoded counts and returns whether to write them
 /// back; the write is a compare-and-swap, retried with a fresh read up to `attempts` times on
-/// a lost race. Returns whether it wrote. The per-request increments use
+/// a lost race. Pins are kept, but for runners left with nothing in flight. Returns whether
+/// it wrote. The per-request increments use
 /// `filter::State::adjust_counters` instead, which edits the bytes in place.
 pub(crate) fn update_inflight(
     runners: usize,
@@ -61,11 +63,13 @@ pub(crate) fn update_inflight(
     let mut counts = Vec::with_capacity(2 * runners);
     for _ in 0..attempts {
         let Ok((bytes, cas)) = host::get_shared(INFLIGHT_KEY) else { return false };
-        hint_router_core::inflight::decode(&bytes.unwrap_or_default(), 2 * runners, &mut counts);
+        let bytes = bytes.unwrap_or_default();
+        hint_router_core::inflight::decode(&bytes, 2 * runners, &mut counts);
         if !edit(&mut counts) {
             return false;
         }
-        match host::set_shared(INFLIGHT_KEY, &hint_router_core::inflight::encode(&counts), cas) {
+        let value = hint_router_core::inflight::encode_keeping_pins(&counts, &bytes, runners);
+        match host::set_shared(INFLIGHT_KEY, &value, cas) {
             Ok(()) => return true,
             Err(host::HostError::CasMismatch) => continue,
             Err(_) => return false,

@@ -93,7 +93,7 @@ const PUBLISH_DUTY: u64 = 10;
 /// Least time between two publications outside ticks. Every publication makes every worker
 /// re-read the table, so client traffic that keeps changing it (misses of ever-new hints,
 /// each listed as a guess) must not set the pace: changes inside the gap wait for the next
-/// tick (a fifth of the poll interval) and go out together.
+/// tick (at most this gap, or a fifth of the poll interval if shorter) and go out together.
 const MIN_PUBLISH_GAP_NS: u64 = 20_000_000;
 
 impl PollerRoot {
@@ -106,8 +106,11 @@ impl PollerRoot {
                 None
             }
         };
-        // Tick several times per interval so polls keep their cadence and timeouts are noticed.
-        let tick = (cfg.poll_interval_ms / 5).clamp(10, 1000) as u32;
+        // Tick several times per interval so polls keep their cadence and timeouts are
+        // noticed, and at least once per publication gap: a change that came inside the gap
+        // (a guess a worker forwarded) waits for the next tick, and the other workers route
+        // without it until then.
+        let tick = (cfg.poll_interval_ms / 5).clamp(10, MIN_PUBLISH_GAP_NS / 1_000_000) as u32;
         host::set_tick_period_ms(tick).map_err(|e| format!("cannot set tick period: {e}"))?;
         let mut poller = Poller::new(&cfg);
         if let Ok((Some(g), _)) = host::get_shared(GENERATION_KEY) {

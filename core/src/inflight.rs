@@ -1,36 +1,144 @@
-//! Cross-worker in-flight counters: one shared-data value holding a little-endian `u32` per
-//! runner, in table order. Workers update it with compare-and-swap.
+//! The cross-worker in-flight value: one shared-data value that every worker of an Envoy reads
+//! on each request and updates with compare-and-swap. It holds, for `n` runners in table
+//! order:
+//!
+//! * `2n` little-endian `u32` counters: the requests in flight to each runner, then those of
+//!   them routed to wait for a model load;
+//! * the **pins**: one 16-byte entry (runner `u32`, count `u32`, model hash `u64`) per model a
+//!   request is using on a runner. Without them a worker only knew the models its own
+//!   requests use, and made room for a miss by evicting a model another worker's request was
+//!   using (runner-example never evicts a model in use: the load then waits for a slot);
+//! * a trailer: the counter count (`u32`) and [`MAGIC`].
+//!
+//! Pins are advisory: a value whose layout does not check out (torn, or written for another
+//! number of runners) keeps its whole counters and only loses pins that no longer fit, and
+//! the poller clears a runner's pins when it finds nothing of this Envoy's in flight there.
 
-/// Decodes `bytes` into `out` (cleared first), padded with zeros to `n` runners.
+/// Last four bytes of a value with pins ("PINS", little-endian).
+pub const MAGIC: u32 = u32::from_le_bytes(*b"PINS");
+/// Bytes of one pin entry.
+const PIN_BYTES: usize = 16;
+/// Bytes of the trailer (counter count, [`MAGIC`]).
+const TRAILER_BYTES: usize = 8;
+/// Most pin entries a value holds (64 KiB of them): past it a request's pin stays with its
+/// own worker only.
+pub const MAX_SHARED_PINS: usize = 4096;
+
+/// One pin: requests using the model with `hash` on runner `runner`, `count` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pin {
+    pub runner: u32,
+    pub hash: u64,
+    pub count: u32,
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4).and_then(|s| <[u8; 4]>::try_from(s).ok()).map(u32::from_le_bytes)
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 8).and_then(|s| <[u8; 8]>::try_from(s).ok()).map(u64::from_le_bytes)
+}
+
+/// The counters and pin bytes of `bytes`: the whole layout when its trailer checks out, else
+/// every whole `u32` as a counter and no pins.
+fn split(bytes: &[u8]) -> (&[u8], &[u8]) {
+    let len = bytes.len();
+    let layout = len.checked_sub(TRAILER_BYTES).and_then(|body| {
+        (u32_at(bytes, len - 4)? == MAGIC).then_some(())?;
+        let counters = usize::try_from(u32_at(bytes, body)?).ok()?.checked_mul(4)?;
+        let pins = body.checked_sub(counters)?;
+        (pins % PIN_BYTES == 0).then_some((counters, body))
+    });
+    match layout {
+        Some((counters, body)) => {
+            (bytes.get(..counters).unwrap_or(&[]), bytes.get(counters..body).unwrap_or(&[]))
+        }
+        None => (bytes.get(..len / 4 * 4).unwrap_or(&[]), &[]),
+    }
+}
+
+fn pin_at(pins: &[u8], at: usize) -> Option<Pin> {
+    Some(Pin { runner: u32_at(pins, at)?, count: u32_at(pins, at + 4)?, hash: u64_at(pins, at + 8)? })
+}
+
+/// Decodes the counters of `bytes` into `out` (cleared first), `n` of them: missing ones are 0.
 pub fn decode(bytes: &[u8], n: usize, out: &mut Vec<u32>) {
+    let (counters, _) = split(bytes);
     out.clear();
-    out.extend(
-        bytes.chunks_exact(4).take(n).map(|c| <[u8; 4]>::try_from(c).map(u32::from_le_bytes).unwrap_or(0)),
-    );
+    out.extend((0..n.min(counters.len() / 4)).map(|i| u32_at(counters, i * 4).unwrap_or(0)));
     out.resize(n, 0);
 }
 
-/// Encodes counters.
-pub fn encode(counts: &[u32]) -> Vec<u8> {
-    counts.iter().flat_map(|c| c.to_le_bytes()).collect()
+/// The pins of `bytes` on runners below `runners`.
+pub fn pins(bytes: &[u8], runners: usize) -> impl Iterator<Item = Pin> + '_ {
+    let (_, pins) = split(bytes);
+    (0..pins.len() / PIN_BYTES)
+        .filter_map(move |i| pin_at(pins, i * PIN_BYTES))
+        .filter(move |p| (p.runner as usize) < runners && p.count > 0)
 }
 
-/// Returns `bytes` with runner `idx`'s counter moved by `delta` (saturating at 0 and
-/// `u32::MAX`), sized for `n` runners.
-pub fn adjust(bytes: &[u8], n: usize, idx: u32, delta: i32) -> Vec<u8> {
-    let mut out = bytes.to_vec();
-    adjust_in_place(&mut out, n, idx, delta);
+/// The pin bytes of `bytes` (to tell whether they changed since last read).
+pub fn pin_bytes(bytes: &[u8]) -> &[u8] {
+    split(bytes).1
+}
+
+/// Encodes counters with no pins.
+pub fn encode(counts: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(counts.len() * 4 + TRAILER_BYTES);
+    out.extend(counts.iter().flat_map(|c| c.to_le_bytes()));
+    out.extend_from_slice(&(counts.len() as u32).to_le_bytes());
+    out.extend_from_slice(&MAGIC.to_le_bytes());
     out
 }
 
-/// [`adjust`] on the value itself, without decoding the other counters: sizes `bytes` for `n`
-/// runners (a torn trailing partial counter is dropped, missing ones are 0) and moves runner
-/// `idx`'s counter by `delta`.
-pub fn adjust_in_place(bytes: &mut Vec<u8>, n: usize, idx: u32, delta: i32) {
-    let whole = (bytes.len() / 4).min(n) * 4;
-    bytes.truncate(whole);
-    bytes.resize(n * 4, 0);
+/// Encodes `counts` (`2 * runners` of them) and keeps the pins of `old` on runners below
+/// `runners` that still count requests in flight: a runner with none in flight has nothing
+/// in use (this is how the poller's corrections clear pins a lost request left behind).
+pub fn encode_keeping_pins(counts: &[u32], old: &[u8], runners: usize) -> Vec<u8> {
+    let mut out = encode(counts);
+    let body = out.len() - TRAILER_BYTES;
+    let busy = |p: &Pin| counts.get(p.runner as usize).is_some_and(|&c| c > 0);
+    let kept: Vec<u8> = pins(old, runners).filter(busy).flat_map(entry_bytes).collect();
+    out.splice(body..body, kept);
+    out
+}
+
+fn entry_bytes(p: Pin) -> [u8; PIN_BYTES] {
+    let mut e = [0u8; PIN_BYTES];
+    e[..4].copy_from_slice(&p.runner.to_le_bytes());
+    e[4..8].copy_from_slice(&p.count.to_le_bytes());
+    e[8..].copy_from_slice(&p.hash.to_le_bytes());
+    e
+}
+
+/// Puts `bytes` in the layout for `runners` runners (`2 * runners` counters), in place: a
+/// value already in it is untouched; otherwise counters are cut or padded with zeros and only
+/// the pins on runners below `runners` are kept.
+fn normalize(bytes: &mut Vec<u8>, runners: usize) {
+    let n = 2 * runners;
+    let (counters, pinned) = split(bytes);
+    if counters.len() == n * 4 && bytes.len() == counters.len() + pinned.len() + TRAILER_BYTES {
+        return;
+    }
+    let mut counts = Vec::with_capacity(n);
+    decode(bytes, n, &mut counts);
+    let mut out = encode(&counts);
+    let body = out.len() - TRAILER_BYTES;
+    let kept: Vec<u8> = pins(bytes, runners).flat_map(entry_bytes).collect();
+    out.splice(body..body, kept);
+    *bytes = out;
+}
+
+/// Moves counter `idx` (of `2 * runners`) of `bytes` by `delta`, saturating at 0 and
+/// `u32::MAX`, in place and keeping the pins; `bytes` is first put in the layout for
+/// `runners` runners. An index past the counters changes nothing else.
+pub fn adjust_in_place(bytes: &mut Vec<u8>, runners: usize, idx: u32, delta: i32) {
+    normalize(bytes, runners);
     let i = idx as usize * 4;
+    if idx as usize >= 2 * runners {
+        return;
+    }
     if let Some(slot) = bytes.get_mut(i..i + 4) {
         let c = <[u8; 4]>::try_from(&*slot).map(u32::from_le_bytes).unwrap_or(0);
         let c = if delta >= 0 {
@@ -42,57 +150,210 @@ pub fn adjust_in_place(bytes: &mut Vec<u8>, n: usize, idx: u32, delta: i32) {
     }
 }
 
+/// Byte range of `bytes`' pin entries (after [`normalize`]).
+fn pin_range(bytes: &[u8], runners: usize) -> std::ops::Range<usize> {
+    let start = 2 * runners * 4;
+    start..bytes.len().saturating_sub(TRAILER_BYTES).max(start)
+}
+
+/// Offset of the entry for (`runner`, `hash`) in `bytes`, if any (after [`normalize`]).
+fn find_pin(bytes: &[u8], runners: usize, runner: u32, hash: u64) -> Option<usize> {
+    pin_range(bytes, runners)
+        .step_by(PIN_BYTES)
+        .find(|&at| pin_at(bytes, at).is_some_and(|p| p.runner == runner && p.hash == hash))
+}
+
+/// Counts one more request using model `hash` on `runner` in `bytes` (laid out for `runners`
+/// runners first). False, with the value unchanged, when `runner` is not below `runners` or
+/// the value holds [`MAX_SHARED_PINS`] entries already and none for this pair.
+pub fn add_pin(bytes: &mut Vec<u8>, runners: usize, runner: u32, hash: u64) -> bool {
+    if runner as usize >= runners {
+        return false;
+    }
+    normalize(bytes, runners);
+    if let Some(at) = find_pin(bytes, runners, runner, hash) {
+        if let Some(c) = bytes.get_mut(at + 4..at + 8) {
+            let n = <[u8; 4]>::try_from(&*c).map(u32::from_le_bytes).unwrap_or(0).saturating_add(1);
+            c.copy_from_slice(&n.to_le_bytes());
+            return true;
+        }
+        return false;
+    }
+    let range = pin_range(bytes, runners);
+    if range.len() / PIN_BYTES >= MAX_SHARED_PINS {
+        return false;
+    }
+    let entry = entry_bytes(Pin { runner, hash, count: 1 });
+    bytes.splice(range.end..range.end, entry);
+    true
+}
+
+/// Releases one request's pin of model `hash` on `runner` (one that [`add_pin`] counted): the
+/// entry goes when its count reaches 0. A pin not in the value (cleared by the poller, or
+/// dropped with a change of runners) changes nothing.
+pub fn remove_pin(bytes: &mut Vec<u8>, runners: usize, runner: u32, hash: u64) {
+    normalize(bytes, runners);
+    let Some(at) = find_pin(bytes, runners, runner, hash) else { return };
+    let count = u32_at(bytes, at + 4).unwrap_or(0);
+    if count > 1 {
+        if let Some(c) = bytes.get_mut(at + 4..at + 8) {
+            c.copy_from_slice(&(count - 1).to_le_bytes());
+        }
+    } else {
+        bytes.drain(at..at + PIN_BYTES);
+    }
+}
+
+/// Drops every pin on `runner` (the poller found nothing of this Envoy in flight there, or
+/// the slot went to a new runner). Returns whether any went.
+pub fn clear_pins(bytes: &mut Vec<u8>, runners: usize, runner: u32) -> bool {
+    normalize(bytes, runners);
+    let range = pin_range(bytes, runners);
+    let kept: Vec<u8> = range
+        .clone()
+        .step_by(PIN_BYTES)
+        .filter_map(|at| pin_at(bytes, at))
+        .filter(|p| p.runner != runner)
+        .flat_map(entry_bytes)
+        .collect();
+    let dropped = kept.len() != range.len();
+    bytes.splice(range, kept);
+    dropped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    #[test]
-    fn adjust_and_decode() {
-        let b = adjust(&[], 3, 1, 1);
-        let b = adjust(&b, 3, 1, 1);
-        let b = adjust(&b, 3, 2, -1); // saturates at 0
+    fn counters(b: &[u8], n: usize) -> Vec<u32> {
         let mut out = Vec::new();
-        decode(&b, 3, &mut out);
-        assert_eq!(out, vec![0, 2, 0]);
-        decode(&b, 5, &mut out);
-        assert_eq!(out, vec![0, 2, 0, 0, 0]);
-        decode(&b[..5], 2, &mut out); // torn value: the partial counter reads as 0
-        assert_eq!(out, vec![0, 0]);
-        assert_eq!(adjust(&b, 3, 99, 1), b); // unknown index: unchanged
+        decode(b, n, &mut out);
+        out
+    }
+
+    fn all_pins(b: &[u8], runners: usize) -> Vec<(u32, u64, u32)> {
+        pins(b, runners).map(|p| (p.runner, p.hash, p.count)).collect()
     }
 
     #[test]
-    fn adjust_in_place_matches_decode_adjust_encode() {
-        // The reference: decode, move one counter, encode.
-        let reference = |bytes: &[u8], n: usize, idx: u32, delta: i32| {
-            let mut c = Vec::new();
-            decode(bytes, n, &mut c);
-            if let Some(x) = c.get_mut(idx as usize) {
-                *x = if delta >= 0 {
-                    x.saturating_add(delta as u32)
-                } else {
-                    x.saturating_sub(delta.unsigned_abs())
-                };
-            }
-            encode(&c)
-        };
-        let full = encode(&[1, u32::MAX, 0, 7]);
-        for len in 0..=full.len() {
-            for n in 0..6 {
-                for idx in 0..6 {
-                    for delta in [1, -1, 5] {
-                        let mut v = full[..len].to_vec();
-                        adjust_in_place(&mut v, n, idx, delta);
-                        assert_eq!(
-                            v,
-                            reference(&full[..len], n, idx, delta),
-                            "len {len} n {n} idx {idx} {delta}"
-                        );
-                    }
-                }
+    fn counters_adjust_and_decode() {
+        let mut b = Vec::new();
+        adjust_in_place(&mut b, 2, 1, 1);
+        adjust_in_place(&mut b, 2, 1, 1);
+        adjust_in_place(&mut b, 2, 2, -1); // saturates at 0
+        assert_eq!(counters(&b, 4), vec![0, 2, 0, 0]);
+        assert_eq!(counters(&b, 6), vec![0, 2, 0, 0, 0, 0]);
+        let before = b.clone();
+        adjust_in_place(&mut b, 2, 99, 1); // unknown index: unchanged
+        assert_eq!(b, before);
+        adjust_in_place(&mut b, 2, 0, i32::MIN);
+        adjust_in_place(&mut b, 2, 3, i32::MAX);
+        adjust_in_place(&mut b, 2, 3, i32::MAX);
+        adjust_in_place(&mut b, 2, 3, i32::MAX);
+        assert_eq!(counters(&b, 4), vec![0, 2, 0, u32::MAX]);
+    }
+
+    #[test]
+    fn a_value_without_trailer_reads_as_counters() {
+        // A torn or foreign value: whole u32s are counters, a partial one reads as 0, no pins.
+        let raw: Vec<u8> = [1u32, 2, 3].iter().flat_map(|c| c.to_le_bytes()).chain([9, 9]).collect();
+        assert_eq!(counters(&raw, 4), vec![1, 2, 3, 0]);
+        assert!(all_pins(&raw, 2).is_empty());
+        let mut v = raw.clone();
+        adjust_in_place(&mut v, 2, 3, 1);
+        assert_eq!(counters(&v, 4), vec![1, 2, 3, 1]);
+        assert_eq!(split(&v).0.len(), 16, "rewritten in the layout for 2 runners");
+    }
+
+    #[test]
+    fn pins_count_and_release() {
+        let mut b = encode(&[0; 6]);
+        assert!(add_pin(&mut b, 3, 1, 0xAA));
+        assert!(add_pin(&mut b, 3, 1, 0xAA));
+        assert!(add_pin(&mut b, 3, 2, 0xBB));
+        assert!(!add_pin(&mut b, 3, 3, 0xCC), "no such runner");
+        adjust_in_place(&mut b, 3, 1, 2);
+        assert_eq!(all_pins(&b, 3), vec![(1, 0xAA, 2), (2, 0xBB, 1)]);
+        assert_eq!(counters(&b, 6), vec![0, 2, 0, 0, 0, 0], "counters kept beside pins");
+        remove_pin(&mut b, 3, 1, 0xAA);
+        assert_eq!(all_pins(&b, 3), vec![(1, 0xAA, 1), (2, 0xBB, 1)]);
+        remove_pin(&mut b, 3, 1, 0xAA);
+        remove_pin(&mut b, 3, 1, 0xAA); // already gone: nothing
+        remove_pin(&mut b, 3, 0, 0xBB); // never there: nothing
+        assert_eq!(all_pins(&b, 3), vec![(2, 0xBB, 1)]);
+        assert!(clear_pins(&mut b, 3, 2));
+        assert!(all_pins(&b, 3).is_empty());
+        assert!(!clear_pins(&mut b, 3, 2));
+        assert_eq!(b, encode(&[0, 2, 0, 0, 0, 0]), "back to counters and trailer");
+    }
+
+    #[test]
+    fn a_change_of_runners_keeps_the_pins_that_still_fit() {
+        let mut b = encode(&[5, 6, 7, 8, 1, 2, 3, 4]);
+        add_pin(&mut b, 4, 0, 1);
+        add_pin(&mut b, 4, 3, 2);
+        // Read for 2 runners: runner 3's pin is out of range.
+        assert_eq!(all_pins(&b, 2), vec![(0, 1, 1)]);
+        adjust_in_place(&mut b, 2, 0, 1);
+        assert_eq!(counters(&b, 4), vec![6, 6, 7, 8]);
+        assert_eq!(all_pins(&b, 8), vec![(0, 1, 1)], "the dropped pin is gone for good");
+        // And back up to 3 runners: zeros appended.
+        add_pin(&mut b, 3, 2, 9);
+        assert_eq!(counters(&b, 6), vec![6, 6, 7, 8, 0, 0]);
+        assert_eq!(all_pins(&b, 3), vec![(0, 1, 1), (2, 9, 1)]);
+    }
+
+    #[test]
+    fn pins_are_capped() {
+        let mut b = encode(&[0; 2]);
+        for h in 0..MAX_SHARED_PINS as u64 {
+            assert!(add_pin(&mut b, 1, 0, h));
+        }
+        assert!(!add_pin(&mut b, 1, 0, u64::MAX), "a new pair past the cap");
+        assert!(add_pin(&mut b, 1, 0, 7), "an existing pair still counts");
+        assert_eq!(b.len(), 8 + MAX_SHARED_PINS * PIN_BYTES + TRAILER_BYTES);
+    }
+
+    #[test]
+    fn hostile_values_never_panic_and_keep_a_layout() {
+        // Every prefix of a valid value, and values with lying trailers.
+        let mut full = encode(&[1, 2, 3, 4]);
+        add_pin(&mut full, 2, 1, 42);
+        let mut lies = Vec::new();
+        for c in [0u32, 1, 3, 4, 5, 1000, u32::MAX] {
+            let mut v = full.clone();
+            let at = v.len() - 8;
+            v[at..at + 4].copy_from_slice(&c.to_le_bytes());
+            lies.push(v);
+        }
+        for v in (0..=full.len()).map(|l| full[..l].to_vec()).chain(lies) {
+            for runners in 0..4 {
+                let mut w = v.clone();
+                adjust_in_place(&mut w, runners, 0, 1);
+                add_pin(&mut w, runners, 0, 5);
+                remove_pin(&mut w, runners, 1, 42);
+                clear_pins(&mut w, runners, 1);
+                let (c, p) = split(&w);
+                assert_eq!(c.len(), runners * 8, "len {} runners {runners}", v.len());
+                assert_eq!(w.len(), c.len() + p.len() + TRAILER_BYTES);
+                assert!(pins(&w, runners).all(|p| (p.runner as usize) < runners));
             }
         }
+    }
+
+    #[test]
+    fn encode_keeping_pins_rewrites_counters_only() {
+        let mut b = encode(&[1, 1, 0, 0]);
+        add_pin(&mut b, 2, 1, 3);
+        add_pin(&mut b, 2, 0, 4);
+        let c = encode_keeping_pins(&[9, 9, 9, 9], &b, 2);
+        assert_eq!(counters(&c, 4), vec![9, 9, 9, 9]);
+        assert_eq!(all_pins(&c, 2), vec![(1, 3, 1), (0, 4, 1)]);
+        assert_eq!(pin_bytes(&c), pin_bytes(&b));
+        // Runner 0 has nothing in flight any more: nothing is in use there either.
+        let d = encode_keeping_pins(&[0, 1, 0, 0], &b, 2);
+        assert_eq!(all_pins(&d, 2), vec![(1, 3, 1)]);
     }
 }

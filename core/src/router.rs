@@ -25,7 +25,6 @@ use crate::hint::HintList;
 use crate::learned::Times;
 use crate::placement::{
     best_victim, miss_cost, miss_cost_floor, pinned, victim_of, Pins, Prices, Victim, ALL_PINNED_COST,
-    MAX_PINS,
 };
 use crate::popularity::{hint_hash, Popularity};
 use crate::rank::{rank_by, slot_cost, Costs, Outcome, UNKNOWN_CAPACITY_COST};
@@ -94,6 +93,10 @@ pub struct Router {
     times: Vec<Times>,
     fleet: Times,
     pins: Vec<Pins>,
+    /// The pins [`Router::sync_pins`] last set, sorted by runner, and the runners pinned
+    /// locally since: together, every runner that may hold pins.
+    synced_pins: Vec<(u32, u64, u32)>,
+    pinned_since_sync: Vec<u32>,
     /// Per runner: a floor of the cost of a miss there ([`miss_cost_floor`]), read by the fleet
     /// scan; recomputed whenever what it depends on changes.
     floors: Vec<u32>,
@@ -163,7 +166,7 @@ impl Router {
     pub fn replace_view(&mut self, view: View) {
         self.view = view;
         self.guessed.clear();
-        self.pins.clear();
+        self.forget_pins();
         self.reindex_all();
     }
 
@@ -174,7 +177,7 @@ impl Router {
         let before = self.view.runners().len();
         f(&mut self.view);
         if self.view.runners().len() != before {
-            self.pins.clear(); // other runners now: what was pinned where is unknown
+            self.forget_pins(); // other runners now: what was pinned where is unknown
         }
         let view = &self.view;
         for (i, g) in (0u32..).zip(self.guessed.iter_mut()) {
@@ -317,16 +320,8 @@ impl Router {
     /// releases the model the request pinned. `elapsed_us` is `None` for a request that got
     /// no answer (reset, timeout): nothing is learned from it.
     pub fn observe(&mut self, idx: u32, decision: &Decision, elapsed_us: Option<u64>) {
-        if let (Some(hash), Some(p)) = (decision.pin, self.pins.get_mut(idx as usize)) {
-            if let Some(k) = p.iter().position(|&(h, _)| h == hash) {
-                match p.get_mut(k) {
-                    Some((_, c)) if *c > 1 => *c -= 1,
-                    _ => {
-                        p.swap_remove(k);
-                        self.refloor(idx);
-                    }
-                }
-            }
+        if let Some(hash) = decision.pin {
+            self.unpin(idx, hash);
         }
         let (Some(r), Some(elapsed_us)) = (self.view.runner(idx), elapsed_us) else { return };
         let mc = r.max_concurrency.max(1);
@@ -510,22 +505,6 @@ impl Router {
         outcome
     }
 
-    /// Counts a request for the hint with `hash` in flight on runner `idx`; false when not
-    /// tracked (unknown runner, or too many distinct models there already).
-    fn pin(&mut self, idx: u32, hash: u64) -> bool {
-        let Some(p) = self.pins.get_mut(idx as usize) else { return false };
-        if let Some((_, c)) = p.iter_mut().find(|(h, _)| *h == hash) {
-            *c = c.saturating_add(1);
-            return true;
-        }
-        if p.len() >= MAX_PINS {
-            return false;
-        }
-        p.push((hash, 1));
-        self.refloor(idx);
-        true
-    }
-
     /// With every holder of `hint` busy and `fallback` the best other runner, a holder whose
     /// queue is expected to finish the request before a load on `fallback` would, if any
     /// (`None` while load or inference times are unknown).
@@ -579,6 +558,7 @@ impl Router {
 }
 
 mod delta;
+mod pins;
 #[cfg(test)]
 mod reference;
 #[cfg(test)]

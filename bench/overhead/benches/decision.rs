@@ -142,13 +142,18 @@ fn bench_router(c: &mut Criterion) {
 fn bench_inflight(c: &mut Criterion) {
     let mut g = c.benchmark_group("inflight");
     for n in SIZES {
-        let bytes = inflight::encode(&fixture::loads(n));
-        let mut out = Vec::with_capacity(n);
+        // `n` runners: their in-flight counters, then their (zero) loading counters.
+        let bytes = inflight::encode(&[fixture::loads(n), vec![0; n]].concat());
+        let mut out = Vec::with_capacity(2 * n);
         g.bench_with_input(BenchmarkId::new("decode", n), &n, |b, _| {
-            b.iter(|| inflight::decode(black_box(&bytes), n, &mut out))
+            b.iter(|| inflight::decode(black_box(&bytes), 2 * n, &mut out))
         });
         g.bench_with_input(BenchmarkId::new("adjust", n), &n, |b, _| {
-            b.iter(|| inflight::adjust(black_box(&bytes), n, black_box(1), 1))
+            b.iter(|| {
+                let mut v = black_box(&bytes).clone();
+                inflight::adjust_in_place(&mut v, n, black_box(1), 1);
+                v
+            })
         });
     }
     g.finish();

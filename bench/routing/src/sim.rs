@@ -28,6 +28,7 @@ use crate::report::{Record, Status};
 use crate::rng::Rng;
 use crate::workload::{model_id, model_name, Trace};
 use hint_router_core::hint::HintList;
+use hint_router_core::inflight;
 use hint_router_core::rank::{rank, Outcome};
 use hint_router_core::router::{Decision, Router};
 use hint_router_core::table::{Table, TableRunner, View};
@@ -89,6 +90,8 @@ struct Proxy {
     total_inflight: u32,
     spin: u32,
     rr: u32,
+    /// The pin bytes of `Sim::shared_pins` this proxy's router last synced.
+    synced_pins: Vec<u8>,
 }
 
 struct Sim<'a> {
@@ -105,6 +108,10 @@ struct Sim<'a> {
     busy_view: Vec<u32>,
     /// Per request: the filter's decision, for [`Router::observe`] when it ends.
     routed: Vec<Option<Decision>>,
+    /// With `what_if_shared_pins`: an in-flight value ([`inflight`]) holding every proxy's
+    /// pins, as one Envoy's workers share them, and per request whether its pin went in.
+    shared_pins: Vec<u8>,
+    pinned_shared: Vec<bool>,
     /// The last `pick`'s decision.
     last_decision: Option<Decision>,
     proxies: Vec<Proxy>,
@@ -160,6 +167,7 @@ pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
         total_inflight: 0,
         spin: 0,
         rr: 0,
+        synced_pins: Vec::new(),
     };
     let mut sim = Sim {
         p,
@@ -173,6 +181,8 @@ pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
         waiting_load: vec![0; p.runners],
         busy_view: vec![0; p.runners],
         routed: vec![None; n],
+        shared_pins: Vec::new(),
+        pinned_shared: vec![false; n],
         last_decision: None,
         proxies: (0..p.proxies.max(1)).map(|_| proxy()).collect(),
         states: vec![ReqState::Pending; n],
@@ -254,6 +264,13 @@ impl Sim<'_> {
         match self.policy {
             Policy::Hint | Policy::HintFastest if !self.p.plain_rank => {
                 // Exactly what the filter does per request (src/filter.rs).
+                if self.p.what_if_shared_pins {
+                    let pins = inflight::pin_bytes(&self.shared_pins);
+                    if pins != px.synced_pins.as_slice() {
+                        px.router.sync_pins(inflight::pins(&self.shared_pins, self.p.runners));
+                        px.synced_pins = pins.to_vec();
+                    }
+                }
                 px.spin = px.spin.wrapping_add(1);
                 let d = px.router.route(hint, &px.inflight, self.now, px.spin, 3, 64, &mut self.out);
                 self.last_decision = Some(d);
@@ -342,8 +359,31 @@ impl Sim<'_> {
         if let Some(c) = self.at_runner.get_mut(r as usize) {
             *c += 1;
         }
+        let listed = self.last_decision.is_some_and(|d| d.listed);
+        if let (true, Some(hash)) = (self.p.what_if_shared_pins, self.last_decision.and_then(|d| d.pin)) {
+            let added = inflight::add_pin(&mut self.shared_pins, self.p.runners, r, hash);
+            if let Some(p) = self.pinned_shared.get_mut(i as usize) {
+                *p = added;
+            }
+        }
         if let Some(d) = self.routed.get_mut(i as usize) {
             *d = self.last_decision.take();
+        }
+        if listed && self.p.what_if_shared_guesses {
+            let list = self.proxies.get(k).and_then(|px| px.router.view().runner(r)).map(|v| HintList {
+                hints: v.hints.clone(),
+                invalid: 0,
+                truncated: 0,
+            });
+            if let Some(list) = list {
+                for (j, px) in self.proxies.iter_mut().enumerate() {
+                    if j != k {
+                        px.router.refresh(|v| {
+                            v.set_runner_hints(r, &list);
+                        });
+                    }
+                }
+            }
         }
         if let Some(rec) = self.records.get_mut(i as usize) {
             rec.runner = Some(r);
@@ -448,6 +488,10 @@ impl Sim<'_> {
             let k = self.proxy_of(i);
             if let Some(px) = self.proxies.get_mut(k) {
                 px.router.observe(r, &d, answered);
+            }
+            let shared = self.pinned_shared.get_mut(i as usize).map(std::mem::take);
+            if let (Some(true), Some(hash)) = (shared, d.pin) {
+                inflight::remove_pin(&mut self.shared_pins, self.p.runners, r, hash);
             }
         }
         self.set_state(i, ReqState::Done);

@@ -311,3 +311,84 @@ fn a_miss_on_a_warm_runner_is_marked_warm_and_teaches_no_load_time() {
     let (d, out) = go(&mut r, Some("b"), &[0, 0]);
     assert_eq!((d.outcome, d.warm, out[0]), (Outcome::Miss, false, 1));
 }
+
+/// Two workers' routers with the same history: a and b hot on runner 0 (c there cold), x, y
+/// and z warm on runner 1.
+fn two_workers() -> (Router, Router) {
+    let mut v = Router::new(View::from_table(&table(&[&["a", "b", "c"], &["x", "y", "z"]])));
+    for round in 0..20 {
+        for h in ["a", "b", "x", "y", "z"] {
+            if round < 5 || !["x", "y", "z"].contains(&h) {
+                let (d, out) = go(&mut v, Some(h), &[0, 0]);
+                v.observe(out[0], &d, Some(10_000));
+            }
+        }
+    }
+    (v.clone(), v)
+}
+
+#[test]
+fn a_model_in_use_by_another_worker_is_no_victim_once_synced() {
+    let (mut a, mut b) = two_workers();
+    let mut control = b.clone();
+    // Worker a routes a request for c: in use on runner 0 until it ends.
+    let (busy_c, out) = go(&mut a, Some("c"), &[0, 0]);
+    assert_eq!(out[0], 0);
+    let hash = busy_c.pin.expect("a hit pins its model");
+    let mut shared = crate::inflight::encode(&[1, 0, 0, 0]);
+    assert!(crate::inflight::add_pin(&mut shared, 2, 0, hash));
+    // Worker b, not told, would evict c on runner 0: the runner could not (c is in use).
+    let (_, out) = go(&mut control, Some("new"), &[1, 0]);
+    assert_eq!((out[0], control.evicting()), (0, Some("c")));
+    // Told through the shared value, it evicts the cheapest model not in use: z on runner 1.
+    b.sync_pins(crate::inflight::pins(&shared, 2));
+    let (miss, out) = go(&mut b, Some("new"), &[1, 0]);
+    assert_eq!((out[0], b.evicting()), (1, Some("z")));
+    b.observe(1, &miss, None);
+    // The request ends: the pin leaves the shared value, and b's sync releases it.
+    crate::inflight::remove_pin(&mut shared, 2, 0, hash);
+    b.sync_pins(crate::inflight::pins(&shared, 2));
+    assert!(b.pins.iter().all(|p| p.is_empty()));
+    assert_eq!(b.floors, {
+        let mut fresh = b.clone();
+        fresh.refloor_all();
+        fresh.floors
+    });
+}
+
+#[test]
+fn a_workers_own_pin_is_counted_once_after_a_sync() {
+    let (mut a, _) = two_workers();
+    let (d, out) = go(&mut a, Some("c"), &[0, 0]);
+    let mut shared = crate::inflight::encode(&[1, 0, 0, 0]);
+    assert!(crate::inflight::add_pin(&mut shared, 2, out[0], d.pin.unwrap()));
+    a.sync_pins(crate::inflight::pins(&shared, 2));
+    a.sync_pins(crate::inflight::pins(&shared, 2)); // unchanged: the same
+    assert_eq!(a.pins[0].as_slice(), &[(d.pin.unwrap(), 1)]);
+    a.observe(out[0], &d, Some(10_000));
+    assert!(a.pins.iter().all(|p| p.is_empty()), "released by its own end");
+    // A pin the shared value lost (cleared by the poller) goes at the next sync, and one on
+    // a runner this view does not have is ignored.
+    let (d, out) = go(&mut a, Some("c"), &[0, 0]);
+    assert!(d.pin.is_some());
+    let mut foreign = crate::inflight::encode(&[0; 6]);
+    assert!(crate::inflight::add_pin(&mut foreign, 3, 2, 77));
+    a.sync_pins(crate::inflight::pins(&foreign, 3));
+    assert!(a.pins.iter().all(|p| p.is_empty()), "runner {}", out[0]);
+    assert_eq!(a.floors, {
+        let mut fresh = a.clone();
+        fresh.refloor_all();
+        fresh.floors
+    });
+}
+
+#[test]
+fn sync_pins_merges_duplicates_and_caps_models_per_runner() {
+    let (mut a, _) = two_workers();
+    let pins = (0..(crate::placement::MAX_PINS as u64 + 10))
+        .map(|h| crate::inflight::Pin { runner: 1, hash: h, count: 1 })
+        .chain([crate::inflight::Pin { runner: 1, hash: 3, count: u32::MAX }]);
+    a.sync_pins(pins);
+    assert_eq!(a.pins[1].len(), crate::placement::MAX_PINS);
+    assert!(a.pins[1].contains(&(3, u32::MAX)), "counts of a repeated pair add, saturating");
+}

@@ -75,6 +75,12 @@ struct Args {
     /// What-if, with --proxies: every response's hints reach every proxy.
     #[arg(long)]
     what_if_shared_responses: bool,
+    /// What-if, with --proxies: a miss's guess reaches every proxy at once.
+    #[arg(long)]
+    what_if_shared_guesses: bool,
+    /// What-if, with --proxies: pins are shared.
+    #[arg(long)]
+    what_if_shared_pins: bool,
     /// What-if: runners ignore `x-hint-router-evict` and evict their least recently used
     /// model (as before the router chose victims).
     #[arg(long)]
@@ -238,6 +244,8 @@ fn main() -> Result<()> {
                 proxies: a.proxies,
                 what_if_exact_in_flight: a.what_if_exact_in_flight,
                 what_if_shared_responses: a.what_if_shared_responses,
+                what_if_shared_guesses: a.what_if_shared_guesses,
+                what_if_shared_pins: a.what_if_shared_pins,
                 ..params.clone()
             };
             let multi =

@@ -69,6 +69,12 @@ pub struct SimParams {
     /// the one that sent the request.
     #[serde(default)]
     pub what_if_shared_responses: bool,
+    /// What-if: with several proxies, a miss's guess reaches every proxy at once.
+    #[serde(default)]
+    pub what_if_shared_guesses: bool,
+    /// What-if: with several proxies, every proxy knows the models in use by the others'.
+    #[serde(default)]
+    pub what_if_shared_pins: bool,
     /// What-if (the runners before `x-hint-router-evict`): runners evict their least
     /// recently used model whatever the router asks.
     #[serde(default)]
@@ -104,6 +110,8 @@ impl Default for SimParams {
             proxies: 1,
             what_if_exact_in_flight: false,
             what_if_shared_responses: false,
+            what_if_shared_guesses: false,
+            what_if_shared_pins: false,
             what_if_runner_lru: false,
         }
     }
