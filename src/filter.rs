@@ -4,7 +4,7 @@ use crate::host::{self, Map, MetricKind};
 use crate::{INFLIGHT_KEY, QUEUE_NAME};
 use hint_router_core::config::Config;
 use hint_router_core::hint::{classify, parse_hint_list, HintClass};
-use hint_router_core::inflight;
+use hint_router_core::inflight::{self, guesses};
 use hint_router_core::queue::{classify_path, JobOp, QueuePath};
 use hint_router_core::rank::Outcome;
 use hint_router_core::router::{Decision, Router};
@@ -27,6 +27,10 @@ const EVICT_HEADER: &str = "x-hint-router-evict";
 const UPSTREAM_HEADER: &str = "x-hint-router-upstream";
 /// Compare-and-swap attempts for one in-flight counter update (fresh reads of the value).
 const CAS_ATTEMPTS: usize = 8;
+/// Oldest another worker's guess may be for this worker to adopt it: by then the poller has
+/// published it (at most a publication gap, 20 ms, after it heard of it), and an older
+/// list could undo what this worker learned since.
+const GUESS_MAX_AGE_US: u64 = 100_000;
 
 /// The in-flight value as read for ranking, and its CAS token: the increment tries it first
 /// instead of reading the value again.
@@ -51,6 +55,7 @@ struct Metrics {
     table_errors: u32,
     inflight_errors: u32,
     response_hints: u32,
+    guesses_adopted: u32,
     table_reloads: u32,
     table_deltas: u32,
     table_reload_us: u32,
@@ -94,6 +99,7 @@ impl Metrics {
             table_errors: c("hint_router.table_errors"),
             inflight_errors: c("hint_router.inflight_errors"),
             response_hints: c("hint_router.response_hints_learned"),
+            guesses_adopted: c("hint_router.guesses_adopted"),
             table_reloads: c("hint_router.table_reloads"),
             table_deltas: c("hint_router.table_deltas"),
             table_reload_us: c("hint_router.table_reload_us"),
@@ -131,8 +137,29 @@ struct State {
     /// The pin bytes of the in-flight value as the router last synced them, to skip an
     /// unchanged sync.
     synced_pins: Vec<u8>,
+    /// The number of the newest guess in the in-flight value this worker has seen.
+    seen_guess: u32,
     candidates: Vec<u32>,
     metrics: Metrics,
+}
+
+/// One update of the in-flight value: counters moved, a pin added or released, a guess
+/// shared.
+struct Edit<'a> {
+    in_flight: i32,
+    loading: i32,
+    pin: PinEdit,
+    /// The hint a miss listed on the runner, the runner's list after it, and when (host
+    /// clock, microseconds).
+    guess: Option<(&'a str, &'a [u8], u64)>,
+}
+
+/// What an [`Edit`] that was written did.
+struct Written {
+    /// The pin edit took (an add fails when the value holds as many pins as it may).
+    pinned: bool,
+    /// The shared guess's number.
+    guess: Option<u32>,
 }
 
 /// What a counter update does to the shared pins ([`hint_router_core::inflight`]).
@@ -147,9 +174,10 @@ enum PinEdit {
 
 impl State {
     /// Reads the in-flight counters into `loads`, and the pins of every worker's requests
-    /// into the router; returns the value and its CAS token when the key exists (a CAS token
-    /// of 0 would write unconditionally, so none is kept then).
-    fn read_loads(&mut self) -> Snapshot {
+    /// and the other workers' new guesses into the router; returns the value and its CAS
+    /// token when the key exists (a CAS token of 0 would write unconditionally, so none is
+    /// kept then).
+    fn read_loads(&mut self, now_us: u64) -> Snapshot {
         let runners = self.router.view().runners().len();
         let (bytes, cas) = match host::get_shared(INFLIGHT_KEY) {
             Ok((Some(bytes), cas)) => (bytes, cas),
@@ -161,6 +189,23 @@ impl State {
             self.router.sync_pins(inflight::pins(&bytes, runners));
             self.synced_pins.clear();
             self.synced_pins.extend_from_slice(pins);
+        }
+        let newest = guesses::newest_seq(&bytes);
+        if newest != self.seen_guess {
+            let (max_bytes, cap) = (self.cfg.max_hint_bytes, self.cfg.max_hints_per_runner);
+            for g in guesses::iter(&bytes, runners) {
+                // Numbers wrap: "after" is within half the range ahead.
+                let new = (g.seq.wrapping_sub(self.seen_guess) as i32) > 0;
+                if !new || now_us.saturating_sub(g.at_us) > GUESS_MAX_AGE_US {
+                    continue;
+                }
+                let Ok(hint) = std::str::from_utf8(g.hint) else { continue };
+                let list = parse_hint_list(g.list, max_bytes, cap);
+                if self.router.adopt_guess(g.runner, hint, &list, g.at_us) {
+                    host::increment_metric(self.metrics.guesses_adopted, 1);
+                }
+            }
+            self.seen_guess = newest;
         }
         (cas != 0).then_some((bytes, cas))
     }
@@ -180,23 +225,20 @@ impl State {
         pin: PinEdit,
         snapshot: Snapshot,
     ) -> Option<bool> {
-        self.adjust_counters(idx, delta, if load { delta } else { 0 }, pin, snapshot)
+        let edit = Edit { in_flight: delta, loading: if load { delta } else { 0 }, pin, guess: None };
+        self.update_live(idx, &edit, snapshot).map(|w| w.pinned)
     }
 
     /// Moves only runner `idx`'s `loading` counter (and releases `pin` there).
     fn adjust_loading(&self, idx: u32, delta: i32, pin: PinEdit) -> Option<bool> {
-        self.adjust_counters(idx, 0, delta, pin, None)
+        self.update_live(idx, &Edit { in_flight: 0, loading: delta, pin, guess: None }, None)
+            .map(|w| w.pinned)
     }
 
-    /// [`State::adjust_inflight`] with the two counters moved independently.
-    fn adjust_counters(
-        &self,
-        idx: u32,
-        in_flight: i32,
-        loading: i32,
-        pin: PinEdit,
-        mut snapshot: Snapshot,
-    ) -> Option<bool> {
+    /// Applies `edit` to runner `idx`'s part of the in-flight value, as
+    /// [`State::adjust_inflight`] says.
+    fn update_live(&self, idx: u32, edit: &Edit<'_>, mut snapshot: Snapshot) -> Option<Written> {
+        let &Edit { in_flight, loading, pin, guess } = edit;
         let runners = self.router.view().runners().len();
         let attempts = CAS_ATTEMPTS + usize::from(snapshot.is_some());
         for _ in 0..attempts {
@@ -219,8 +261,11 @@ impl State {
                     true
                 }
             };
+            let guess = guess.and_then(|(hint, list, at)| {
+                guesses::add(&mut bytes, runners, idx, at, hint.as_bytes(), list)
+            });
             match host::set_shared(INFLIGHT_KEY, &bytes, cas) {
-                Ok(()) => return Some(pinned),
+                Ok(()) => return Some(Written { pinned, guess }),
                 Err(host::HostError::CasMismatch) => continue,
                 Err(_) => break,
             }
@@ -268,6 +313,7 @@ impl FilterRoot {
             spin: 0,
             loads: Vec::new(),
             synced_pins: Vec::new(),
+            seen_guess: 0,
             candidates: Vec::with_capacity(max),
             metrics: Metrics::define(),
         };
@@ -468,7 +514,7 @@ impl HttpContext for Stream {
                     if op == JobOp::Result {
                         self.job_result = Some(idx);
                     }
-                    st.read_loads();
+                    st.read_loads(host::now_ns() / 1000);
                     self.queue_runner = Some((idx, st.loads.get(idx as usize).copied().unwrap_or(0)));
                     return Action::Continue;
                 }
@@ -488,13 +534,13 @@ impl HttpContext for Stream {
             log::error!("hint-router: failure_test_hint received: aborting this VM as configured");
             std::process::abort();
         }
-        let snapshot = st.read_loads();
+        let now_us = host::now_ns() / 1000;
+        let snapshot = st.read_loads(now_us);
         st.spin = st.spin.wrapping_add(1);
         let mut candidates = std::mem::take(&mut st.candidates);
         let n = st.router.view().runners().len();
         let (in_flight, _loading) = st.loads.split_at(n.min(st.loads.len()));
         let (max, max_hints) = (st.cfg.max_candidates, st.cfg.max_hints_per_runner);
-        let now_us = host::now_ns() / 1000;
         let decision = st.router.route(hint, in_flight, now_us, st.spin, max, max_hints, &mut candidates);
         if self.submit {
             // Only runners that report a queue token can take a job. Order is kept; in a
@@ -528,9 +574,22 @@ impl HttpContext for Stream {
                 Ok(()) => {
                     let before = in_flight.get(first as usize).copied().unwrap_or(0);
                     let pin = decision.pin.map_or(PinEdit::None, PinEdit::Add);
-                    if let Some(pinned) = st.adjust_inflight(first, decision.load, 1, pin, snapshot) {
+                    // A miss's guess goes to the other workers in the same write (and to the
+                    // poller below, for the table).
+                    let list = if decision.listed {
+                        st.router.view().runner(first).map(|r| r.hints.join(","))
+                    } else {
+                        None
+                    };
+                    let guess = hint.zip(list.as_deref()).map(|(h, l)| (h, l.as_bytes(), now_us));
+                    let edit = Edit { in_flight: 1, loading: i32::from(decision.load), pin, guess };
+                    if let Some(w) = st.update_live(first, &edit, snapshot) {
                         self.picked = Some(first);
-                        self.shared_pin = decision.pin.filter(|_| pinned);
+                        self.shared_pin = decision.pin.filter(|_| w.pinned);
+                        // Our own guess needs no adopting (unless others came in between).
+                        if w.guess == Some(st.seen_guess.wrapping_add(1)) {
+                            st.seen_guess = st.seen_guess.wrapping_add(1);
+                        }
                         self.load = decision.load;
                         if self.submit {
                             self.queue_runner = Some((first, before));

@@ -68,7 +68,7 @@ pub(crate) fn update_inflight(
         if !edit(&mut counts) {
             return false;
         }
-        let value = hint_router_core::inflight::encode_keeping_pins(&counts, &bytes, runners);
+        let value = hint_router_core::inflight::encode_keeping(&counts, &bytes, runners);
         match host::set_shared(INFLIGHT_KEY, &value, cas) {
             Ok(()) => return true,
             Err(host::HostError::CasMismatch) => continue,

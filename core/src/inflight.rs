@@ -8,18 +8,26 @@
 //!   request is using on a runner. Without them a worker only knew the models its own
 //!   requests use, and made room for a miss by evicting a model another worker's request was
 //!   using (runner-example never evicts a model in use: the load then waits for a slot);
-//! * a trailer: the counter count (`u32`) and [`MAGIC`].
+//! * the **guesses** ([`guesses`]): the last few misses' listings (a model listed on the runner
+//!   a miss went to), so that the other workers send that model's next requests to the same
+//!   load at once instead of waiting for the poller's next publication;
+//! * a trailer: the counter count and the guesses' length in bytes (`u32` each), and [`MAGIC`].
 //!
-//! Pins are advisory: a value whose layout does not check out (torn, or written for another
-//! number of runners) keeps its whole counters and only loses pins that no longer fit, and
-//! the poller clears a runner's pins when it finds nothing of this Envoy's in flight there.
+//! Pins and guesses are advisory: a value whose layout does not check out (torn, or written
+//! for another number of runners) keeps its whole counters and only loses the pins and guesses
+//! that no longer fit, and the poller clears a runner's pins when it finds nothing of this
+//! Envoy's in flight there.
 
-/// Last four bytes of a value with pins ("PINS", little-endian).
-pub const MAGIC: u32 = u32::from_le_bytes(*b"PINS");
+pub mod guesses;
+
+use std::ops::Range;
+
+/// Last four bytes of a value laid out as above ("PIN2", little-endian).
+pub const MAGIC: u32 = u32::from_le_bytes(*b"PIN2");
 /// Bytes of one pin entry.
 const PIN_BYTES: usize = 16;
-/// Bytes of the trailer (counter count, [`MAGIC`]).
-const TRAILER_BYTES: usize = 8;
+/// Bytes of the trailer (counter count, guess bytes, [`MAGIC`]).
+const TRAILER_BYTES: usize = 12;
 /// Most pin entries a value holds (64 KiB of them): past it a request's pin stays with its
 /// own worker only.
 pub const MAX_SHARED_PINS: usize = 4096;
@@ -40,22 +48,38 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     b.get(at..at + 8).and_then(|s| <[u8; 8]>::try_from(s).ok()).map(u64::from_le_bytes)
 }
 
-/// The counters and pin bytes of `bytes`: the whole layout when its trailer checks out, else
-/// every whole `u32` as a counter and no pins.
-fn split(bytes: &[u8]) -> (&[u8], &[u8]) {
+/// Where each part of a value lies.
+struct Sections {
+    counters: Range<usize>,
+    pins: Range<usize>,
+    guesses: Range<usize>,
+    /// The trailer checked out: this is the layout above.
+    laid_out: bool,
+}
+
+/// The parts of `bytes`: the whole layout when its trailer checks out, else every whole
+/// `u32` as a counter and no pins or guesses.
+fn sections(bytes: &[u8]) -> Sections {
     let len = bytes.len();
     let layout = len.checked_sub(TRAILER_BYTES).and_then(|body| {
         (u32_at(bytes, len - 4)? == MAGIC).then_some(())?;
         let counters = usize::try_from(u32_at(bytes, body)?).ok()?.checked_mul(4)?;
-        let pins = body.checked_sub(counters)?;
-        (pins % PIN_BYTES == 0).then_some((counters, body))
+        let guesses = usize::try_from(u32_at(bytes, body + 4)?).ok()?;
+        let pins_end = body.checked_sub(guesses)?;
+        let pins = pins_end.checked_sub(counters)?;
+        (pins % PIN_BYTES == 0).then_some(Sections {
+            counters: 0..counters,
+            pins: counters..pins_end,
+            guesses: pins_end..body,
+            laid_out: true,
+        })
     });
-    match layout {
-        Some((counters, body)) => {
-            (bytes.get(..counters).unwrap_or(&[]), bytes.get(counters..body).unwrap_or(&[]))
-        }
-        None => (bytes.get(..len / 4 * 4).unwrap_or(&[]), &[]),
-    }
+    layout.unwrap_or(Sections { counters: 0..len / 4 * 4, pins: 0..0, guesses: 0..0, laid_out: false })
+}
+
+/// `bytes[range]`, or nothing.
+fn part(bytes: &[u8], range: Range<usize>) -> &[u8] {
+    bytes.get(range).unwrap_or(&[])
 }
 
 fn pin_at(pins: &[u8], at: usize) -> Option<Pin> {
@@ -64,7 +88,7 @@ fn pin_at(pins: &[u8], at: usize) -> Option<Pin> {
 
 /// Decodes the counters of `bytes` into `out` (cleared first), `n` of them: missing ones are 0.
 pub fn decode(bytes: &[u8], n: usize, out: &mut Vec<u32>) {
-    let (counters, _) = split(bytes);
+    let counters = part(bytes, sections(bytes).counters);
     out.clear();
     out.extend((0..n.min(counters.len() / 4)).map(|i| u32_at(counters, i * 4).unwrap_or(0)));
     out.resize(n, 0);
@@ -72,7 +96,7 @@ pub fn decode(bytes: &[u8], n: usize, out: &mut Vec<u32>) {
 
 /// The pins of `bytes` on runners below `runners`.
 pub fn pins(bytes: &[u8], runners: usize) -> impl Iterator<Item = Pin> + '_ {
-    let (_, pins) = split(bytes);
+    let pins = part(bytes, sections(bytes).pins);
     (0..pins.len() / PIN_BYTES)
         .filter_map(move |i| pin_at(pins, i * PIN_BYTES))
         .filter(move |p| (p.runner as usize) < runners && p.count > 0)
@@ -80,28 +104,34 @@ pub fn pins(bytes: &[u8], runners: usize) -> impl Iterator<Item = Pin> + '_ {
 
 /// The pin bytes of `bytes` (to tell whether they changed since last read).
 pub fn pin_bytes(bytes: &[u8]) -> &[u8] {
-    split(bytes).1
+    part(bytes, sections(bytes).pins)
 }
 
-/// Encodes counters with no pins.
-pub fn encode(counts: &[u32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(counts.len() * 4 + TRAILER_BYTES);
+/// A value of `counts`, `pins` (entry bytes) and `guesses` (entry bytes).
+fn assemble(counts: &[u32], pins: &[u8], guesses: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(counts.len() * 4 + pins.len() + guesses.len() + TRAILER_BYTES);
     out.extend(counts.iter().flat_map(|c| c.to_le_bytes()));
+    out.extend_from_slice(pins);
+    out.extend_from_slice(guesses);
     out.extend_from_slice(&(counts.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(guesses.len() as u32).to_le_bytes());
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out
 }
 
-/// Encodes `counts` (`2 * runners` of them) and keeps the pins of `old` on runners below
-/// `runners` that still count requests in flight: a runner with none in flight has nothing
-/// in use (this is how the poller's corrections clear pins a lost request left behind).
-pub fn encode_keeping_pins(counts: &[u32], old: &[u8], runners: usize) -> Vec<u8> {
-    let mut out = encode(counts);
-    let body = out.len() - TRAILER_BYTES;
+/// Encodes counters with no pins or guesses.
+pub fn encode(counts: &[u32]) -> Vec<u8> {
+    assemble(counts, &[], &[])
+}
+
+/// Encodes `counts` (`2 * runners` of them) and keeps the guesses of `old` and its pins on
+/// runners below `runners` that still count requests in flight: a runner with none in
+/// flight has nothing in use (this is how the poller's corrections clear pins a lost request
+/// left behind).
+pub fn encode_keeping(counts: &[u32], old: &[u8], runners: usize) -> Vec<u8> {
     let busy = |p: &Pin| counts.get(p.runner as usize).is_some_and(|&c| c > 0);
     let kept: Vec<u8> = pins(old, runners).filter(busy).flat_map(entry_bytes).collect();
-    out.splice(body..body, kept);
-    out
+    assemble(counts, &kept, &guesses::kept(old, runners))
 }
 
 fn entry_bytes(p: Pin) -> [u8; PIN_BYTES] {
@@ -114,20 +144,17 @@ fn entry_bytes(p: Pin) -> [u8; PIN_BYTES] {
 
 /// Puts `bytes` in the layout for `runners` runners (`2 * runners` counters), in place: a
 /// value already in it is untouched; otherwise counters are cut or padded with zeros and only
-/// the pins on runners below `runners` are kept.
+/// the pins and guesses on runners below `runners` are kept.
 fn normalize(bytes: &mut Vec<u8>, runners: usize) {
     let n = 2 * runners;
-    let (counters, pinned) = split(bytes);
-    if counters.len() == n * 4 && bytes.len() == counters.len() + pinned.len() + TRAILER_BYTES {
+    let s = sections(bytes);
+    if s.laid_out && s.counters.len() == n * 4 {
         return;
     }
     let mut counts = Vec::with_capacity(n);
     decode(bytes, n, &mut counts);
-    let mut out = encode(&counts);
-    let body = out.len() - TRAILER_BYTES;
     let kept: Vec<u8> = pins(bytes, runners).flat_map(entry_bytes).collect();
-    out.splice(body..body, kept);
-    *bytes = out;
+    *bytes = assemble(&counts, &kept, &guesses::kept(bytes, runners));
 }
 
 /// Moves counter `idx` (of `2 * runners`) of `bytes` by `delta`, saturating at 0 and
@@ -151,14 +178,13 @@ pub fn adjust_in_place(bytes: &mut Vec<u8>, runners: usize, idx: u32, delta: i32
 }
 
 /// Byte range of `bytes`' pin entries (after [`normalize`]).
-fn pin_range(bytes: &[u8], runners: usize) -> std::ops::Range<usize> {
-    let start = 2 * runners * 4;
-    start..bytes.len().saturating_sub(TRAILER_BYTES).max(start)
+fn pin_range(bytes: &[u8]) -> Range<usize> {
+    sections(bytes).pins
 }
 
 /// Offset of the entry for (`runner`, `hash`) in `bytes`, if any (after [`normalize`]).
-fn find_pin(bytes: &[u8], runners: usize, runner: u32, hash: u64) -> Option<usize> {
-    pin_range(bytes, runners)
+fn find_pin(bytes: &[u8], runner: u32, hash: u64) -> Option<usize> {
+    pin_range(bytes)
         .step_by(PIN_BYTES)
         .find(|&at| pin_at(bytes, at).is_some_and(|p| p.runner == runner && p.hash == hash))
 }
@@ -171,7 +197,7 @@ pub fn add_pin(bytes: &mut Vec<u8>, runners: usize, runner: u32, hash: u64) -> b
         return false;
     }
     normalize(bytes, runners);
-    if let Some(at) = find_pin(bytes, runners, runner, hash) {
+    if let Some(at) = find_pin(bytes, runner, hash) {
         if let Some(c) = bytes.get_mut(at + 4..at + 8) {
             let n = <[u8; 4]>::try_from(&*c).map(u32::from_le_bytes).unwrap_or(0).saturating_add(1);
             c.copy_from_slice(&n.to_le_bytes());
@@ -179,7 +205,7 @@ pub fn add_pin(bytes: &mut Vec<u8>, runners: usize, runner: u32, hash: u64) -> b
         }
         return false;
     }
-    let range = pin_range(bytes, runners);
+    let range = pin_range(bytes);
     if range.len() / PIN_BYTES >= MAX_SHARED_PINS {
         return false;
     }
@@ -193,7 +219,7 @@ pub fn add_pin(bytes: &mut Vec<u8>, runners: usize, runner: u32, hash: u64) -> b
 /// dropped with a change of runners) changes nothing.
 pub fn remove_pin(bytes: &mut Vec<u8>, runners: usize, runner: u32, hash: u64) {
     normalize(bytes, runners);
-    let Some(at) = find_pin(bytes, runners, runner, hash) else { return };
+    let Some(at) = find_pin(bytes, runner, hash) else { return };
     let count = u32_at(bytes, at + 4).unwrap_or(0);
     if count > 1 {
         if let Some(c) = bytes.get_mut(at + 4..at + 8) {
@@ -208,7 +234,7 @@ pub fn remove_pin(bytes: &mut Vec<u8>, runners: usize, runner: u32, hash: u64) {
 /// the slot went to a new runner). Returns whether any went.
 pub fn clear_pins(bytes: &mut Vec<u8>, runners: usize, runner: u32) -> bool {
     normalize(bytes, runners);
-    let range = pin_range(bytes, runners);
+    let range = pin_range(bytes);
     let kept: Vec<u8> = range
         .clone()
         .step_by(PIN_BYTES)
@@ -264,7 +290,7 @@ mod tests {
         let mut v = raw.clone();
         adjust_in_place(&mut v, 2, 3, 1);
         assert_eq!(counters(&v, 4), vec![1, 2, 3, 1]);
-        assert_eq!(split(&v).0.len(), 16, "rewritten in the layout for 2 runners");
+        assert_eq!(sections(&v).counters.len(), 16, "rewritten in the layout for 2 runners");
     }
 
     #[test]
@@ -321,12 +347,15 @@ mod tests {
         // Every prefix of a valid value, and values with lying trailers.
         let mut full = encode(&[1, 2, 3, 4]);
         add_pin(&mut full, 2, 1, 42);
+        guesses::add(&mut full, 2, 1, 5, b"m", b"m,n");
         let mut lies = Vec::new();
-        for c in [0u32, 1, 3, 4, 5, 1000, u32::MAX] {
-            let mut v = full.clone();
-            let at = v.len() - 8;
-            v[at..at + 4].copy_from_slice(&c.to_le_bytes());
-            lies.push(v);
+        for field in [12, 8] {
+            for c in [0u32, 1, 3, 4, 5, 16, 20, 1000, u32::MAX] {
+                let mut v = full.clone();
+                let at = v.len() - field;
+                v[at..at + 4].copy_from_slice(&c.to_le_bytes());
+                lies.push(v);
+            }
         }
         for v in (0..=full.len()).map(|l| full[..l].to_vec()).chain(lies) {
             for runners in 0..4 {
@@ -335,25 +364,30 @@ mod tests {
                 add_pin(&mut w, runners, 0, 5);
                 remove_pin(&mut w, runners, 1, 42);
                 clear_pins(&mut w, runners, 1);
-                let (c, p) = split(&w);
-                assert_eq!(c.len(), runners * 8, "len {} runners {runners}", v.len());
-                assert_eq!(w.len(), c.len() + p.len() + TRAILER_BYTES);
+                guesses::add(&mut w, runners, 0, 9, b"h", b"h");
+                let s = sections(&w);
+                assert!(s.laid_out);
+                assert_eq!(s.counters.len(), runners * 8, "len {} runners {runners}", v.len());
+                assert_eq!(w.len(), s.counters.len() + s.pins.len() + s.guesses.len() + TRAILER_BYTES);
                 assert!(pins(&w, runners).all(|p| (p.runner as usize) < runners));
+                assert!(guesses::iter(&w, runners).all(|g| (g.runner as usize) < runners));
             }
         }
     }
 
     #[test]
-    fn encode_keeping_pins_rewrites_counters_only() {
+    fn encode_keeping_rewrites_counters_only() {
         let mut b = encode(&[1, 1, 0, 0]);
         add_pin(&mut b, 2, 1, 3);
         add_pin(&mut b, 2, 0, 4);
-        let c = encode_keeping_pins(&[9, 9, 9, 9], &b, 2);
+        guesses::add(&mut b, 2, 0, 1, b"g", b"g");
+        let c = encode_keeping(&[9, 9, 9, 9], &b, 2);
+        assert_eq!(guesses::iter(&c, 2).count(), 1);
         assert_eq!(counters(&c, 4), vec![9, 9, 9, 9]);
         assert_eq!(all_pins(&c, 2), vec![(1, 3, 1), (0, 4, 1)]);
         assert_eq!(pin_bytes(&c), pin_bytes(&b));
         // Runner 0 has nothing in flight any more: nothing is in use there either.
-        let d = encode_keeping_pins(&[0, 1, 0, 0], &b, 2);
+        let d = encode_keeping(&[0, 1, 0, 0], &b, 2);
         assert_eq!(all_pins(&d, 2), vec![(1, 3, 1)]);
     }
 }

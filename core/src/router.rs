@@ -557,6 +557,7 @@ impl Router {
     }
 }
 
+mod adopt;
 mod delta;
 mod pins;
 #[cfg(test)]

@@ -370,17 +370,18 @@ impl Sim<'_> {
             *d = self.last_decision.take();
         }
         if listed && self.p.what_if_shared_guesses {
+            // As one Envoy's workers share a miss's guess (src/filter.rs): the others adopt
+            // it at their next request; here at once.
             let list = self.proxies.get(k).and_then(|px| px.router.view().runner(r)).map(|v| HintList {
                 hints: v.hints.clone(),
                 invalid: 0,
                 truncated: 0,
             });
-            if let Some(list) = list {
+            let hint = self.names.get(req.model as usize);
+            if let (Some(list), Some(hint)) = (list, hint) {
                 for (j, px) in self.proxies.iter_mut().enumerate() {
                     if j != k {
-                        px.router.refresh(|v| {
-                            v.set_runner_hints(r, &list);
-                        });
+                        px.router.adopt_guess(r, hint, &list, self.now);
                     }
                 }
             }

@@ -392,3 +392,50 @@ fn sync_pins_merges_duplicates_and_caps_models_per_runner() {
     assert_eq!(a.pins[1].len(), crate::placement::MAX_PINS);
     assert!(a.pins[1].contains(&(3, u32::MAX)), "counts of a repeated pair add, saturating");
 }
+
+#[test]
+fn another_workers_guess_is_adopted_with_its_eviction() {
+    let (mut a, mut b) = two_workers();
+    let (miss, out) = go(&mut a, Some("new"), &[0, 0]);
+    assert!(miss.listed);
+    let first = out[0];
+    let list = HintList { hints: a.view().runner(first).unwrap().hints.clone(), invalid: 0, truncated: 0 };
+    let evicted = a.evicting().map(str::to_owned).expect("a full runner makes room");
+    assert!(b.adopt_guess(first, "new", &list, 5));
+    let r = b.view().runner(first).unwrap();
+    assert_eq!(r.hints, list.hints);
+    assert!(!r.hints.contains(&evicted));
+    // b's next request for the model joins the load there, as a's would.
+    let (d, out) = go(&mut b, Some("new"), &[1, 0]);
+    assert_eq!((d.outcome, out[0], d.load), (Outcome::Hit, first, true));
+    // Already listed: nothing to adopt; a list without the hint is no guess of it.
+    assert!(!b.adopt_guess(first, "new", &list, 6));
+    assert!(!b.adopt_guess(first, "other", &list, 6));
+    assert!(!b.adopt_guess(9, "new", &list, 6), "no such runner");
+    assert_eq!(b.floors, {
+        let mut fresh = b.clone();
+        fresh.revictim_all();
+        fresh.floors
+    });
+}
+
+#[test]
+fn an_adopted_guess_keeps_this_workers_own_guess_on_the_runner() {
+    // Runner 0 has room for 3. Worker b guessed "mine" there; worker a, not yet told, guessed
+    // "theirs" with a list that lacks "mine".
+    let t = table(&[&["a"], &["x", "y", "z"]]);
+    let (mut a, mut b) = (Router::new(View::from_table(&t)), Router::new(View::from_table(&t)));
+    let (d, out) = go(&mut b, Some("mine"), &[0, 9]);
+    assert!(d.listed && out[0] == 0);
+    let (d, out) = go(&mut a, Some("theirs"), &[0, 9]);
+    assert!(d.listed && out[0] == 0);
+    let list = HintList { hints: a.view().runner(0).unwrap().hints.clone(), invalid: 0, truncated: 0 };
+    assert_eq!(list.hints, vec!["theirs", "a"]);
+    assert!(b.adopt_guess(0, "theirs", &list, 1));
+    assert_eq!(b.view().runner(0).unwrap().hints, vec!["theirs", "mine", "a"]);
+    // Both are b's guesses now: a request for either joins a load.
+    for h in ["theirs", "mine"] {
+        let (d, out) = go(&mut b, Some(h), &[0, 9]);
+        assert_eq!((out[0], d.load), (0, true), "{h}");
+    }
+}
