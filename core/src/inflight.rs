@@ -5,13 +5,14 @@
 //! * `2n` little-endian `u32` counters: the requests in flight to each runner, then those of
 //!   them routed to wait for a model load;
 //! * the **pins**: one 16-byte entry (runner `u32`, count `u32`, model hash `u64`) per model a
-//!   request is using on a runner. Without them a worker only knew the models its own
+//!   request is using on a runner, in (runner, hash) order. Without them a worker only knew the models its own
 //!   requests use, and made room for a miss by evicting a model another worker's request was
 //!   using (runner-example never evicts a model in use: the load then waits for a slot);
 //! * the **guesses** ([`guesses`]): the last few misses' listings (a model listed on the runner
 //!   a miss went to), so that the other workers send that model's next requests to the same
 //!   load at once instead of waiting for the poller's next publication;
-//! * a trailer: the counter count and the guesses' length in bytes (`u32` each), and [`MAGIC`].
+//! * a trailer: the counter count, the guesses' length in bytes and the newest guess's number
+//!   (`u32` each), and [`MAGIC`].
 //!
 //! Pins and guesses are advisory: a value whose layout does not check out (torn, or written
 //! for another number of runners) keeps its whole counters and only loses the pins and guesses
@@ -22,12 +23,12 @@ pub mod guesses;
 
 use std::ops::Range;
 
-/// Last four bytes of a value laid out as above ("PIN2", little-endian).
-pub const MAGIC: u32 = u32::from_le_bytes(*b"PIN2");
+/// Last four bytes of a value laid out as above ("PIN3", little-endian).
+pub const MAGIC: u32 = u32::from_le_bytes(*b"PIN3");
 /// Bytes of one pin entry.
 const PIN_BYTES: usize = 16;
-/// Bytes of the trailer (counter count, guess bytes, [`MAGIC`]).
-const TRAILER_BYTES: usize = 12;
+/// Bytes of the trailer (counter count, guess bytes, newest guess, [`MAGIC`]).
+const TRAILER_BYTES: usize = 16;
 /// Most pin entries a value holds (64 KiB of them): past it a request's pin stays with its
 /// own worker only.
 pub const MAX_SHARED_PINS: usize = 4096;
@@ -53,6 +54,8 @@ struct Sections {
     counters: Range<usize>,
     pins: Range<usize>,
     guesses: Range<usize>,
+    /// The newest guess's number (0 without a trailer).
+    newest_guess: u32,
     /// The trailer checked out: this is the layout above.
     laid_out: bool,
 }
@@ -71,10 +74,17 @@ fn sections(bytes: &[u8]) -> Sections {
             counters: 0..counters,
             pins: counters..pins_end,
             guesses: pins_end..body,
+            newest_guess: u32_at(bytes, body + 8)?,
             laid_out: true,
         })
     });
-    layout.unwrap_or(Sections { counters: 0..len / 4 * 4, pins: 0..0, guesses: 0..0, laid_out: false })
+    layout.unwrap_or(Sections {
+        counters: 0..len / 4 * 4,
+        pins: 0..0,
+        guesses: 0..0,
+        newest_guess: 0,
+        laid_out: false,
+    })
 }
 
 /// `bytes[range]`, or nothing.
@@ -107,21 +117,23 @@ pub fn pin_bytes(bytes: &[u8]) -> &[u8] {
     part(bytes, sections(bytes).pins)
 }
 
-/// A value of `counts`, `pins` (entry bytes) and `guesses` (entry bytes).
-fn assemble(counts: &[u32], pins: &[u8], guesses: &[u8]) -> Vec<u8> {
+/// A value of `counts`, `pins` (entry bytes) and `guesses` (entry bytes, the newest numbered
+/// `newest_guess`).
+fn assemble(counts: &[u32], pins: &[u8], guesses: &[u8], newest_guess: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(counts.len() * 4 + pins.len() + guesses.len() + TRAILER_BYTES);
     out.extend(counts.iter().flat_map(|c| c.to_le_bytes()));
     out.extend_from_slice(pins);
     out.extend_from_slice(guesses);
     out.extend_from_slice(&(counts.len() as u32).to_le_bytes());
     out.extend_from_slice(&(guesses.len() as u32).to_le_bytes());
+    out.extend_from_slice(&newest_guess.to_le_bytes());
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out
 }
 
 /// Encodes counters with no pins or guesses.
 pub fn encode(counts: &[u32]) -> Vec<u8> {
-    assemble(counts, &[], &[])
+    assemble(counts, &[], &[], 0)
 }
 
 /// Encodes `counts` (`2 * runners` of them) and keeps the guesses of `old` and its pins on
@@ -131,7 +143,7 @@ pub fn encode(counts: &[u32]) -> Vec<u8> {
 pub fn encode_keeping(counts: &[u32], old: &[u8], runners: usize) -> Vec<u8> {
     let busy = |p: &Pin| counts.get(p.runner as usize).is_some_and(|&c| c > 0);
     let kept: Vec<u8> = pins(old, runners).filter(busy).flat_map(entry_bytes).collect();
-    assemble(counts, &kept, &guesses::kept(old, runners))
+    assemble(counts, &kept, &guesses::kept(old, runners), sections(old).newest_guess)
 }
 
 fn entry_bytes(p: Pin) -> [u8; PIN_BYTES] {
@@ -154,7 +166,7 @@ fn normalize(bytes: &mut Vec<u8>, runners: usize) {
     let mut counts = Vec::with_capacity(n);
     decode(bytes, n, &mut counts);
     let kept: Vec<u8> = pins(bytes, runners).flat_map(entry_bytes).collect();
-    *bytes = assemble(&counts, &kept, &guesses::kept(bytes, runners));
+    *bytes = assemble(&counts, &kept, &guesses::kept(bytes, runners), s.newest_guess);
 }
 
 /// Moves counter `idx` (of `2 * runners`) of `bytes` by `delta`, saturating at 0 and
@@ -182,11 +194,22 @@ fn pin_range(bytes: &[u8]) -> Range<usize> {
     sections(bytes).pins
 }
 
-/// Offset of the entry for (`runner`, `hash`) in `bytes`, if any (after [`normalize`]).
-fn find_pin(bytes: &[u8], runner: u32, hash: u64) -> Option<usize> {
-    pin_range(bytes)
-        .step_by(PIN_BYTES)
-        .find(|&at| pin_at(bytes, at).is_some_and(|p| p.runner == runner && p.hash == hash))
+/// Where the entry for (`runner`, `hash`) is in `bytes` (after [`normalize`]): `Ok` with its
+/// offset, or `Err` with the offset it would be inserted at to keep the (runner, hash) order.
+fn find_pin(bytes: &[u8], runner: u32, hash: u64) -> Result<usize, usize> {
+    let range = pin_range(bytes);
+    let at = |i: usize| range.start + i * PIN_BYTES;
+    let key = |i: usize| pin_at(bytes, at(i)).map_or((u32::MAX, u64::MAX), |p| (p.runner, p.hash));
+    let (mut lo, mut hi) = (0, range.len() / PIN_BYTES);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match key(mid).cmp(&(runner, hash)) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => return Ok(at(mid)),
+        }
+    }
+    Err(at(lo))
 }
 
 /// Counts one more request using model `hash` on `runner` in `bytes` (laid out for `runners`
@@ -197,20 +220,20 @@ pub fn add_pin(bytes: &mut Vec<u8>, runners: usize, runner: u32, hash: u64) -> b
         return false;
     }
     normalize(bytes, runners);
-    if let Some(at) = find_pin(bytes, runner, hash) {
-        if let Some(c) = bytes.get_mut(at + 4..at + 8) {
+    let insert_at = match find_pin(bytes, runner, hash) {
+        Ok(at) => {
+            let Some(c) = bytes.get_mut(at + 4..at + 8) else { return false };
             let n = <[u8; 4]>::try_from(&*c).map(u32::from_le_bytes).unwrap_or(0).saturating_add(1);
             c.copy_from_slice(&n.to_le_bytes());
             return true;
         }
-        return false;
-    }
-    let range = pin_range(bytes);
-    if range.len() / PIN_BYTES >= MAX_SHARED_PINS {
+        Err(at) => at,
+    };
+    if pin_range(bytes).len() / PIN_BYTES >= MAX_SHARED_PINS {
         return false;
     }
     let entry = entry_bytes(Pin { runner, hash, count: 1 });
-    bytes.splice(range.end..range.end, entry);
+    bytes.splice(insert_at..insert_at, entry);
     true
 }
 
@@ -219,7 +242,7 @@ pub fn add_pin(bytes: &mut Vec<u8>, runners: usize, runner: u32, hash: u64) -> b
 /// dropped with a change of runners) changes nothing.
 pub fn remove_pin(bytes: &mut Vec<u8>, runners: usize, runner: u32, hash: u64) {
     normalize(bytes, runners);
-    let Some(at) = find_pin(bytes, runner, hash) else { return };
+    let Ok(at) = find_pin(bytes, runner, hash) else { return };
     let count = u32_at(bytes, at + 4).unwrap_or(0);
     if count > 1 {
         if let Some(c) = bytes.get_mut(at + 4..at + 8) {
@@ -332,6 +355,32 @@ mod tests {
     }
 
     #[test]
+    fn pins_match_a_model_and_stay_in_order() {
+        // Random adds and removes against a map of (runner, hash) -> count.
+        let mut model = std::collections::BTreeMap::new();
+        let mut b = encode(&[0; 8]);
+        let mut x = 7u64;
+        for _ in 0..2000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let (runner, hash) = ((x >> 33) as u32 % 4, (x >> 40) % 6);
+            if x >> 63 == 0 {
+                assert!(add_pin(&mut b, 4, runner, hash));
+                *model.entry((runner, hash)).or_insert(0u32) += 1;
+            } else {
+                remove_pin(&mut b, 4, runner, hash);
+                if let Some(c) = model.get_mut(&(runner, hash)) {
+                    *c -= 1;
+                    if *c == 0 {
+                        model.remove(&(runner, hash));
+                    }
+                }
+            }
+            let want: Vec<_> = model.iter().map(|(&(r, h), &c)| (r, h, c)).collect();
+            assert_eq!(all_pins(&b, 4), want);
+        }
+    }
+
+    #[test]
     fn pins_are_capped() {
         let mut b = encode(&[0; 2]);
         for h in 0..MAX_SHARED_PINS as u64 {
@@ -349,7 +398,7 @@ mod tests {
         add_pin(&mut full, 2, 1, 42);
         guesses::add(&mut full, 2, 1, 5, b"m", b"m,n");
         let mut lies = Vec::new();
-        for field in [12, 8] {
+        for field in [16, 12, 8] {
             for c in [0u32, 1, 3, 4, 5, 16, 20, 1000, u32::MAX] {
                 let mut v = full.clone();
                 let at = v.len() - field;
@@ -384,7 +433,7 @@ mod tests {
         let c = encode_keeping(&[9, 9, 9, 9], &b, 2);
         assert_eq!(guesses::iter(&c, 2).count(), 1);
         assert_eq!(counters(&c, 4), vec![9, 9, 9, 9]);
-        assert_eq!(all_pins(&c, 2), vec![(1, 3, 1), (0, 4, 1)]);
+        assert_eq!(all_pins(&c, 2), vec![(0, 4, 1), (1, 3, 1)], "in (runner, hash) order");
         assert_eq!(pin_bytes(&c), pin_bytes(&b));
         // Runner 0 has nothing in flight any more: nothing is in use there either.
         let d = encode_keeping(&[0, 1, 0, 0], &b, 2);

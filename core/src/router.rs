@@ -97,6 +97,8 @@ pub struct Router {
     /// locally since: together, every runner that may hold pins.
     synced_pins: Vec<(u32, u64, u32)>,
     pinned_since_sync: Vec<u32>,
+    /// The buffer the next [`Router::sync_pins`] reads the shared pins into.
+    pins_scratch: Vec<(u32, u64, u32)>,
     /// Per runner: a floor of the cost of a miss there ([`miss_cost_floor`]), read by the fleet
     /// scan; recomputed whenever what it depends on changes.
     floors: Vec<u32>,

@@ -10,7 +10,9 @@
 //!   only copy, requested 0-7 times before (the steady state of a busy fleet: each runner is
 //!   priced by its victim's popularity).
 //! * `inflight/{decode,adjust}/N`: the per-request in-flight counter work (decode the shared
-//!   array for ranking; one counter update).
+//!   value for ranking; one counter update); `inflight/read_pins_guesses/N`, what reading the
+//!   value costs with 64 pins and 16 guesses in it, one pin changed since the last read (decode,
+//!   pins synced into the router, the look for new guesses); `inflight/adjust_pin/N`, a hit's write there (counter and pin).
 //! * `response/{parse_unchanged,compare_unchanged}/N`: what `on_http_response_headers` does
 //!   with a runner's unchanged 100-hint header: parse it and compare lists (before), or compare
 //!   the raw value with the view's list (after).
@@ -152,6 +154,43 @@ fn bench_inflight(c: &mut Criterion) {
             b.iter(|| {
                 let mut v = black_box(&bytes).clone();
                 inflight::adjust_in_place(&mut v, n, black_box(1), 1);
+                v
+            })
+        });
+        // The value as the workers share it under load: 64 models in use (pins) over the
+        // runners and the last 16 misses' guesses.
+        let mut shared = bytes.clone();
+        for k in 0..64u64 {
+            inflight::add_pin(&mut shared, n, (k as usize % n) as u32, k);
+        }
+        for k in 0..16u32 {
+            let list = fixture::runner_hints((k as usize) % n, n, 3).join(",");
+            inflight::guesses::add(&mut shared, n, k % n as u32, 0, b"model-x", list.as_bytes());
+        }
+        // The same with one more request in flight (one more pin), as the next read finds it.
+        let mut shared2 = shared.clone();
+        inflight::add_pin(&mut shared2, n, (n / 2) as u32, 1 << 40);
+        let mut router = Router::new(View::from_table(&fixture::table(n, HINTS_PER_RUNNER)));
+        // What `read_loads` adds per request when another worker changed the pins (every
+        // request, under load): the pins sync (alternating between the two values, so each
+        // sync rebuilds a runner's pins and recomputes its cost floor) and the look for new
+        // guesses.
+        let mut flip = false;
+        g.bench_with_input(BenchmarkId::new("read_pins_guesses", n), &n, |b, _| {
+            b.iter(|| {
+                flip = !flip;
+                let v = if flip { &shared2 } else { &shared };
+                inflight::decode(black_box(v), 2 * n, &mut out);
+                router.sync_pins(inflight::pins(black_box(v), n));
+                inflight::guesses::newest_seq(black_box(v))
+            })
+        });
+        // The write of a hit: its counter and its pin, in that value.
+        g.bench_with_input(BenchmarkId::new("adjust_pin", n), &n, |b, _| {
+            b.iter(|| {
+                let mut v = black_box(&shared).clone();
+                inflight::adjust_in_place(&mut v, n, black_box(1), 1);
+                inflight::add_pin(&mut v, n, black_box(1), black_box(99));
                 v
             })
         });

@@ -10,7 +10,8 @@
 //!
 //! An entry is `seq u32, runner u32, at_us u64, hint_len u16, list_len u16`, then the hint and
 //! the list (comma-separated, as in `x-fal-runner-hints`), oldest entry first; `seq` counts up
-//! from the newest entry's. A truncated or inconsistent entry ends the section: it and the
+//! from the newest guess's number, kept in the trailer (so that a rewrite that drops entries
+//! never numbers a new guess below one a worker has seen). A truncated or inconsistent entry ends the section: it and the
 //! entries after it are ignored.
 
 use super::{assemble, decode, normalize, part, pin_bytes, sections, u32_at, u64_at};
@@ -68,9 +69,10 @@ pub fn iter(bytes: &[u8], runners: usize) -> impl Iterator<Item = Guess<'_>> + '
     all(bytes).filter(move |g| (g.runner as usize) < runners)
 }
 
-/// The newest guess's number (0 with none).
+/// The newest guess's number (0 with none): read on every request, so it is kept in the
+/// trailer rather than found by walking the entries.
 pub fn newest_seq(bytes: &[u8]) -> u32 {
-    all(bytes).last().map_or(0, |g| g.seq)
+    sections(bytes).newest_guess
 }
 
 fn push_entry(out: &mut Vec<u8>, g: &Guess<'_>) {
@@ -136,7 +138,7 @@ pub fn add(
     push_entry(&mut section, &g);
     let mut counts = Vec::with_capacity(2 * runners);
     decode(bytes, 2 * runners, &mut counts);
-    let rebuilt = assemble(&counts, pin_bytes(bytes), &section);
+    let rebuilt = assemble(&counts, pin_bytes(bytes), &section, g.seq);
     *bytes = rebuilt;
     Some(g.seq)
 }
@@ -206,7 +208,7 @@ mod tests {
         let second = s.guesses.start + HEADER_BYTES + 2;
         b[second + 18] = 200;
         assert_eq!(hints(&b, 1).len(), 1);
-        assert_eq!(add(&mut b, 1, 0, 3, b"c", b"c"), Some(2), "numbered after the last good one");
+        assert_eq!(add(&mut b, 1, 0, 3, b"c", b"c"), Some(3), "numbered after the newest");
         assert_eq!(hints(&b, 1).iter().map(|g| g.2.as_str()).collect::<Vec<_>>(), vec!["a", "c"]);
     }
 
@@ -215,7 +217,7 @@ mod tests {
         let g = Guess { seq: u32::MAX, runner: 0, at_us: 0, hint: b"a", list: b"a" };
         let mut section = Vec::new();
         push_entry(&mut section, &g);
-        let mut b = assemble(&[0, 0], &[], &section);
+        let mut b = assemble(&[0, 0], &[], &section, u32::MAX);
         assert_eq!(add(&mut b, 1, 0, 1, b"b", b"b"), Some(1));
     }
 }

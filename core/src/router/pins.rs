@@ -56,16 +56,15 @@ impl Router {
     }
 
     /// Replaces every pin with `shared`: the pins of all workers' requests in flight, as the
-    /// shared in-flight value holds them (this worker's own included, since it writes its
-    /// pins there too). Pins on unknown runners, and past [`MAX_PINS`] models on one runner,
-    /// are left out. Only runners whose set of pinned models changed have their cost floor
-    /// recomputed, so a sync that changes nothing costs a sort of the pins and no more.
+    /// shared in-flight value holds them, in (runner, hash) order (this worker's own
+    /// included, since it writes its pins there too). Pins on unknown runners, and past
+    /// [`MAX_PINS`] models on one runner, are left out. Only the runners whose entries differ
+    /// from the last sync's, or that this worker pinned since, are rebuilt (a merge of the two
+    /// sorted lists), and only those whose set of pinned models changed have their cost floor
+    /// recomputed: under load the pins change on every request, usually on one runner.
     pub fn sync_pins(&mut self, shared: impl IntoIterator<Item = Pin>) {
         let n = self.pins.len();
-        let mut next = std::mem::take(&mut self.synced_pins);
-        let mut stale = std::mem::take(&mut self.pinned_since_sync);
-        // The runners that may hold pins now: those of the last sync and those pinned since.
-        stale.extend(next.iter().map(|&(r, _, _)| r));
+        let mut next = std::mem::take(&mut self.pins_scratch);
         next.clear();
         next.extend(
             shared
@@ -73,43 +72,63 @@ impl Router {
                 .filter(|p| (p.runner as usize) < n && p.count > 0)
                 .map(|p| (p.runner, p.hash, p.count)),
         );
-        next.sort_unstable_by_key(|&(r, h, _)| (r, h));
-        next.dedup_by(|b, a| {
-            // The same pair twice (a hostile or torn value): one entry, counts added.
-            let same = a.0 == b.0 && a.1 == b.1;
-            if same {
-                a.2 = a.2.saturating_add(b.2);
-            }
-            same
-        });
-        let mut changed: Vec<u32> = Vec::new();
-        for group in next.chunk_by(|a, b| a.0 == b.0) {
-            let Some(&(r, _, _)) = group.first() else { continue };
-            let group = group.get(..MAX_PINS.min(group.len())).unwrap_or(group);
-            if let Some(p) = self.pins.get_mut(r as usize) {
-                if !same_models(p, group) {
-                    changed.push(r);
+        if !next.windows(2).all(|w| matches!(w, [a, b] if (a.0, a.1) < (b.0, b.1))) {
+            // Not from our writers (they keep the order): sort, one entry per pair.
+            next.sort_unstable_by_key(|&(r, h, _)| (r, h));
+            next.dedup_by(|b, a| {
+                let same = a.0 == b.0 && a.1 == b.1;
+                if same {
+                    a.2 = a.2.saturating_add(b.2);
                 }
-                p.clear();
-                p.extend(group.iter().map(|&(_, h, c)| (h, c)));
-            }
+                same
+            });
         }
-        // Runners that held pins and hold none now.
-        stale.sort_unstable();
-        stale.dedup();
-        for r in stale {
-            if next.binary_search_by_key(&r, |&(x, _, _)| x).is_err() {
-                if let Some(p) = self.pins.get_mut(r as usize) {
-                    if !p.is_empty() {
-                        p.clear();
-                        changed.push(r);
+        let old = std::mem::take(&mut self.synced_pins);
+        let mut dirty = std::mem::take(&mut self.pinned_since_sync);
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (old.get(i), next.get(j)) {
+                (Some(a), Some(b)) if a == b => (i, j) = (i + 1, j + 1),
+                (Some(a), Some(b)) => {
+                    let (ka, kb) = ((a.0, a.1), (b.0, b.1));
+                    if ka <= kb {
+                        dirty.push(a.0);
+                        i += 1;
+                    }
+                    if kb <= ka {
+                        dirty.push(b.0);
+                        j += 1;
                     }
                 }
+                (Some(a), None) => {
+                    dirty.push(a.0);
+                    i += 1;
+                }
+                (None, Some(b)) => {
+                    dirty.push(b.0);
+                    j += 1;
+                }
+                (None, None) => break,
             }
         }
-        self.synced_pins = next;
-        for r in changed {
-            self.refloor(r);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for &r in &dirty {
+            let lo = next.partition_point(|&(x, _, _)| x < r);
+            let hi = next.partition_point(|&(x, _, _)| x <= r);
+            let group = next.get(lo..hi).unwrap_or(&[]);
+            let group = group.get(..MAX_PINS.min(group.len())).unwrap_or(group);
+            let Some(p) = self.pins.get_mut(r as usize) else { continue };
+            let same = same_models(p, group);
+            p.clear();
+            p.extend(group.iter().map(|&(_, h, c)| (h, c)));
+            if !same {
+                self.refloor(r);
+            }
         }
+        dirty.clear();
+        self.pinned_since_sync = dirty;
+        self.synced_pins = next;
+        self.pins_scratch = old;
     }
 }

@@ -312,6 +312,13 @@ fn a_miss_on_a_warm_runner_is_marked_warm_and_teaches_no_load_time() {
     assert_eq!((d.outcome, d.warm, out[0]), (Outcome::Miss, false, 1));
 }
 
+/// Every cost floor of `r` is what a full recomputation of victims and floors gives.
+fn assert_floors_fresh(r: &Router) {
+    let mut fresh = r.clone();
+    fresh.revictim_all();
+    assert_eq!(r.floors, fresh.floors);
+}
+
 /// Two workers' routers with the same history: a and b hot on runner 0 (c there cold), x, y
 /// and z warm on runner 1.
 fn two_workers() -> (Router, Router) {
@@ -349,11 +356,7 @@ fn a_model_in_use_by_another_worker_is_no_victim_once_synced() {
     crate::inflight::remove_pin(&mut shared, 2, 0, hash);
     b.sync_pins(crate::inflight::pins(&shared, 2));
     assert!(b.pins.iter().all(|p| p.is_empty()));
-    assert_eq!(b.floors, {
-        let mut fresh = b.clone();
-        fresh.refloor_all();
-        fresh.floors
-    });
+    assert_floors_fresh(&b);
 }
 
 #[test]
@@ -375,11 +378,7 @@ fn a_workers_own_pin_is_counted_once_after_a_sync() {
     assert!(crate::inflight::add_pin(&mut foreign, 3, 2, 77));
     a.sync_pins(crate::inflight::pins(&foreign, 3));
     assert!(a.pins.iter().all(|p| p.is_empty()), "runner {}", out[0]);
-    assert_eq!(a.floors, {
-        let mut fresh = a.clone();
-        fresh.refloor_all();
-        fresh.floors
-    });
+    assert_floors_fresh(&a);
 }
 
 #[test]
@@ -412,11 +411,7 @@ fn another_workers_guess_is_adopted_with_its_eviction() {
     assert!(!b.adopt_guess(first, "new", &list, 6));
     assert!(!b.adopt_guess(first, "other", &list, 6));
     assert!(!b.adopt_guess(9, "new", &list, 6), "no such runner");
-    assert_eq!(b.floors, {
-        let mut fresh = b.clone();
-        fresh.revictim_all();
-        fresh.floors
-    });
+    assert_floors_fresh(&b);
 }
 
 #[test]
@@ -437,5 +432,41 @@ fn an_adopted_guess_keeps_this_workers_own_guess_on_the_runner() {
     for h in ["theirs", "mine"] {
         let (d, out) = go(&mut b, Some(h), &[0, 9]);
         assert_eq!((out[0], d.load), (0, true), "{h}");
+    }
+}
+
+#[test]
+fn incremental_pin_syncs_match_a_fresh_router() {
+    // Random shared pins, with local routes in between: after every sync the pins are exactly
+    // the shared ones and every cost floor is what a full recomputation gives.
+    let (mut a, _) = two_workers();
+    let hints = ["a", "b", "c", "x", "y", "z"];
+    let mut shared = crate::inflight::encode(&[0; 4]);
+    let mut x = 11u64;
+    for step in 0..500 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let (runner, h) = ((x >> 33) as u32 % 2, hints[(x >> 40) as usize % hints.len()]);
+        if x >> 62 == 0 {
+            let (d, out) = go(&mut a, Some(h), &[0, 0]);
+            if let Some(hash) = d.pin {
+                crate::inflight::add_pin(&mut shared, 2, out[0], hash);
+            }
+        } else if x >> 63 == 0 {
+            crate::inflight::add_pin(&mut shared, 2, runner, hint_hash(h));
+        } else {
+            crate::inflight::remove_pin(&mut shared, 2, runner, hint_hash(h));
+        }
+        a.sync_pins(crate::inflight::pins(&shared, 2));
+        for r in 0..2u32 {
+            let mut want: Vec<(u64, u32)> = crate::inflight::pins(&shared, 2)
+                .filter(|p| p.runner == r)
+                .map(|p| (p.hash, p.count))
+                .collect();
+            let mut got: Vec<(u64, u32)> = a.pins[r as usize].to_vec();
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want, "step {step} runner {r}");
+        }
+        assert_floors_fresh(&a);
     }
 }
