@@ -134,9 +134,6 @@ struct State {
     queue: Option<u32>,
     spin: u32,
     loads: Vec<u32>,
-    /// The pin bytes of the in-flight value as the router last synced them, to skip an
-    /// unchanged sync.
-    synced_pins: Vec<u8>,
     /// The number of the newest guess in the in-flight value this worker has seen.
     seen_guess: u32,
     candidates: Vec<u32>,
@@ -184,12 +181,7 @@ impl State {
             Ok((None, _)) | Err(_) => (Vec::new(), 0),
         };
         inflight::decode(&bytes, 2 * runners, &mut self.loads);
-        let pins = inflight::pin_bytes(&bytes);
-        if pins != self.synced_pins.as_slice() {
-            self.router.sync_pins(inflight::pins(&bytes, runners));
-            self.synced_pins.clear();
-            self.synced_pins.extend_from_slice(pins);
-        }
+        self.router.sync_pins(inflight::pin_bytes(&bytes));
         let newest = guesses::newest_seq(&bytes);
         if newest != self.seen_guess {
             let (max_bytes, cap) = (self.cfg.max_hint_bytes, self.cfg.max_hints_per_runner);
@@ -312,7 +304,6 @@ impl FilterRoot {
             queue: None,
             spin: 0,
             loads: Vec::new(),
-            synced_pins: Vec::new(),
             seen_guess: 0,
             candidates: Vec::with_capacity(max),
             metrics: Metrics::define(),

@@ -26,7 +26,7 @@ use std::ops::Range;
 /// Last four bytes of a value laid out as above ("PIN3", little-endian).
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PIN3");
 /// Bytes of one pin entry.
-const PIN_BYTES: usize = 16;
+pub(crate) const PIN_BYTES: usize = 16;
 /// Bytes of the trailer (counter count, guess bytes, newest guess, [`MAGIC`]).
 const TRAILER_BYTES: usize = 16;
 /// Most pin entries a value holds (64 KiB of them): past it a request's pin stays with its
@@ -92,7 +92,8 @@ fn part(bytes: &[u8], range: Range<usize>) -> &[u8] {
     bytes.get(range).unwrap_or(&[])
 }
 
-fn pin_at(pins: &[u8], at: usize) -> Option<Pin> {
+/// The pin entry at byte offset `at` of `pins`.
+pub(crate) fn pin_at(pins: &[u8], at: usize) -> Option<Pin> {
     Some(Pin { runner: u32_at(pins, at)?, count: u32_at(pins, at + 4)?, hash: u64_at(pins, at + 8)? })
 }
 

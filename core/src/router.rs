@@ -93,12 +93,10 @@ pub struct Router {
     times: Vec<Times>,
     fleet: Times,
     pins: Vec<Pins>,
-    /// The pins [`Router::sync_pins`] last set, sorted by runner, and the runners pinned
-    /// locally since: together, every runner that may hold pins.
-    synced_pins: Vec<(u32, u64, u32)>,
-    pinned_since_sync: Vec<u32>,
-    /// The buffer the next [`Router::sync_pins`] reads the shared pins into.
-    pins_scratch: Vec<(u32, u64, u32)>,
+    /// The shared pin entries [`Router::sync_pins`] last took, and the runners whose pins
+    /// this worker changed since: together they say which runners the next sync must rebuild.
+    synced_pins: Vec<u8>,
+    touched_since_sync: Vec<u32>,
     /// Per runner: a floor of the cost of a miss there ([`miss_cost_floor`]), read by the fleet
     /// scan; recomputed whenever what it depends on changes.
     floors: Vec<u32>,

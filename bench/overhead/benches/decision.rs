@@ -181,7 +181,7 @@ fn bench_inflight(c: &mut Criterion) {
                 flip = !flip;
                 let v = if flip { &shared2 } else { &shared };
                 inflight::decode(black_box(v), 2 * n, &mut out);
-                router.sync_pins(inflight::pins(black_box(v), n));
+                router.sync_pins(inflight::pin_bytes(black_box(v)));
                 inflight::guesses::newest_seq(black_box(v))
             })
         });

@@ -90,8 +90,6 @@ struct Proxy {
     total_inflight: u32,
     spin: u32,
     rr: u32,
-    /// The pin bytes of `Sim::shared_pins` this proxy's router last synced.
-    synced_pins: Vec<u8>,
 }
 
 struct Sim<'a> {
@@ -167,7 +165,6 @@ pub fn simulate(p: &SimParams, trace: &Trace, policy: Policy) -> SimRun {
         total_inflight: 0,
         spin: 0,
         rr: 0,
-        synced_pins: Vec::new(),
     };
     let mut sim = Sim {
         p,
@@ -265,11 +262,7 @@ impl Sim<'_> {
             Policy::Hint | Policy::HintFastest if !self.p.plain_rank => {
                 // Exactly what the filter does per request (src/filter.rs).
                 if self.p.what_if_shared_pins {
-                    let pins = inflight::pin_bytes(&self.shared_pins);
-                    if pins != px.synced_pins.as_slice() {
-                        px.router.sync_pins(inflight::pins(&self.shared_pins, self.p.runners));
-                        px.synced_pins = pins.to_vec();
-                    }
+                    px.router.sync_pins(inflight::pin_bytes(&self.shared_pins));
                 }
                 px.spin = px.spin.wrapping_add(1);
                 let d = px.router.route(hint, &px.inflight, self.now, px.spin, 3, 64, &mut self.out);

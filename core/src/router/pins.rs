@@ -6,13 +6,65 @@
 //! ([`crate::inflight`]) through [`Router::sync_pins`].
 
 use super::Router;
-use crate::inflight::Pin;
+use crate::inflight::{pin_at, PIN_BYTES};
 use crate::placement::{Pins, MAX_PINS};
 
 /// Whether `a` and `b` pin the same models (counts aside: only which models are in use moves
 /// a runner's cost floor).
-fn same_models(a: &Pins, b: &[(u32, u64, u32)]) -> bool {
-    a.len() == b.len() && b.iter().all(|&(_, h, _)| a.iter().any(|&(x, _)| x == h))
+fn same_models(a: &Pins, b: &Pins) -> bool {
+    a.len() == b.len() && b.iter().all(|&(h, _)| a.iter().any(|&(x, _)| x == h))
+}
+
+/// Entries compared at once while looking for where two pin lists differ (a 1 KiB `memcmp`).
+const STRIDE: usize = 64;
+
+/// How many whole entries `a` and `b` share from the start.
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let k = a.len().min(b.len()) / PIN_BYTES;
+    let same = |from: usize, to: usize| {
+        a.get(from * PIN_BYTES..to * PIN_BYTES) == b.get(from * PIN_BYTES..to * PIN_BYTES)
+    };
+    let mut i = 0;
+    while i + STRIDE <= k && same(i, i + STRIDE) {
+        i += STRIDE;
+    }
+    while i < k && same(i, i + 1) {
+        i += 1;
+    }
+    i
+}
+
+/// How many whole entries `a` and `b` share at the end.
+fn common_suffix(a: &[u8], b: &[u8]) -> usize {
+    let (ka, kb) = (a.len() / PIN_BYTES, b.len() / PIN_BYTES);
+    let k = ka.min(kb);
+    // Entries `from..to` counted from the end.
+    let same = |from: usize, to: usize| {
+        a.get((ka - to) * PIN_BYTES..(ka - from) * PIN_BYTES)
+            == b.get((kb - to) * PIN_BYTES..(kb - from) * PIN_BYTES)
+    };
+    let mut i = 0;
+    while i + STRIDE <= k && same(i, i + STRIDE) {
+        i += STRIDE;
+    }
+    while i < k && same(i, i + 1) {
+        i += 1;
+    }
+    i
+}
+
+/// The first index in `0..n` for which `pred` is false (`pred` true then false over it).
+fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 impl Router {
@@ -22,15 +74,14 @@ impl Router {
         let Some(p) = self.pins.get_mut(idx as usize) else { return false };
         if let Some((_, c)) = p.iter_mut().find(|(h, _)| *h == hash) {
             *c = c.saturating_add(1);
+            self.touch(idx);
             return true;
         }
         if p.len() >= MAX_PINS {
             return false;
         }
         p.push((hash, 1));
-        if !self.pinned_since_sync.contains(&idx) {
-            self.pinned_since_sync.push(idx);
-        }
+        self.touch(idx);
         self.refloor(idx);
         true
     }
@@ -46,89 +97,67 @@ impl Router {
                 self.refloor(idx);
             }
         }
+        self.touch(idx);
+    }
+
+    /// Notes that this worker changed runner `idx`'s pins since the last sync.
+    fn touch(&mut self, idx: u32) {
+        if !self.touched_since_sync.contains(&idx) {
+            self.touched_since_sync.push(idx);
+        }
     }
 
     /// Forgets every pin (the runners changed: what was pinned where is unknown).
     pub(super) fn forget_pins(&mut self) {
         self.pins.clear();
         self.synced_pins.clear();
-        self.pinned_since_sync.clear();
+        self.touched_since_sync.clear();
     }
 
-    /// Replaces every pin with `shared`: the pins of all workers' requests in flight, as the
-    /// shared in-flight value holds them, in (runner, hash) order (this worker's own
-    /// included, since it writes its pins there too). Pins on unknown runners, and past
-    /// [`MAX_PINS`] models on one runner, are left out. Only the runners whose entries differ
-    /// from the last sync's, or that this worker pinned since, are rebuilt (a merge of the two
-    /// sorted lists), and only those whose set of pinned models changed have their cost floor
-    /// recomputed: under load the pins change on every request, usually on one runner.
-    pub fn sync_pins(&mut self, shared: impl IntoIterator<Item = Pin>) {
-        let n = self.pins.len();
-        let mut next = std::mem::take(&mut self.pins_scratch);
-        next.clear();
-        next.extend(
-            shared
-                .into_iter()
-                .filter(|p| (p.runner as usize) < n && p.count > 0)
-                .map(|p| (p.runner, p.hash, p.count)),
-        );
-        if !next.windows(2).all(|w| matches!(w, [a, b] if (a.0, a.1) < (b.0, b.1))) {
-            // Not from our writers (they keep the order): sort, one entry per pair.
-            next.sort_unstable_by_key(|&(r, h, _)| (r, h));
-            next.dedup_by(|b, a| {
-                let same = a.0 == b.0 && a.1 == b.1;
-                if same {
-                    a.2 = a.2.saturating_add(b.2);
-                }
-                same
-            });
-        }
+    /// Replaces every pin with `shared`: the pin entries of the shared in-flight value
+    /// ([`crate::inflight::pin_bytes`]), every worker's requests in flight in (runner, hash)
+    /// order, this worker's own included (it writes its pins there too). Pins on unknown
+    /// runners, and past [`MAX_PINS`] models on one runner, are left out.
+    ///
+    /// Under load the pins change on every request, usually one entry, and at 1,000 runners
+    /// the value may hold thousands: so only the runners whose entries differ from the last
+    /// sync's (the part between the longest common prefix and suffix of the two) or whose pins
+    /// this worker changed since are rebuilt, each from its own run of entries, and only those
+    /// whose set of pinned models changed have their cost floor recomputed. (Entries out of
+    /// order, which no writer of ours makes, only make some pins go unseen.)
+    pub fn sync_pins(&mut self, shared: &[u8]) {
         let old = std::mem::take(&mut self.synced_pins);
-        let mut dirty = std::mem::take(&mut self.pinned_since_sync);
-        let (mut i, mut j) = (0, 0);
-        loop {
-            match (old.get(i), next.get(j)) {
-                (Some(a), Some(b)) if a == b => (i, j) = (i + 1, j + 1),
-                (Some(a), Some(b)) => {
-                    let (ka, kb) = ((a.0, a.1), (b.0, b.1));
-                    if ka <= kb {
-                        dirty.push(a.0);
-                        i += 1;
-                    }
-                    if kb <= ka {
-                        dirty.push(b.0);
-                        j += 1;
-                    }
-                }
-                (Some(a), None) => {
-                    dirty.push(a.0);
-                    i += 1;
-                }
-                (None, Some(b)) => {
-                    dirty.push(b.0);
-                    j += 1;
-                }
-                (None, None) => break,
+        let mut dirty = std::mem::take(&mut self.touched_since_sync);
+        if old.as_slice() != shared {
+            let prefix = common_prefix(&old, shared);
+            let from = prefix * PIN_BYTES;
+            let suffix = common_suffix(old.get(from..).unwrap_or(&[]), shared.get(from..).unwrap_or(&[]));
+            for b in [&old[..], shared] {
+                let end = (b.len() / PIN_BYTES).saturating_sub(suffix);
+                dirty.extend((prefix..end).filter_map(|i| pin_at(b, i * PIN_BYTES)).map(|p| p.runner));
             }
         }
         dirty.sort_unstable();
         dirty.dedup();
+        let entries = shared.len() / PIN_BYTES;
+        let runner_at = |i: usize| pin_at(shared, i * PIN_BYTES).map_or(u32::MAX, |p| p.runner);
         for &r in &dirty {
-            let lo = next.partition_point(|&(x, _, _)| x < r);
-            let hi = next.partition_point(|&(x, _, _)| x <= r);
-            let group = next.get(lo..hi).unwrap_or(&[]);
-            let group = group.get(..MAX_PINS.min(group.len())).unwrap_or(group);
+            // The run of runner `r`'s entries.
+            let lo = partition_point(entries, |i| runner_at(i) < r);
+            let hi = partition_point(entries, |i| runner_at(i) <= r);
             let Some(p) = self.pins.get_mut(r as usize) else { continue };
-            let same = same_models(p, group);
-            p.clear();
-            p.extend(group.iter().map(|&(_, h, c)| (h, c)));
-            if !same {
+            let before: Pins = std::mem::take(p);
+            let run = (lo..hi).filter_map(|i| pin_at(shared, i * PIN_BYTES)).filter(|x| x.count > 0);
+            p.extend(run.take(MAX_PINS).map(|x| (x.hash, x.count)));
+            if !same_models(&before, p) {
                 self.refloor(r);
             }
         }
         dirty.clear();
-        self.pinned_since_sync = dirty;
-        self.synced_pins = next;
-        self.pins_scratch = old;
+        self.touched_since_sync = dirty;
+        let mut kept = old;
+        kept.clear();
+        kept.extend_from_slice(shared);
+        self.synced_pins = kept;
     }
 }
