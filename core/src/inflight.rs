@@ -195,22 +195,32 @@ fn pin_range(bytes: &[u8]) -> Range<usize> {
     sections(bytes).pins
 }
 
+/// The number of leading entries of `pins` (pin entry bytes) for which `pred` holds, when it
+/// holds for a prefix of them and not after (a binary search, as `slice::partition_point`).
+pub(crate) fn partition_pins(pins: &[u8], pred: impl Fn(Pin) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, pins.len() / PIN_BYTES);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pin_at(pins, mid * PIN_BYTES).is_some_and(&pred) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 /// Where the entry for (`runner`, `hash`) is in `bytes` (after [`normalize`]): `Ok` with its
 /// offset, or `Err` with the offset it would be inserted at to keep the (runner, hash) order.
 fn find_pin(bytes: &[u8], runner: u32, hash: u64) -> Result<usize, usize> {
     let range = pin_range(bytes);
-    let at = |i: usize| range.start + i * PIN_BYTES;
-    let key = |i: usize| pin_at(bytes, at(i)).map_or((u32::MAX, u64::MAX), |p| (p.runner, p.hash));
-    let (mut lo, mut hi) = (0, range.len() / PIN_BYTES);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        match key(mid).cmp(&(runner, hash)) {
-            std::cmp::Ordering::Less => lo = mid + 1,
-            std::cmp::Ordering::Greater => hi = mid,
-            std::cmp::Ordering::Equal => return Ok(at(mid)),
-        }
+    let pins = part(bytes, range.clone());
+    let i = partition_pins(pins, |p| (p.runner, p.hash) < (runner, hash));
+    let at = range.start + i * PIN_BYTES;
+    match pin_at(pins, i * PIN_BYTES) {
+        Some(p) if (p.runner, p.hash) == (runner, hash) => Ok(at),
+        _ => Err(at),
     }
-    Err(at(lo))
 }
 
 /// Counts one more request using model `hash` on `runner` in `bytes` (laid out for `runners`

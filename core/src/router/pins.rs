@@ -6,7 +6,7 @@
 //! ([`crate::inflight`]) through [`Router::sync_pins`].
 
 use super::Router;
-use crate::inflight::{pin_at, PIN_BYTES};
+use crate::inflight::{partition_pins, pin_at, PIN_BYTES};
 use crate::placement::{Pins, MAX_PINS};
 
 /// Whether `a` and `b` pin the same models (counts aside: only which models are in use moves
@@ -18,53 +18,25 @@ fn same_models(a: &Pins, b: &Pins) -> bool {
 /// Entries compared at once while looking for where two pin lists differ (a 1 KiB `memcmp`).
 const STRIDE: usize = 64;
 
-/// How many whole entries `a` and `b` share from the start.
+/// How many of the chunks `a` and `b` yield are equal, pairwise, before the first that is not.
+fn matching<'a>(a: impl Iterator<Item = &'a [u8]>, b: impl Iterator<Item = &'a [u8]>) -> usize {
+    a.zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// How many whole entries `a` and `b` share from the start: strides first, then entries.
 fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    let k = a.len().min(b.len()) / PIN_BYTES;
-    let same = |from: usize, to: usize| {
-        a.get(from * PIN_BYTES..to * PIN_BYTES) == b.get(from * PIN_BYTES..to * PIN_BYTES)
-    };
-    let mut i = 0;
-    while i + STRIDE <= k && same(i, i + STRIDE) {
-        i += STRIDE;
-    }
-    while i < k && same(i, i + 1) {
-        i += 1;
-    }
-    i
+    let big = STRIDE * PIN_BYTES;
+    let k = matching(a.chunks_exact(big), b.chunks_exact(big)) * STRIDE;
+    let (a, b) = (a.get(k * PIN_BYTES..).unwrap_or(&[]), b.get(k * PIN_BYTES..).unwrap_or(&[]));
+    k + matching(a.chunks_exact(PIN_BYTES), b.chunks_exact(PIN_BYTES))
 }
 
-/// How many whole entries `a` and `b` share at the end.
-fn common_suffix(a: &[u8], b: &[u8]) -> usize {
-    let (ka, kb) = (a.len() / PIN_BYTES, b.len() / PIN_BYTES);
-    let k = ka.min(kb);
-    // Entries `from..to` counted from the end.
-    let same = |from: usize, to: usize| {
-        a.get((ka - to) * PIN_BYTES..(ka - from) * PIN_BYTES)
-            == b.get((kb - to) * PIN_BYTES..(kb - from) * PIN_BYTES)
-    };
-    let mut i = 0;
-    while i + STRIDE <= k && same(i, i + STRIDE) {
-        i += STRIDE;
-    }
-    while i < k && same(i, i + 1) {
-        i += 1;
-    }
-    i
-}
-
-/// The first index in `0..n` for which `pred` is false (`pred` true then false over it).
-fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
-    let (mut lo, mut hi) = (0, n);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if pred(mid) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    lo
+/// How many whole entries `a` and `b` share at the end (both whole entries long).
+fn common_suffix<'a>(a: &'a [u8], b: &'a [u8]) -> usize {
+    let big = STRIDE * PIN_BYTES;
+    let k = matching(a.rchunks_exact(big), b.rchunks_exact(big)) * STRIDE;
+    let head = |x: &'a [u8]| x.get(..x.len().saturating_sub(k * PIN_BYTES)).unwrap_or(&[]);
+    k + matching(head(a).rchunks_exact(PIN_BYTES), head(b).rchunks_exact(PIN_BYTES))
 }
 
 impl Router {
@@ -139,12 +111,10 @@ impl Router {
         }
         dirty.sort_unstable();
         dirty.dedup();
-        let entries = shared.len() / PIN_BYTES;
-        let runner_at = |i: usize| pin_at(shared, i * PIN_BYTES).map_or(u32::MAX, |p| p.runner);
         for &r in &dirty {
             // The run of runner `r`'s entries.
-            let lo = partition_point(entries, |i| runner_at(i) < r);
-            let hi = partition_point(entries, |i| runner_at(i) <= r);
+            let lo = partition_pins(shared, |p| p.runner < r);
+            let hi = partition_pins(shared, |p| p.runner <= r);
             let Some(p) = self.pins.get_mut(r as usize) else { continue };
             let before: Pins = std::mem::take(p);
             let run = (lo..hi).filter_map(|i| pin_at(shared, i * PIN_BYTES)).filter(|x| x.count > 0);
