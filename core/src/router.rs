@@ -27,9 +27,10 @@ use crate::placement::{
     best_victim, miss_cost, miss_cost_floor, pinned, victim_of, Pins, Prices, Victim, ALL_PINNED_COST,
 };
 use crate::popularity::{hint_hash, Popularity};
-use crate::rank::{rank_by, slot_cost, Costs, Outcome, UNKNOWN_CAPACITY_COST};
+use crate::rank::{rank_hinted, slot_cost, Costs, Hinted, Outcome, UNKNOWN_CAPACITY_COST};
 use crate::table::{View, ViewRunner};
 use serde::Deserialize;
+use smallvec::SmallVec;
 
 /// What to do with a request whose model's holders are all busy (plugin config field
 /// `when_holders_busy`).
@@ -239,30 +240,29 @@ impl Router {
         self.floors.extend(runners.map(|(i, r)| miss_cost_floor(prices, victims, pins, i, r)));
     }
 
-    /// Counts a request for `hint` in the popularity estimate; returns its hash (0 without a
-    /// hint). The cost floors stay floors while counts grow; when the counters halve they may
-    /// not, and all are recomputed. (A floor that lags behind a growing count is still one:
-    /// the scan then prices that runner exactly. A hit on a runner whose victim it is brings
-    /// that floor up to date.)
-    fn record(&mut self, hint: Option<&str>) -> u64 {
-        let Some(h) = hint else { return 0 };
-        let hash = hint_hash(h);
+    /// Counts a request for the hint with `hash` in the popularity estimate. The cost floors
+    /// stay floors while counts grow; when the counters halve they may not, and all are
+    /// recomputed. (A floor that lags behind a growing count is still one: the scan then
+    /// prices that runner exactly. A hit on a runner whose victim it is brings that floor up
+    /// to date.)
+    fn record(&mut self, hint: &str, hash: u64) {
         if self.popularity.record(hash) {
             // Halved: which model is cheapest to evict may have changed anywhere.
             self.revictim_all();
-        } else {
-            // Runners whose victim this is now price it higher: another of their models may
-            // be cheaper to evict.
-            // (Collecting allocates only when there are some: not on the common hit path.)
-            let victims = &self.victims;
-            let holders = self.view.holders(h).iter().copied();
-            let stale: Vec<u32> =
-                holders.filter(|&j| victims.get(j as usize).is_some_and(|v| v.hash == hash)).collect();
+            return;
+        }
+        // Runners whose victim this is now price it higher: another of their models may be
+        // cheaper to evict. (Only a holder can have it as its victim; the common hit path
+        // finds none and collects nothing.)
+        let victims = &self.victims;
+        let is_victim = |j: &u32| victims.get(*j as usize).is_some_and(|v| v.hash == hash);
+        let holders = self.view.holders(hint);
+        if holders.iter().any(is_victim) {
+            let stale: SmallVec<[u32; 8]> = holders.iter().copied().filter(is_victim).collect();
             for j in stale {
                 self.reindex(j);
             }
         }
-        hash
     }
 
     /// Runner `idx` itself confirmed its hint list is what the view has: our guesses for it
@@ -335,7 +335,9 @@ impl Router {
                 t.load.add(sample);
             }
         } else if !decision.load && decision.outcome == Outcome::Hit {
-            let sample = elapsed_us / (u64::from(decision.ahead / mc) + 1);
+            // (Most hits find a free slot: no division then, which was a tenth of `observe`.)
+            let rounds = if decision.ahead < mc { 1 } else { u64::from(decision.ahead / mc) + 1 };
+            let sample = if rounds == 1 { elapsed_us } else { elapsed_us / rounds };
             self.fleet.infer.add(sample);
             if let Some(t) = self.times.get_mut(idx as usize) {
                 t.infer.add(sample);
@@ -358,9 +360,14 @@ impl Router {
         max_hints: usize,
         out: &mut Vec<u32>,
     ) -> Decision {
-        let hash = self.record(hint);
+        let hash = hint.map(hint_hash).unwrap_or(0);
+        if let Some(h) = hint {
+            self.record(h, hash);
+        }
         let spin = tie_break(hint, hash, spin);
-        let outcome = self.rank_hashed(hint, hash, in_flight, now_us, spin, max, out);
+        // The holders, looked up once for the whole ranking.
+        let hinted = hint.map(|h| Hinted { hint: h, holders: self.view.holders(h) });
+        let outcome = self.rank_hashed(hinted, hash, in_flight, now_us, spin, max, out);
         self.follow(hint, hash, outcome, in_flight, now_us, max_hints, out)
     }
 
@@ -390,7 +397,8 @@ impl Router {
         let Some(r) = self.view.runner(first) else {
             return plain;
         };
-        if r.hints.iter().any(|x| x == h) {
+        // A hit's first candidate holds the hint (rank's rule), so only other outcomes look.
+        if outcome == Outcome::Hit || r.hints.iter().any(|x| x == h) {
             // A hit, unless the hint is only our own guess: then it joins a load.
             let guessed = self.guessed.get(first as usize).is_some_and(|g| g.iter().any(|(x, _)| x == h));
             return Decision { load: guessed, ..plain };
@@ -472,13 +480,14 @@ impl Router {
         max: usize,
         out: &mut Vec<u32>,
     ) -> Outcome {
-        self.rank_hashed(hint, hint.map(hint_hash).unwrap_or(0), in_flight, now_us, spin, max, out)
+        let hinted = hint.map(|h| Hinted { hint: h, holders: self.view.holders(h) });
+        self.rank_hashed(hinted, hint.map(hint_hash).unwrap_or(0), in_flight, now_us, spin, max, out)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn rank_hashed(
         &self,
-        hint: Option<&str>,
+        hinted: Option<Hinted<'_>>,
         hash: u64,
         in_flight: &[u32],
         now_us: u64,
@@ -493,8 +502,8 @@ impl Router {
             _ => view.runner(i).map_or(floor, |r| miss_cost(view, prices, victims, pins, i, r)),
         };
         let costs = Costs { floor: &self.floors, exact };
-        let outcome = rank_by(view, hint, in_flight, in_flight, costs, spin, max, out);
-        if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
+        let outcome = rank_hinted(view, hinted, in_flight, in_flight, costs, spin, max, out);
+        if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hinted) {
             if let Some(holder) = self.faster_holder(h, hash, in_flight, now_us, out.first().copied()) {
                 out.retain(|&x| x != holder);
                 out.insert(0, holder);
@@ -510,7 +519,7 @@ impl Router {
     /// (`None` while load or inference times are unknown).
     fn faster_holder(
         &self,
-        hint: &str,
+        Hinted { hint, holders }: Hinted<'_>,
         hash: u64,
         in_flight: &[u32],
         now_us: u64,
@@ -537,7 +546,7 @@ impl Router {
         };
         let by_load = load_f + rounds(f, fr) * infer_f + penalty;
         let mut best: Option<(u64, u32)> = None;
-        for &i in self.view.holders(hint) {
+        for &i in holders {
             let Some(r) = self.view.runner(i).filter(|r| r.available) else { continue };
             let (load_i, infer_i) = self.learned_times(i);
             let Some(infer_i) = infer_i else { continue };

@@ -22,7 +22,10 @@ impl Router {
         max_hints: usize,
         out: &mut Vec<u32>,
     ) -> Decision {
-        let hash = self.record(hint);
+        let hash = hint.map(hint_hash).unwrap_or(0);
+        if let Some(h) = hint {
+            self.record(h, hash);
+        }
         let spin = super::tie_break(hint, hash, spin);
         let outcome = self.rank_reference(hint, hash, in_flight, now_us, spin, max, out);
         self.follow(hint, hash, outcome, in_flight, now_us, max_hints, out)
@@ -50,7 +53,8 @@ impl Router {
         };
         let outcome = reference::rank_by(view, hint, in_flight, in_flight, cost, spin, max, out);
         if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
-            if let Some(holder) = self.faster_holder(h, hash, in_flight, now_us, out.first().copied()) {
+            let hinted = Hinted { hint: h, holders: view.holders(h) };
+            if let Some(holder) = self.faster_holder(hinted, hash, in_flight, now_us, out.first().copied()) {
                 out.retain(|&x| x != holder);
                 out.insert(0, holder);
                 out.truncate(max);
