@@ -85,6 +85,10 @@ struct Args {
     /// model (as before the router chose victims).
     #[arg(long)]
     what_if_runner_lru: bool,
+    /// Models differ in size: their load times spread evenly (log scale) over
+    /// [load-ms / F, load-ms x F], unrelated to popularity; 1: all load in --load-ms.
+    #[arg(long, default_value_t = 1.0)]
+    load_spread: f64,
     /// Points: `all`, `default`, or a list like `zipf1.0@60,uniform@30`.
     #[arg(long, default_value = "all")]
     points: String,
@@ -141,6 +145,9 @@ fn main() -> Result<()> {
     if a.runners == 0 || a.models == 0 || a.infer_ms <= 0.0 {
         bail!("--runners, --models and --infer-ms must be positive");
     }
+    if !(a.load_spread >= 1.0 && a.load_spread.is_finite()) {
+        bail!("--load-spread must be a finite number >= 1");
+    }
     let points = parse_points(&a.points).map_err(anyhow::Error::msg)?;
     let policies = parse_policies(&a.policies).map_err(anyhow::Error::msg)?;
     let params = SimParams {
@@ -161,6 +168,7 @@ fn main() -> Result<()> {
         host_cache: a.host_cache,
         warm_load_us: us(a.warm_load_ms),
         what_if_runner_lru: a.what_if_runner_lru,
+        load_spread: a.load_spread,
         ..SimParams::default()
     };
     let cluster = Cluster {

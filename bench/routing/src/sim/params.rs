@@ -79,6 +79,15 @@ pub struct SimParams {
     /// recently used model whatever the router asks.
     #[serde(default)]
     pub what_if_runner_lru: bool,
+    /// Models differ in size: model `m` loads in `load_us x load_spread^x` with `x` spread
+    /// evenly over [-1, 1] across the models (unrelated to popularity); 1: every model
+    /// loads in `load_us`.
+    #[serde(default = "one_f64")]
+    pub load_spread: f64,
+}
+
+fn one_f64() -> f64 {
+    1.0
 }
 
 fn one() -> usize {
@@ -113,11 +122,22 @@ impl Default for SimParams {
             what_if_shared_guesses: false,
             what_if_shared_pins: false,
             what_if_runner_lru: false,
+            load_spread: 1.0,
         }
     }
 }
 
 impl SimParams {
+    /// How long model `model` takes to load from disk ([`SimParams::load_spread`]).
+    pub fn load_us_of(&self, model: u32) -> u64 {
+        if self.load_spread <= 1.0 || !self.load_spread.is_finite() {
+            return self.load_us;
+        }
+        // Golden-ratio steps spread the models evenly, whatever their popularity order.
+        let x = 2.0 * (f64::from(model) * 0.618_033_988_749_895).fract() - 1.0;
+        (self.load_us as f64 * self.load_spread.powf(x)).round() as u64
+    }
+
     /// The runner addresses used (given, or synthetic).
     pub fn runner_addrs(&self) -> Vec<String> {
         if self.addrs.len() == self.runners {

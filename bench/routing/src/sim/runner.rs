@@ -108,7 +108,7 @@ impl Sim<'_> {
         }
         for (m, from_host) in started {
             self.loads.push(now);
-            let took = if from_host { self.p.warm_load_us } else { self.p.load_us };
+            let took = if from_host { self.p.warm_load_us } else { self.p.load_us_of(m) };
             self.push(now + took, Event::LoadDone(r, m));
         }
     }

@@ -196,3 +196,20 @@ fn several_proxies_are_deterministic() {
         assert_eq!(a.records, b.records, "{policy}");
     }
 }
+
+#[test]
+fn load_spread_spreads_model_load_times_over_its_range() {
+    let flat = SimParams::default();
+    assert!((0..100).all(|m| flat.load_us_of(m) == flat.load_us));
+    let p = SimParams { load_spread: 10.0, ..SimParams::default() };
+    let times: Vec<u64> = (0..100).map(|m| p.load_us_of(m)).collect();
+    let (lo, hi) = (times.iter().min().copied().unwrap(), times.iter().max().copied().unwrap());
+    assert!((20_000..25_000).contains(&lo), "shortest {lo} us, near 200 ms / 10");
+    assert!((1_600_001..=2_000_000).contains(&hi), "longest {hi} us, near 200 ms x 10");
+    // Half the models load faster than load_us, half slower (log-uniform around it).
+    let faster = times.iter().filter(|&&t| t < p.load_us).count();
+    assert!((45..=55).contains(&faster), "{faster} of 100 faster");
+    // Unrelated to popularity: the 10 most requested models are not all small or all big.
+    let top = &times[..10];
+    assert!(top.iter().any(|&t| t < p.load_us) && top.iter().any(|&t| t > p.load_us));
+}
