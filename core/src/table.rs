@@ -16,7 +16,7 @@ pub struct TableRunner {
     /// Answered its last poll and is not draining. Unavailable runners are never listed as
     /// candidates (Envoy's `override_host` policy does not check health itself).
     pub available: bool,
-    /// Hints it reported (resident and loading models), sanitised and capped.
+    /// Hints it reported (resident, loading and queued models), sanitised and capped.
     pub hints: Vec<String>,
     /// Its cache capacity in models (0 = unknown).
     pub capacity: u32,

@@ -32,7 +32,8 @@ pub struct HintsReport {
     /// The runner's identity: the `ip:port` it is reached at. The poller checks it equals the
     /// address it polled, so a mis-wired cluster cannot attribute hints to the wrong runner.
     pub runner: String,
-    /// Hints this runner can serve now or very soon: its resident and loading models.
+    /// Hints this runner can serve now or very soon: its resident and loading models (and, from
+    /// `runner-example`, models queued to load when a cache slot frees).
     pub hints: Vec<String>,
     /// Models being loaded right now (a subset of `hints`).
     #[serde(default)]

@@ -103,9 +103,10 @@ pub struct CacheSnapshot {
     /// Bytes of evicted models whose memory is still being released (counted in
     /// `reserved_bytes`).
     pub releasing_bytes: u64,
-    /// Resident and loading models, most recently used first.
+    /// Models queued for a cache slot (the next to load first, at most `capacity` of them), then the
+    /// loading and resident ones, most recently used first.
     pub hints: Vec<String>,
-    /// The models of `hints` that are still loading, in the same order.
+    /// The models of `hints` that are queued or still loading, in the same order.
     pub loading: Vec<String>,
     /// Sum of [`LoadedModel::resident_bytes`] over resident models, when any model reports it.
     pub resident_bytes: Option<u64>,
@@ -289,9 +290,9 @@ impl ModelCache {
         }
     }
 
-    /// The resident and loading models, as advertised.
+    /// The queued, loading and resident models, as advertised.
     pub fn snapshot(&self) -> CacheSnapshot {
-        self.shared.lock().snapshot()
+        self.shared.lock().snapshot(&self.shared.limits)
     }
 
     /// How many requests wait for each model, in queue order (models waiting for a slot).

@@ -340,8 +340,8 @@ impl Runner {
         self.inner.draining.load(Ordering::SeqCst)
     }
 
-    /// The advertised hints: resident and loading models, most recently used first; none
-    /// while draining.
+    /// The advertised hints: models queued for a cache slot, then loading and resident ones,
+    /// most recently used first ([`crate::cache::CacheSnapshot::hints`]); none while draining.
     pub fn hints(&self) -> Vec<String> {
         if self.is_draining() {
             Vec::new()
@@ -589,7 +589,7 @@ mod tests {
         tokio::time::sleep(INFER * 4).await;
         assert_eq!(backend.max_infers(), 1, "more than max_concurrency inferences ran");
         assert_eq!(backend.loads("b"), 0, "the model in use was evicted");
-        assert_eq!(runner.hints(), ["a"]);
+        assert_eq!(runner.hints(), ["b", "a"], "b waits for a's slot, advertised");
         let second = second.await.unwrap().unwrap();
         // It waited for the orphaned inference: 9 INFER of it were left when it came.
         assert_eq!(second.queue, INFER * 9);

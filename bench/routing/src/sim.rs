@@ -5,7 +5,8 @@
 //! (`x-hint-router-evict`, [`Router::evicting`]) when it can, else its least recently used
 //! one (always, with `what_if_runner_lru`), pinned models never evicted, one shared
 //! load per absent model (single flight), a FIFO queue of absent models when every slot is
-//! pinned or loading, loads that hold no inference slot, and `max_concurrency` inference slots
+//! pinned or loading (advertised with the hints, the next to load first, at most `capacity` of
+//! them), loads that hold no inference slot, and `max_concurrency` inference slots
 //! served first come first served. A request that times out is cancelled as Envoy would reset
 //! it: it leaves any queue, frees its inference slot and unpins its model. With
 //! `host_cache`, each runner also keeps a warm tier in host memory (`--host-cache-mb`): loads
@@ -507,7 +508,7 @@ impl Sim<'_> {
         }
     }
 
-    /// The runner's hints (resident and loading models, most recently used first) reach
+    /// The runner's hints (queued, loading and resident models, most recently used first) reach
     /// proxy `k`'s view.
     /// `poll`: as the filter gets a poll (through a published table, which keeps our
     /// guesses it still lists); else as a response header (which confirms them).
@@ -518,8 +519,11 @@ impl Sim<'_> {
         let Some(run) = self.runners.get(r as usize) else { return };
         let mut e: Vec<(u64, u32)> = run.entries.iter().map(|e| (e.last_used, e.model)).collect();
         e.sort_unstable_by_key(|&(t, _)| Reverse(t));
-        let hints: Vec<String> =
-            e.into_iter().filter_map(|(_, m)| self.names.get(m as usize).cloned()).collect();
+        // As `runner-example` advertises them: models queued for a slot (the next to load
+        // first, at most `capacity`), then the slots' models.
+        let queued = run.queue.iter().take(self.p.capacity).map(|&(m, _, _)| m);
+        let models = queued.chain(e.into_iter().map(|(_, m)| m));
+        let hints: Vec<String> = models.filter_map(|m| self.names.get(m as usize).cloned()).collect();
         // A poll also brings the warm tier's models that are not resident, most recently
         // loaded first (a response header does not).
         let mut host: Vec<(u64, u32)> =

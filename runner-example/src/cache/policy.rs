@@ -356,8 +356,8 @@ impl State {
         self.admit(limits, now, effects);
     }
 
-    /// The resident and loading models, as advertised.
-    pub(super) fn snapshot(&self) -> CacheSnapshot {
+    /// The queued (at most `capacity`), loading and resident models, as advertised.
+    pub(super) fn snapshot(&self, limits: &Limits) -> CacheSnapshot {
         let mut entries: Vec<(&String, &Entry)> = self.entries.iter().collect();
         entries.sort_by_key(|(_, e)| std::cmp::Reverse(e.last_used));
         let mut snap = CacheSnapshot {
@@ -365,6 +365,16 @@ impl State {
             reserved_bytes: self.releasing.bytes,
             ..CacheSnapshot::default()
         };
+        // Models queued for a slot first, the next to load first: a request for one joins its load
+        // here. Unlisted, the router would take the runner's next answer (which lists only
+        // its slots) to mean the load it sent is gone, send the model's next requests to
+        // another runner, and put the victim it chose back in rotation here, so the victim
+        // stays pinned and the queued load waits on (`docs/bench-routing.md`, "Loads that
+        // wait for a slot"). At most `capacity` of them, so the list stays bounded.
+        for queued in self.queue.iter().take(limits.capacity) {
+            snap.hints.push(queued.model.clone());
+            snap.loading.push(queued.model.clone());
+        }
         for (name, entry) in entries {
             snap.hints.push(name.clone());
             snap.reserved_bytes = snap.reserved_bytes.saturating_add(entry.bytes);

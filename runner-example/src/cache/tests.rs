@@ -109,7 +109,9 @@ async fn pinned_models_are_never_evicted_the_miss_waits() {
     settle().await;
     assert!(!c.is_finished());
     assert_eq!(backend.loads("c"), 0);
-    assert_eq!(hints(&cache), ["b", "a"]);
+    // c is advertised while it waits (a request for it here joins the queued load).
+    assert_eq!(hints(&cache), ["c", "b", "a"]);
+    assert_eq!(cache.snapshot().loading, ["c"]);
     assert_eq!(cache.queued(), [("c".to_string(), 1)]);
 
     drop(b); // b unpinned: it is evicted (a is still pinned), c loads in its place
@@ -141,7 +143,7 @@ async fn loading_models_are_not_evicted_either() {
         async move { cache.acquire("b").await }
     });
     settle().await;
-    assert_eq!(cache.snapshot().loading, ["a"]);
+    assert_eq!(cache.snapshot().loading, ["b", "a"]); // b queued, a loading
     assert_eq!(cache.queued(), [("b".to_string(), 1)]);
     let b = b.await.unwrap().unwrap();
     assert_eq!(b.queued(), LOAD);
@@ -164,9 +166,11 @@ async fn slot_waiters_are_served_in_order() {
     }
     // The second request for b joined b's place in the queue.
     assert_eq!(cache.queued(), [("b".to_string(), 2), ("c".to_string(), 1), ("d".to_string(), 1)]);
+    // The next to load is advertised (at most `capacity` queued models), before the slots.
+    assert_eq!(hints(&cache), ["b", "a"]);
     drop(a);
     settle().await;
-    assert_eq!(cache.snapshot().loading, ["b"]);
+    assert_eq!(cache.snapshot().loading, ["c", "b"]);
     let mut waiters = waiters.into_iter();
     let b1 = waiters.next().unwrap();
     let c = waiters.next().unwrap();
@@ -178,10 +182,10 @@ async fn slot_waiters_are_served_in_order() {
     drop(b1);
     settle().await;
     assert!(!c.is_finished());
-    assert_eq!(hints(&cache), ["b"]);
+    assert_eq!(hints(&cache), ["c", "b"]);
     drop(b2);
     let c = c.await.unwrap().unwrap();
-    assert_eq!(hints(&cache), ["c"]);
+    assert_eq!(hints(&cache), ["d", "c"]);
     drop(c);
     let d = d.await.unwrap().unwrap();
     assert_eq!(hints(&cache), ["d"]);
