@@ -39,6 +39,7 @@ pub mod poller;
 pub mod popularity;
 pub mod queue;
 pub mod rank;
+mod rent;
 pub mod report;
 pub mod router;
 pub mod table;

@@ -19,7 +19,9 @@
 //!   poll replaces the guess with the truth.
 //! * **Busy holders** are handled as [`WhenHoldersBusy`] says: go at once to another available
 //!   runner (`any_available`, fal's rule), or go where the request is expected to finish first
-//!   (`fastest`), from load and inference times learned with [`Router::observe`].
+//!   (`fastest`), from load and inference times learned with [`Router::observe`]; under
+//!   `fastest` a model whose requests keep queueing is copied into a free slot elsewhere once
+//!   their waits add up to a load (`router/busy.rs`, `rent.rs`: ski rental).
 
 use crate::hint::HintList;
 use crate::learned::Times;
@@ -27,8 +29,10 @@ use crate::placement::{
     best_victim, miss_cost, miss_cost_floor, pinned, victim_of, Pins, Prices, Victim, ALL_PINNED_COST,
 };
 use crate::popularity::{hint_hash, Popularity};
-use crate::rank::{rank_hinted, slot_cost, Costs, Hinted, Outcome, UNKNOWN_CAPACITY_COST};
-use crate::table::{View, ViewRunner};
+use crate::rank::{rank_hinted, Costs, Hinted, Outcome, UNKNOWN_CAPACITY_COST};
+use crate::rent::Rent;
+use crate::table::View;
+use busy::RentMove;
 use serde::Deserialize;
 use smallvec::SmallVec;
 
@@ -42,7 +46,9 @@ pub enum WhenHoldersBusy {
     /// Go where the request is expected to finish first: a busy holder's queue
     /// (`requests ahead / max_concurrency x inference time`) against a load elsewhere (load
     /// time + inference, plus the cost of the eviction it causes). Until load and inference
-    /// times have been observed it behaves as `AnyAvailable`.
+    /// times have been observed it behaves as `AnyAvailable`. A model whose requests keep
+    /// queueing is loaded elsewhere once the waits they paid since its queue last cleared
+    /// reach the load's price (ski rental, `core/src/rent.rs`).
     #[default]
     Fastest,
 }
@@ -107,6 +113,8 @@ pub struct Router {
     /// Cache slots of the fleet (every runner's capacity, at least 1 each): sizes the
     /// popularity window.
     slots: u64,
+    /// Waits paid at busy holders per model (`fastest`).
+    rent: Rent,
 }
 
 /// Where equally good runners start being tried ([`rank_by`]'s rotation): for a hinted
@@ -151,9 +159,10 @@ impl Router {
         self.mode
     }
 
-    /// Bytes of the popularity estimate (fixed, whatever the number of distinct hints).
+    /// Bytes of the state kept per model: the popularity estimate and the waits paid at busy
+    /// holders (both fixed, whatever the number of distinct hints).
     pub fn popularity_bytes(&self) -> usize {
-        self.popularity.bytes()
+        self.popularity.bytes() + self.rent.bytes()
     }
 
     /// The learned (load, inference) times of runner `idx` in microseconds, falling back to
@@ -367,7 +376,8 @@ impl Router {
         let spin = tie_break(hint, hash, spin);
         // The holders, looked up once for the whole ranking.
         let hinted = hint.map(|h| Hinted { hint: h, holders: self.view.holders(h) });
-        let outcome = self.rank_hashed(hinted, hash, in_flight, now_us, spin, max, out);
+        let (outcome, rent) = self.rank_hashed(hinted, hash, in_flight, now_us, spin, max, out);
+        self.settle_rent(hash, rent);
         self.follow(hint, hash, outcome, in_flight, now_us, max_hints, out)
     }
 
@@ -481,7 +491,7 @@ impl Router {
         out: &mut Vec<u32>,
     ) -> Outcome {
         let hinted = hint.map(|h| Hinted { hint: h, holders: self.view.holders(h) });
-        self.rank_hashed(hinted, hint.map(hint_hash).unwrap_or(0), in_flight, now_us, spin, max, out)
+        self.rank_hashed(hinted, hint.map(hint_hash).unwrap_or(0), in_flight, now_us, spin, max, out).0
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -494,7 +504,7 @@ impl Router {
         spin: u32,
         max: usize,
         out: &mut Vec<u32>,
-    ) -> Outcome {
+    ) -> (Outcome, RentMove) {
         let (view, victims, pins) = (&self.view, &self.victims, &self.pins);
         let prices = Prices { popularity: &self.popularity };
         let exact = |i: u32, floor: u32| match floor {
@@ -503,70 +513,12 @@ impl Router {
         };
         let costs = Costs { floor: &self.floors, exact };
         let outcome = rank_hinted(view, hinted, in_flight, in_flight, costs, spin, max, out);
-        if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hinted) {
-            if let Some(holder) = self.faster_holder(h, hash, in_flight, now_us, out.first().copied()) {
-                out.retain(|&x| x != holder);
-                out.insert(0, holder);
-                out.truncate(max);
-                return Outcome::Hit;
-            }
-        }
-        outcome
-    }
-
-    /// With every holder of `hint` busy and `fallback` the best other runner, a holder whose
-    /// queue is expected to finish the request before a load on `fallback` would, if any
-    /// (`None` while load or inference times are unknown).
-    fn faster_holder(
-        &self,
-        Hinted { hint, holders }: Hinted<'_>,
-        hash: u64,
-        in_flight: &[u32],
-        now_us: u64,
-        fallback: Option<u32>,
-    ) -> Option<u32> {
-        let f = fallback?;
-        let fr = self.view.runner(f)?;
-        let (load_f, infer_f) = self.learned_times(f);
-        let (load_f, infer_f) = (load_f?, infer_f?);
-        let rounds = |i: u32, r: &ViewRunner| {
-            u64::from(in_flight.get(i as usize).copied().unwrap_or(0) / r.max_concurrency.max(1)) + 1
-        };
-        // The eviction a load causes: the victim's popularity relative to the requested
-        // model's, in loads (a victim as popular as the request costs one load later).
-        let penalty = match (slot_cost(fr), self.victims.get(f as usize)) {
-            (1, Some(v)) if !v.dup() => {
-                let (pv, ph) = (
-                    u64::from(self.popularity.estimate(v.hash)),
-                    u64::from(self.popularity.estimate(hash)).max(1),
-                );
-                load_f * pv.min(ph) / ph
-            }
-            _ => 0,
-        };
-        let by_load = load_f + rounds(f, fr) * infer_f + penalty;
-        let mut best: Option<(u64, u32)> = None;
-        for &i in holders {
-            let Some(r) = self.view.runner(i).filter(|r| r.available) else { continue };
-            let (load_i, infer_i) = self.learned_times(i);
-            let Some(infer_i) = infer_i else { continue };
-            // A load of ours still under way there: what is left of it.
-            let loading = self
-                .guessed
-                .get(i as usize)
-                .and_then(|g| g.iter().find(|(x, _)| x == hint))
-                .map(|&(_, at)| load_i.unwrap_or(0).saturating_sub(now_us.saturating_sub(at)))
-                .unwrap_or(0);
-            let t = loading + rounds(i, r) * infer_i;
-            if best.map_or(true, |(b, _)| t < b) {
-                best = Some((t, i));
-            }
-        }
-        best.filter(|&(t, _)| t <= by_load).map(|(_, i)| i)
+        self.when_holders_busy(outcome, hinted, hash, in_flight, now_us, max, out)
     }
 }
 
 mod adopt;
+mod busy;
 mod delta;
 mod pins;
 #[cfg(test)]

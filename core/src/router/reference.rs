@@ -4,6 +4,8 @@
 
 use super::*;
 use crate::placement::{pinned_victim_cost, victim_cost};
+use crate::rank::slot_cost;
+use crate::table::ViewRunner;
 use crate::rank::reference::{self, Rng};
 use crate::table::{Table, TableRef};
 #[cfg(target_arch = "wasm32")]
@@ -27,7 +29,8 @@ impl Router {
             self.record(h, hash);
         }
         let spin = super::tie_break(hint, hash, spin);
-        let outcome = self.rank_reference(hint, hash, in_flight, now_us, spin, max, out);
+        let (outcome, rent) = self.rank_reference(hint, hash, in_flight, now_us, spin, max, out);
+        self.settle_rent(hash, rent);
         self.follow(hint, hash, outcome, in_flight, now_us, max_hints, out)
     }
 
@@ -42,7 +45,7 @@ impl Router {
         spin: u32,
         max: usize,
         out: &mut Vec<u32>,
-    ) -> Outcome {
+    ) -> (Outcome, RentMove) {
         let (prices, victims) = (Prices { popularity: &self.popularity }, &self.victims);
         let (view, pins) = (&self.view, &self.pins);
         let cost = |i: u32, r: &ViewRunner| match pins.get(i as usize) {
@@ -52,16 +55,8 @@ impl Router {
             _ => victim_cost(prices, victims, i, r),
         };
         let outcome = reference::rank_by(view, hint, in_flight, in_flight, cost, spin, max, out);
-        if let (Outcome::BusyFallback, WhenHoldersBusy::Fastest, Some(h)) = (outcome, self.mode, hint) {
-            let hinted = Hinted { hint: h, holders: view.holders(h) };
-            if let Some(holder) = self.faster_holder(hinted, hash, in_flight, now_us, out.first().copied()) {
-                out.retain(|&x| x != holder);
-                out.insert(0, holder);
-                out.truncate(max);
-                return Outcome::Hit;
-            }
-        }
-        outcome
+        let hinted = hint.map(|h| Hinted { hint: h, holders: view.holders(h) });
+        self.when_holders_busy(outcome, hinted, hash, in_flight, now_us, max, out)
     }
 
     /// Every cost floor is at most the exact cost, and the ones the scan takes for exact are.

@@ -56,7 +56,7 @@ fn a_miss_evicts_the_coldest_victim_fleet_wide() {
     assert_eq!((d.outcome, out), (Outcome::Miss, vec![1, 0]));
     assert_eq!(v.evicting(), Some("z"));
     assert_eq!(v.view().runner(1).unwrap().hints, vec!["new", "x", "y"]);
-    assert!(v.popularity_bytes() <= 8192);
+    assert!(v.popularity_bytes() <= 16 * 1024);
 }
 
 #[test]
@@ -216,6 +216,35 @@ fn fastest_waits_for_a_short_queue_any_available_does_not() {
     // A queue longer than a load (30 rounds of 10 ms > 200 + 10 ms): load elsewhere.
     let (d, out) = go(&mut fast, Some("a"), &[60, 0]);
     assert_eq!((d.outcome, out[0]), (Outcome::BusyFallback, 1));
+}
+
+#[test]
+fn fastest_loads_into_a_free_slot_once_the_waits_paid_for_it() {
+    // Holder 0 has 8 in flight (max_concurrency 2): 4 rounds of 10 ms ahead, a 40 ms wait,
+    // which beats a 200 ms load on runner 1 (a free slot) for each request alone. Four such
+    // waits are 160 ms; the fifth would bring them to the load's price: that one loads.
+    let mut r = Router::with_mode(View::from_table(&table(&[&["a"], &["q"]])), WhenHoldersBusy::Fastest);
+    teach(&mut r, 0, 200_000, 10_000);
+    let held = |r: &mut Router, n: usize| {
+        for k in 0..n {
+            let (d, out) = go(r, Some("a"), &[8, 0]);
+            assert_eq!((d.outcome, out[0]), (Outcome::Hit, 0), "request {k} waits at the holder");
+        }
+    };
+    held(&mut r, 4);
+    let (d, out) = go(&mut r, Some("a"), &[8, 0]);
+    assert_eq!((d.outcome, d.load, out[0]), (Outcome::BusyFallback, true, 1), "paid for: a copy");
+    // A free holder clears what was paid: the next four wait again.
+    let mut r = Router::with_mode(View::from_table(&table(&[&["a"], &["q"]])), WhenHoldersBusy::Fastest);
+    teach(&mut r, 0, 200_000, 10_000);
+    held(&mut r, 3);
+    assert_eq!(go(&mut r, Some("a"), &[0, 0]).0.outcome, Outcome::Hit);
+    held(&mut r, 4);
+    // A load that would evict (runner 1 full) is weighed per request only: never paid for.
+    let t = table(&[&["a"], &["x", "y", "z"]]);
+    let mut r = Router::with_mode(View::from_table(&t), WhenHoldersBusy::Fastest);
+    teach(&mut r, 0, 200_000, 10_000);
+    held(&mut r, 20);
 }
 
 #[test]
