@@ -149,8 +149,10 @@ pub(crate) fn best_victim(
         if skip(hash) {
             continue;
         }
-        let others =
-            view.holders(h).iter().filter(|&&j| j != idx && view.runner(j).is_some_and(|r| r.available));
+        let others = view
+            .holders_hashed(h, hash)
+            .iter()
+            .filter(|&&j| j != idx && view.runner(j).is_some_and(|r| r.available));
         let copies = 1 + others.count() as u32;
         let cost = prices.eviction(hash, copies);
         if best.map_or(true, |(c, _, _)| cost < c) {

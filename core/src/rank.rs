@@ -115,7 +115,8 @@ impl TopK {
         TopK { k, items: SmallVec::new() }
     }
 
-    #[inline]
+    // Always inlined: a hit offers each holder, and out of line the call was a tenth of it.
+    #[inline(always)]
     fn offer(&mut self, key: Key, idx: u32) {
         let key = packed(key);
         if self.items.len() >= self.k {
@@ -140,7 +141,9 @@ impl TopK {
         self.items.first().map(|&(k, _)| (k >> 96) as u8)
     }
 
-    fn drain_into(self, out: &mut Vec<u32>) {
+    // By reference: taken by value, the whole `TopK` (176 bytes) was copied first, a
+    // `memmove` that was a twelfth of a hit.
+    fn drain_into(&self, out: &mut Vec<u32>) {
         for &(_, i) in &self.items {
             out.push(i);
         }

@@ -117,6 +117,11 @@ pub struct Router {
     rent: Rent,
 }
 
+/// Whether runner `j`'s eviction victim is the model with `hash`.
+fn is_victim(victims: &[Victim], j: u32, hash: u64) -> bool {
+    victims.get(j as usize).is_some_and(|v| v.hash == hash)
+}
+
 /// Where equally good runners start being tried ([`rank_by`]'s rotation): for a hinted
 /// request a point fixed by the hint, so that every worker and every Envoy in front of the
 /// same runners (same table order) sends a cold model's first request to the same runner
@@ -249,29 +254,34 @@ impl Router {
         self.floors.extend(runners.map(|(i, r)| miss_cost_floor(prices, victims, pins, i, r)));
     }
 
-    /// Counts a request for the hint with `hash` in the popularity estimate. The cost floors
-    /// stay floors while counts grow; when the counters halve they may not, and all are
-    /// recomputed. (A floor that lags behind a growing count is still one: the scan then
-    /// prices that runner exactly. A hit on a runner whose victim it is brings that floor up
-    /// to date.)
-    fn record(&mut self, hint: &str, hash: u64) {
-        if self.popularity.record(hash) {
-            // Halved: which model is cheapest to evict may have changed anywhere.
+    /// After a request for the hint with `hash` was counted in the popularity estimate
+    /// (`halved`: the count halved every counter), brings the victims and cost floors that
+    /// count moved up to date. The cost floors stay floors while counts grow; when the
+    /// counters halve they may not, and all are recomputed. (A floor that lags behind a
+    /// growing count is still one: the scan then prices that runner exactly. A hit on a runner
+    /// whose victim it is brings that floor up to date.) [`Router::route`] calls it only when
+    /// [`Router::recount_needed`] says so (the common hit path needs nothing).
+    fn recount(&mut self, hint: &str, hash: u64, halved: bool) {
+        if halved {
+            // Which model is cheapest to evict may have changed anywhere.
             self.revictim_all();
             return;
         }
         // Runners whose victim this is now price it higher: another of their models may be
-        // cheaper to evict. (Only a holder can have it as its victim; the common hit path
-        // finds none and collects nothing.)
+        // cheaper to evict. (Only a holder can have it as its victim.)
         let victims = &self.victims;
-        let is_victim = |j: &u32| victims.get(*j as usize).is_some_and(|v| v.hash == hash);
-        let holders = self.view.holders(hint);
-        if holders.iter().any(is_victim) {
-            let stale: SmallVec<[u32; 8]> = holders.iter().copied().filter(is_victim).collect();
-            for j in stale {
-                self.reindex(j);
-            }
+        let holders = self.view.holders_hashed(hint, hash);
+        let stale: SmallVec<[u32; 8]> =
+            holders.iter().copied().filter(|&j| is_victim(victims, j, hash)).collect();
+        for j in stale {
+            self.reindex(j);
         }
+    }
+
+    /// Whether [`Router::recount`] has anything to do for a request counted with `halved`,
+    /// whose hint (hash `hash`) `holders` list.
+    fn recount_needed(&self, halved: bool, hash: u64, holders: &[u32]) -> bool {
+        halved || holders.iter().any(|&j| is_victim(&self.victims, j, hash))
     }
 
     /// Runner `idx` itself confirmed its hint list is what the view has: our guesses for it
@@ -370,12 +380,22 @@ impl Router {
         out: &mut Vec<u32>,
     ) -> Decision {
         let hash = hint.map(hint_hash).unwrap_or(0);
-        if let Some(h) = hint {
-            self.record(h, hash);
-        }
         let spin = tie_break(hint, hash, spin);
-        // The holders, looked up once for the whole ranking.
-        let hinted = hint.map(|h| Hinted { hint: h, holders: self.view.holders(h) });
+        // The holders, looked up by the hash (the hint is hashed once per request) and, unless
+        // counting the request changed a victim, once for the count and the whole ranking.
+        let hinted = match hint {
+            Some(h) => {
+                let holders = self.view.holders_hashed(h, hash);
+                let halved = self.popularity.record(hash);
+                if self.recount_needed(halved, hash, holders) {
+                    self.recount(h, hash, halved);
+                    Some(Hinted { hint: h, holders: self.view.holders_hashed(h, hash) })
+                } else {
+                    Some(Hinted { hint: h, holders })
+                }
+            }
+            None => None,
+        };
         let (outcome, rent) = self.rank_hashed(hinted, hash, in_flight, now_us, spin, max, out);
         self.settle_rent(hash, rent);
         self.follow(hint, hash, outcome, in_flight, now_us, max_hints, out)
@@ -490,8 +510,9 @@ impl Router {
         max: usize,
         out: &mut Vec<u32>,
     ) -> Outcome {
-        let hinted = hint.map(|h| Hinted { hint: h, holders: self.view.holders(h) });
-        self.rank_hashed(hinted, hint.map(hint_hash).unwrap_or(0), in_flight, now_us, spin, max, out).0
+        let hash = hint.map(hint_hash).unwrap_or(0);
+        let hinted = hint.map(|h| Hinted { hint: h, holders: self.view.holders_hashed(h, hash) });
+        self.rank_hashed(hinted, hash, in_flight, now_us, spin, max, out).0
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -2,6 +2,7 @@
 //! worker routes with.
 
 use crate::hint::HintList;
+use crate::popularity::hint_hash;
 use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
 use smallvec::{smallvec, SmallVec};
@@ -201,7 +202,11 @@ type FastMap<K, V> = HashMap<K, V, FxBuildHasher>;
 /// Runners holding one hint: up to three inline (the common case: no allocation per hint).
 type Holders = SmallVec<[u32; 3]>;
 
-/// A worker-local, indexed copy of the [`Table`]: hint -> holders is a hash lookup.
+mod index;
+use index::HintIndex;
+
+/// A worker-local, indexed copy of the [`Table`]: hint -> holders is a hash lookup (by the
+/// hint's model hash, see [`View::holders_hashed`]).
 #[derive(Debug, Clone, Default)]
 pub struct View {
     generation: u64,
@@ -210,7 +215,7 @@ pub struct View {
     /// over the `ViewRunner`s cost 4-5 ns per runner.
     gates: Vec<u32>,
     slot_costs: Vec<u32>,
-    by_hint: FastMap<String, Holders>,
+    by_hint: HintIndex,
     /// Warm model -> runners that report it warm (most runners report none).
     by_warm: FastMap<String, Holders>,
     by_addr: FastMap<String, u32>,
@@ -232,7 +237,7 @@ impl View {
             runners: Vec::with_capacity(n),
             gates: Vec::with_capacity(n),
             slot_costs: Vec::with_capacity(n),
-            by_hint: FastMap::with_capacity_and_hasher(total / 2, Default::default()),
+            by_hint: HintIndex::with_capacity(total / 2),
             by_warm: FastMap::default(),
             by_addr: FastMap::with_capacity_and_hasher(n, Default::default()),
         };
@@ -240,7 +245,7 @@ impl View {
             let idx = i as u32;
             v.by_addr.insert(r.addr.clone(), idx);
             for h in &r.hints {
-                index(&mut v.by_hint, h, idx);
+                v.by_hint.add(h, hint_hash(h), idx);
             }
             for h in &r.warm {
                 index(&mut v.by_warm, h, idx);
@@ -314,7 +319,7 @@ impl View {
         let Some(v) = self.runners.get_mut(idx as usize) else { return };
         let (old_hints, old_warm) = (std::mem::take(&mut v.hints), std::mem::take(&mut v.warm));
         let old_addr = std::mem::replace(&mut v.addr, t.addr.clone().into_owned());
-        relist(&mut self.by_hint, idx, &old_hints, &[]);
+        relist_hints(&mut self.by_hint, idx, &old_hints, &[]);
         relist(&mut self.by_warm, idx, &old_warm, &[]);
         if self.by_addr.get(&old_addr) == Some(&idx) {
             self.by_addr.remove(&old_addr);
@@ -344,7 +349,7 @@ impl View {
     /// Moves runner `idx` in the hint index from its `old` hints to its current ones.
     fn reindex(&mut self, idx: u32, old: &[String]) {
         if let Some(r) = self.runners.get(idx as usize) {
-            relist(&mut self.by_hint, idx, old, &r.hints);
+            relist_hints(&mut self.by_hint, idx, old, &r.hints);
         }
     }
 
@@ -391,7 +396,15 @@ impl View {
 
     /// Runners (available or not) that list `hint`.
     pub fn holders(&self, hint: &str) -> &[u32] {
-        self.by_hint.get(hint).map(|h| h.as_slice()).unwrap_or(&[])
+        self.by_hint.get(hint, hint_hash(hint))
+    }
+
+    /// [`View::holders`] for a caller that already has `hash`, the hint's [`hint_hash`] (the
+    /// router's hot path: the hint is not hashed a second time). The hint is still compared,
+    /// so a wrong `hash` may find nothing, but never another hint's holders.
+    #[inline]
+    pub fn holders_hashed(&self, hint: &str, hash: u64) -> &[u32] {
+        self.by_hint.get(hint, hash)
     }
 
     /// Runners (available or not) that report `hint` warm: a miss there is a copy from host
@@ -503,6 +516,16 @@ fn relist(map: &mut FastMap<String, Holders>, idx: u32, old: &[String], new: &[S
     }
     for h in new {
         index(map, h, idx);
+    }
+}
+
+/// [`relist`] for the hint index.
+fn relist_hints(map: &mut HintIndex, idx: u32, old: &[String], new: &[String]) {
+    for h in old {
+        map.remove(h, hint_hash(h), idx);
+    }
+    for h in new {
+        map.add(h, hint_hash(h), idx);
     }
 }
 

@@ -4,9 +4,9 @@
 
 use super::*;
 use crate::placement::{pinned_victim_cost, victim_cost};
+use crate::rank::reference::{self, Rng};
 use crate::rank::slot_cost;
 use crate::table::ViewRunner;
-use crate::rank::reference::{self, Rng};
 use crate::table::{Table, TableRef};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -26,7 +26,8 @@ impl Router {
     ) -> Decision {
         let hash = hint.map(hint_hash).unwrap_or(0);
         if let Some(h) = hint {
-            self.record(h, hash);
+            let halved = self.popularity.record(hash);
+            self.recount(h, hash, halved);
         }
         let spin = super::tie_break(hint, hash, spin);
         let (outcome, rent) = self.rank_reference(hint, hash, in_flight, now_us, spin, max, out);
