@@ -35,7 +35,8 @@ impl Hasher for PassThrough {
 }
 
 /// One indexed hint. The hint is a `Box<str>`, not a `String`: with the u64 key, an entry is
-/// no larger than the `(String, Holders)` of the string-keyed map it replaced.
+/// no larger than the `(String, Holders)` of the string-keyed map it replaced on 64-bit
+/// targets, and 8 bytes larger (40 against 32) on wasm32, where the key aligns the pair to 8.
 #[derive(Debug, Clone)]
 struct Entry {
     hint: Box<str>,
@@ -158,8 +159,12 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_no_larger_than_the_string_keyed_one() {
+    fn an_entry_is_about_as_large_as_the_string_keyed_one() {
         use std::mem::size_of;
-        assert!(size_of::<(u64, Entry)>() <= size_of::<(String, Holders)>());
+        // 64-bit: no larger. wasm32 (the filter's target): the u64 key aligns the pair to 8
+        // bytes, so it is 8 bytes larger (40 against 32), per distinct hint held.
+        let slack = if cfg!(target_pointer_width = "32") { 8 } else { 0 };
+        let (new, old) = (size_of::<(u64, Entry)>(), size_of::<(String, Holders)>());
+        assert!(new <= old + slack, "{new} > {old} + {slack}");
     }
 }
