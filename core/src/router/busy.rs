@@ -103,7 +103,8 @@ impl Router {
             _ => 0,
         };
         let by_load = load_f + rounds(f, fr) * infer_f + penalty;
-        let mut best: Option<(u64, u32)> = None;
+        // (expected finish, holder, its inference time)
+        let mut best: Option<(u64, u32, u64)> = None;
         for &i in holders {
             let Some(r) = self.view.runner(i).filter(|r| r.available) else { continue };
             let (load_i, infer_i) = self.learned_times(i);
@@ -116,12 +117,11 @@ impl Router {
                 .map(|&(_, at)| load_i.unwrap_or(0).saturating_sub(now_us.saturating_sub(at)))
                 .unwrap_or(0);
             let t = loading + rounds(i, r) * infer_i;
-            if best.map_or(true, |(b, _)| t < b) {
-                best = Some((t, i));
+            if best.map_or(true, |(b, _, _)| t < b) {
+                best = Some((t, i, infer_i));
             }
         }
-        let (t, holder) = best?;
-        let infer = self.learned_times(holder).1.unwrap_or(0);
+        let (t, holder, infer) = best?;
         Some(Rental {
             holder,
             wait_us: t.saturating_sub(infer),
