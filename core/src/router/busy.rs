@@ -3,6 +3,7 @@
 //! model's requests paid since its queue last cleared ([`crate::rent`]).
 
 use super::{Router, WhenHoldersBusy};
+use crate::placement::ALL_PINNED_COST;
 use crate::rank::{slot_cost, Hinted, Outcome};
 use crate::table::ViewRunner;
 
@@ -122,11 +123,14 @@ impl Router {
             }
         }
         let (t, holder, infer) = best?;
+        // Every model the fallback holds is in use: its load would wait for a slot, for as
+        // long as those models keep being requested, and then take `load_f`.
+        let waits_for_slot = self.floors.get(f as usize) == Some(&ALL_PINNED_COST);
         Some(Rental {
             holder,
             wait_us: t.saturating_sub(infer),
-            sooner: t <= by_load,
-            price_us: (slot_cost(fr) == 0).then_some(load_f),
+            sooner: waits_for_slot || t <= by_load,
+            price_us: (slot_cost(fr) == 0 && !waits_for_slot).then_some(load_f),
         })
     }
 }

@@ -248,6 +248,41 @@ fn fastest_loads_into_a_free_slot_once_the_waits_paid_for_it() {
 }
 
 #[test]
+fn fastest_waits_at_a_busy_holder_rather_than_load_where_every_slot_is_in_use() {
+    // Runner 0 holds "a" with a long queue (200 in flight, max_concurrency 4: 51 rounds of
+    // 10 ms, longer than a load). Runner 1 is not busy but both its slots hold models in use:
+    // a load there waits for one of them to be released, and evicts it. On the bistable 8 x 2
+    // shape (docs/bench-routing.md, "Loads that wait for a slot") every busy model's request
+    // went to such a runner and the fleet thrashed.
+    let shaped = |hints: &[&[&str]]| {
+        let mut t = table(hints);
+        for r in &mut t.runners {
+            (r.capacity, r.max_concurrency) = (2, 4);
+        }
+        t
+    };
+    let run = |t: &crate::table::Table, mode| {
+        let mut r = Router::with_mode(View::from_table(t), mode);
+        teach(&mut r, 0, 200_000, 10_000);
+        let mut inf = vec![0u32; t.runners.len()];
+        for h in ["x", "y"] {
+            let (d, out) = go(&mut r, Some(h), &inf);
+            assert_eq!((d.outcome, out[0], d.pin.is_some()), (Outcome::Hit, 1, true), "{h} in use");
+            inf[1] += 1;
+        }
+        inf[0] = 200;
+        let (d, out) = go(&mut r, Some("a"), &inf);
+        (d.outcome, out[0])
+    };
+    let pinned = shaped(&[&["a"], &["x", "y"]]);
+    assert_eq!(run(&pinned, WhenHoldersBusy::Fastest), (Outcome::Hit, 0), "waits at the holder");
+    assert_eq!(run(&pinned, WhenHoldersBusy::AnyAvailable), (Outcome::BusyFallback, 1));
+    // A runner with a free slot: the queue is longer than a load there, so it loads.
+    let free = shaped(&[&["a"], &["x", "y"], &[]]);
+    assert_eq!(run(&free, WhenHoldersBusy::Fastest), (Outcome::BusyFallback, 2));
+}
+
+#[test]
 fn observe_learns_inference_from_queued_hits_and_ignores_unknown_runners() {
     let mut r = Router::new(View::from_table(&table(&[&["a"]])));
     // 4 ahead with max_concurrency 2: the request waited 2 rounds, then ran (3 x 10 ms).

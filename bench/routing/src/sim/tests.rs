@@ -220,25 +220,29 @@ fn loads_that_wait_for_a_slot_do_not_thrash_a_fleet_that_holds_every_model() {
     // first loads run, so misses queue for a slot. Unless the runners advertise those queued
     // loads, the router takes each answer to mean its load is gone, sends the model's next
     // requests to another runner and the victim's back here, and the fleet keeps loading
-    // (18.8 % hits before; `docs/bench-routing.md`, "Loads that wait for a slot").
-    let t = Trace::generate(TraceSpec {
-        workload: "uniform".parse::<Workload>().unwrap(),
-        models: 12,
-        rate: 480.0,
-        warmup_us: 20_000_000,
-        measure_us: 20_000_000,
-        seed: 1419,
-    });
-    let p = SimParams {
-        runners: 8,
-        capacity: 2,
-        max_concurrency: 4,
-        load_us: 1_000_000,
-        infer_us: 20_000,
-        seed: 1419,
-        ..SimParams::default()
-    };
-    let s = summarize(&t, &simulate(&p, &t, Policy::HintFastest).records, 0, p.runners);
-    assert!(s.hit_rate > 0.95, "{}", s.hit_rate);
-    assert_eq!(s.errors, 0);
+    // (18.8 % hits before at seed 1419; `docs/bench-routing.md`, "Loads that wait for a
+    // slot"). Seeds 2 and 5 stayed near 30 % until `fastest` stopped sending a busy holder's
+    // request to a runner whose slots are all in use (the load waits there for a slot).
+    for seed in [1419, 2, 5] {
+        let t = Trace::generate(TraceSpec {
+            workload: "uniform".parse::<Workload>().unwrap(),
+            models: 12,
+            rate: 480.0,
+            warmup_us: 20_000_000,
+            measure_us: 20_000_000,
+            seed,
+        });
+        let p = SimParams {
+            runners: 8,
+            capacity: 2,
+            max_concurrency: 4,
+            load_us: 1_000_000,
+            infer_us: 20_000,
+            seed,
+            ..SimParams::default()
+        };
+        let s = summarize(&t, &simulate(&p, &t, Policy::HintFastest).records, 0, p.runners);
+        assert!(s.hit_rate > 0.95, "seed {seed}: {}", s.hit_rate);
+        assert_eq!(s.errors, 0, "seed {seed}");
+    }
 }
