@@ -79,7 +79,16 @@ pub struct Summary {
     /// Of `queue_ms`, the mean wait for an inference slot ([`Record::slot_us`]), ms.
     #[serde(default)]
     pub slot_ms: f64,
+    /// Hits among the 200s that waited under [`PROMPT_US`] at their runner: the hits a
+    /// router gets without sending a request to wait behind another's inference, which is
+    /// what fal's rule (`any_available`) forbids and what the Envoy policies do freely.
+    #[serde(default)]
+    pub prompt_hit_rate: f64,
 }
+
+/// A hit that queued at its runner for less than this is "prompt" ([`Summary::prompt_hit_rate`]):
+/// the real runners report their queue in milliseconds, the simulator's are exact.
+pub const PROMPT_US: u64 = 1_000;
 
 /// Quantiles of recorded values (microseconds), exact to five significant digits
 /// (hdrhistogram).
@@ -114,12 +123,13 @@ pub fn summarize(trace: &Trace, records: &[Record], loads_in_window: u64, runner
     let mut s =
         Summary { requests: measured.len() as u64, per_runner: vec![0; runners], ..Summary::default() };
     let mut lat = Vec::with_capacity(measured.len());
-    let (mut hits, mut queued_us, mut slot_us) = (0u64, 0u64, 0u64);
+    let (mut hits, mut prompt_hits, mut queued_us, mut slot_us) = (0u64, 0u64, 0u64, 0u64);
     for r in measured {
         match r.status {
             Status::Ok => {
                 s.ok += 1;
                 hits += u64::from(r.hit);
+                prompt_hits += u64::from(r.hit && r.queue_us < PROMPT_US);
                 queued_us += r.queue_us;
                 slot_us += r.slot_us;
                 lat.push(r.latency_us);
@@ -137,7 +147,8 @@ pub fn summarize(trace: &Trace, records: &[Record], loads_in_window: u64, runner
     }
     let q = Quantiles::of(lat.iter().copied());
     let ms = |us: u64| us as f64 / 1000.0;
-    s.hit_rate = if s.ok > 0 { hits as f64 / s.ok as f64 } else { 0.0 };
+    let of_ok = |n: u64| if s.ok > 0 { n as f64 / s.ok as f64 } else { 0.0 };
+    (s.hit_rate, s.prompt_hit_rate) = (of_ok(hits), of_ok(prompt_hits));
     s.loads_per_s = loads_in_window as f64 / secs;
     s.p50_ms = ms(q.get(0.5));
     s.p99_ms = ms(q.get(0.99));

@@ -134,6 +134,25 @@ fn queue_time_is_the_wait_for_a_cache_slot_and_for_an_inference_slot() {
     assert_eq!((s.queue_ms, s.slot_ms), (55.0, 2.5));
 }
 
+#[test]
+fn a_hit_that_waited_behind_another_inference_is_not_prompt() {
+    // One runner, one slot, max_concurrency 1, model 0 four times: a load at 0, a hit at 1 s,
+    // then two at once at 2 s: both hits, the second after 10 ms behind the first.
+    let mut t = trace(0.1, 1, 1);
+    for (r, at) in t.reqs.iter_mut().zip([0, 1_000_000, 2_000_000, 2_000_000]) {
+        r.model = 0;
+        r.at_us = at;
+    }
+    t.reqs.truncate(4);
+    t.first_measured = 0;
+    let p = SimParams { runners: 1, capacity: 1, max_concurrency: 1, ..SimParams::default() };
+    let run = simulate(&p, &t, Policy::RoundRobin);
+    let seen: Vec<(bool, u64)> = run.records.iter().map(|r| (r.hit, r.queue_us)).collect();
+    assert_eq!(seen, vec![(false, 0), (true, 0), (true, 0), (true, 10_000)]);
+    let s = summarize(&t, &run.records, 0, 1);
+    assert_eq!((s.hit_rate, s.prompt_hit_rate), (0.75, 0.5));
+}
+
 /// `n` requests for model 0 at once (after `t0` us), then nothing.
 fn burst(n: usize, t0: u64) -> Trace {
     let mut t = trace(0.1, 2, 1);
