@@ -16,6 +16,19 @@ fn trace(load: f64, models: usize, seed: u64) -> Trace {
     })
 }
 
+/// A trace of exactly these `(model, at_us)` requests, all measured, over `models` models.
+fn scripted(models: usize, reqs: &[(u32, u64)]) -> Trace {
+    let mut t = trace(0.1, models, 1);
+    assert!(t.reqs.len() >= reqs.len(), "the base trace is too short");
+    t.reqs.truncate(reqs.len());
+    for (r, &(model, at_us)) in t.reqs.iter_mut().zip(reqs) {
+        r.model = model;
+        r.at_us = at_us;
+    }
+    t.first_measured = 0;
+    t
+}
+
 #[test]
 fn simulation_is_deterministic() {
     let t = trace(0.6, 100, 5);
@@ -52,23 +65,14 @@ fn single_runner_single_model_hits_after_one_load() {
 #[test]
 fn cache_capacity_and_concurrency_are_respected() {
     // Two models alternating on one runner with capacity 1: every request loads.
-    let mut t = trace(0.1, 2, 1);
-    for (k, r) in t.reqs.iter_mut().enumerate() {
-        r.model = (k % 2) as u32;
-        r.at_us = k as u64 * 1_000_000;
-    }
-    t.reqs.truncate(6);
-    t.first_measured = 0;
+    let alternating: Vec<(u32, u64)> = (0..6).map(|k| (k % 2, u64::from(k) * 1_000_000)).collect();
+    let t = scripted(2, &alternating);
     let p = SimParams { runners: 1, capacity: 1, max_concurrency: 1, ..SimParams::default() };
     let run = simulate(&p, &t, Policy::RoundRobin);
     assert_eq!(run.loads.len(), 6);
     assert!(run.records.iter().all(|r| !r.hit && r.latency_us == 211_000));
     // Same model, 3 requests at once, max_concurrency 1: one load, inferences serialised.
-    for r in t.reqs.iter_mut() {
-        r.at_us = 0;
-        r.model = 0;
-    }
-    t.reqs.truncate(3);
+    let t = scripted(2, &[(0, 0); 3]);
     let run = simulate(&p, &t, Policy::RoundRobin);
     assert_eq!(run.loads.len(), 1);
     let mut lat: Vec<u64> = run.records.iter().map(|r| r.latency_us).collect();
@@ -88,13 +92,7 @@ fn hint_beats_round_robin_on_hits() {
 #[test]
 fn the_warm_tier_makes_a_reload_cheap_and_forgets_the_least_recently_loaded() {
     // One runner, one slot, a tier of two models: model 0, 1, 0, 2, 1 one second apart.
-    let mut t = trace(0.1, 3, 1);
-    for (k, (r, m)) in t.reqs.iter_mut().zip([0, 1, 0, 2, 1]).enumerate() {
-        r.model = m;
-        r.at_us = k as u64 * 1_000_000;
-    }
-    t.reqs.truncate(5);
-    t.first_measured = 0;
+    let t = scripted(3, &[(0, 0), (1, 1_000_000), (0, 2_000_000), (2, 3_000_000), (1, 4_000_000)]);
     let p = SimParams {
         runners: 1,
         capacity: 1,
@@ -119,13 +117,7 @@ fn queue_time_is_the_wait_for_a_cache_slot_and_for_an_inference_slot() {
     // for the inference slot after the load (all slot wait). Then models 1 and 2 at once: 2
     // waits for 1's load and inference to free the only cache slot (211 ms of cache-slot
     // wait), then loads.
-    let mut t = trace(0.1, 3, 1);
-    for (r, (m, at)) in t.reqs.iter_mut().zip([(0, 0), (0, 0), (1, 1_000_000), (2, 1_000_000)]) {
-        r.model = m;
-        r.at_us = at;
-    }
-    t.reqs.truncate(4);
-    t.first_measured = 0;
+    let t = scripted(3, &[(0, 0), (0, 0), (1, 1_000_000), (2, 1_000_000)]);
     let p = SimParams { runners: 1, capacity: 1, max_concurrency: 1, ..SimParams::default() };
     let run = simulate(&p, &t, Policy::RoundRobin);
     let q: Vec<(u64, u64)> = run.records.iter().map(|r| (r.queue_us, r.slot_us)).collect();
@@ -138,13 +130,7 @@ fn queue_time_is_the_wait_for_a_cache_slot_and_for_an_inference_slot() {
 fn a_hit_that_waited_behind_another_inference_is_not_prompt() {
     // One runner, one slot, max_concurrency 1, model 0 four times: a load at 0, a hit at 1 s,
     // then two at once at 2 s: both hits, the second after 10 ms behind the first.
-    let mut t = trace(0.1, 1, 1);
-    for (r, at) in t.reqs.iter_mut().zip([0, 1_000_000, 2_000_000, 2_000_000]) {
-        r.model = 0;
-        r.at_us = at;
-    }
-    t.reqs.truncate(4);
-    t.first_measured = 0;
+    let t = scripted(1, &[(0, 0), (0, 1_000_000), (0, 2_000_000), (0, 2_000_000)]);
     let p = SimParams { runners: 1, capacity: 1, max_concurrency: 1, ..SimParams::default() };
     let run = simulate(&p, &t, Policy::RoundRobin);
     let seen: Vec<(bool, u64)> = run.records.iter().map(|r| (r.hit, r.queue_us)).collect();
@@ -155,14 +141,7 @@ fn a_hit_that_waited_behind_another_inference_is_not_prompt() {
 
 /// `n` requests for model 0 at once (after `t0` us), then nothing.
 fn burst(n: usize, t0: u64) -> Trace {
-    let mut t = trace(0.1, 2, 1);
-    t.reqs.truncate(n);
-    for r in t.reqs.iter_mut() {
-        r.model = 0;
-        r.at_us = t0;
-    }
-    t.first_measured = 0;
-    t
+    scripted(2, &vec![(0, t0); n])
 }
 
 #[test]
