@@ -63,7 +63,9 @@ pub enum Outcome {
     Miss,
     /// Holders exist but all are busy; sent to another runner.
     BusyFallback,
-    /// Every available runner is busy; sent to the least loaded (a holder when possible).
+    /// Every available runner is busy (or, after the router's `when_holders_busy` turn, each
+    /// one that is not would make a load wait for a cache slot); sent to the least loaded (a
+    /// holder when possible).
     Saturated,
     /// The request had no (valid) hint.
     NoHint,

@@ -1,10 +1,11 @@
-//! Busy holders under `fastest` ([`super::WhenHoldersBusy::Fastest`]): a holder's queue
+//! Busy holders. Under `fastest` ([`super::WhenHoldersBusy::Fastest`]): a holder's queue
 //! against a load elsewhere, per request and, for loads into a free slot, over the waits the
-//! model's requests paid since its queue last cleared ([`crate::rent`]).
+//! model's requests paid since its queue last cleared ([`crate::rent`]). Under both modes: a
+//! load that would itself wait for a cache slot is no way to serve a request at once.
 
 use super::{Router, WhenHoldersBusy};
-use crate::placement::ALL_PINNED_COST;
-use crate::rank::{slot_cost, Hinted, Outcome};
+use crate::placement::{miss_cost, Prices, ALL_PINNED_COST};
+use crate::rank::{slot_cost, Hinted, Outcome, UNKNOWN_CAPACITY_COST};
 use crate::table::ViewRunner;
 
 /// What a decision does to its model's [`crate::rent::Rent`].
@@ -39,9 +40,11 @@ impl Router {
         }
     }
 
-    /// `fastest`'s turn after the ranking: with every holder busy, a holder instead of the
-    /// load `out` starts with, if it finishes the request sooner and the model's waits have
-    /// not yet paid for a load ([`crate::rent`]).
+    /// The modes' turn after the ranking, with every holder busy and `out` starting with a
+    /// load elsewhere. `fastest`: a holder instead, if it finishes the request sooner and the
+    /// model's waits have not yet paid for a load ([`crate::rent`]). `any_available`: the
+    /// least loaded holder, only if that load would wait for a cache slot; then no runner
+    /// could start the request now, which is the rule's `saturated` case.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn when_holders_busy(
         &self,
@@ -68,9 +71,62 @@ impl Router {
                 }
                 (outcome, RentMove::Clear)
             }
+            (Outcome::BusyFallback, WhenHoldersBusy::AnyAvailable, Some(h)) => {
+                let Some(f) = out.first().copied() else { return (outcome, RentMove::Keep) };
+                match self.load_starting_now(f, in_flight) {
+                    Some(i) if i == f => return (outcome, RentMove::Keep),
+                    Some(i) => {
+                        out.retain(|&x| x != i);
+                        out.insert(0, i);
+                        out.truncate(max);
+                        return (outcome, RentMove::Keep);
+                    }
+                    None => {}
+                }
+                // Fewest rounds of inference ahead, then the lowest index (deterministic).
+                let rounds = |i: u32, r: &ViewRunner| {
+                    in_flight.get(i as usize).copied().unwrap_or(0) / r.max_concurrency.max(1)
+                };
+                let least = h
+                    .holders
+                    .iter()
+                    .filter_map(|&i| self.view.runner(i).filter(|r| r.available).map(|r| (rounds(i, r), i)))
+                    .min();
+                let Some((_, holder)) = least else { return (outcome, RentMove::Keep) };
+                out.retain(|&x| x != holder);
+                out.insert(0, holder);
+                out.truncate(max);
+                (Outcome::Saturated, RentMove::Keep)
+            }
             (Outcome::Hit, WhenHoldersBusy::Fastest, Some(_)) => (outcome, RentMove::Clear),
             _ => (outcome, RentMove::Keep),
         }
+    }
+
+    /// Whether a load on runner `f` would wait for a cache slot: every model it holds is in
+    /// use (a runner never evicts one), the exact [`crate::placement::miss_cost`].
+    fn load_waits_for_slot(&self, f: u32) -> bool {
+        let Some(r) = self.view.runner(f) else { return false };
+        let prices = Prices { popularity: &self.popularity };
+        miss_cost(&self.view, prices, &self.victims, &self.pins, f, r) == ALL_PINNED_COST
+    }
+
+    /// A runner, not busy, that could start a load now, `first` being the one the ranking put
+    /// first, the cheapest load: `first` unless even it waits for a slot. If it does, so does
+    /// every runner of known capacity that is not busy (their loads cost [`ALL_PINNED_COST`]
+    /// or more, and more is only [`UNKNOWN_CAPACITY_COST`]), and only one whose capacity is
+    /// unknown might: the least loaded (a scan of two lanes, on this path alone). The ranking
+    /// puts those after every runner of known capacity.
+    fn load_starting_now(&self, first: u32, in_flight: &[u32]) -> Option<u32> {
+        if !self.load_waits_for_slot(first) {
+            return Some(first);
+        }
+        let (gates, costs) = (self.view.gates(), self.view.slot_costs());
+        let load = |i: usize| in_flight.get(i).copied().unwrap_or(0);
+        let lanes = gates.iter().zip(costs).enumerate();
+        let idle_unknown =
+            lanes.filter(|&(i, (&gate, &cost))| cost == UNKNOWN_CAPACITY_COST && load(i) < gate);
+        idle_unknown.map(|(i, _)| (load(i), i as u32)).min().map(|(_, i)| i)
     }
 
     /// With every holder of `hint` busy and `fallback` the best other runner, the holder whose
@@ -125,7 +181,7 @@ impl Router {
         let (t, holder, infer) = best?;
         // Every model the fallback holds is in use: its load would wait for a slot, for as
         // long as those models keep being requested, and then take `load_f`.
-        let waits_for_slot = self.floors.get(f as usize) == Some(&ALL_PINNED_COST);
+        let waits_for_slot = self.load_waits_for_slot(f);
         Some(Rental {
             holder,
             wait_us: t.saturating_sub(infer),

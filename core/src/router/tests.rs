@@ -276,10 +276,45 @@ fn fastest_waits_at_a_busy_holder_rather_than_load_where_every_slot_is_in_use() 
     };
     let pinned = shaped(&[&["a"], &["x", "y"]]);
     assert_eq!(run(&pinned, WhenHoldersBusy::Fastest), (Outcome::Hit, 0), "waits at the holder");
-    assert_eq!(run(&pinned, WhenHoldersBusy::AnyAvailable), (Outcome::BusyFallback, 1));
+    // `any_available` too: no runner could start the request now (next test).
+    assert_eq!(run(&pinned, WhenHoldersBusy::AnyAvailable), (Outcome::Saturated, 0));
     // A runner with a free slot: the queue is longer than a load there, so it loads.
     let free = shaped(&[&["a"], &["x", "y"], &[]]);
     assert_eq!(run(&free, WhenHoldersBusy::Fastest), (Outcome::BusyFallback, 2));
+}
+
+#[test]
+fn any_available_waits_at_the_least_loaded_holder_where_no_runner_could_start_a_load_now() {
+    // Runners 0 and 1 hold "a" and are busy (max_concurrency 1), 1 the less loaded. Runner 2
+    // is not busy, but its only slot holds "x" in use: a load there waits until "x" is
+    // released, then evicts it. Every runner would make the request wait, so it waits where
+    // its model already is, the least loaded holder (as with every runner busy), and needs
+    // no learned times. On the 90 % points this kept fleets out of a collapse where every
+    // busy holder's request queued a load behind models in use ("Loads that wait for a
+    // slot", docs/bench-routing.md).
+    let shaped = |hints: &[&[&str]]| {
+        let mut t = table(hints);
+        for r in &mut t.runners {
+            (r.capacity, r.max_concurrency) = (1, 1);
+        }
+        t
+    };
+    let run = |t: &crate::table::Table| {
+        let mut r = Router::with_mode(View::from_table(t), WhenHoldersBusy::AnyAvailable);
+        let mut inf = vec![0u32; t.runners.len()];
+        let (d, out) = go(&mut r, Some("x"), &inf);
+        assert_eq!((d.outcome, out[0], d.pin.is_some()), (Outcome::Hit, 2, true), "x in use");
+        (inf[0], inf[1]) = (3, 2);
+        let (d, out) = go(&mut r, Some("a"), &inf);
+        (d.outcome, d.load, out[0])
+    };
+    assert_eq!(run(&shaped(&[&["a"], &["a"], &["x"]])), (Outcome::Saturated, false, 1));
+    // With a runner that can load now (an empty one), the rule sends it there at once.
+    assert_eq!(run(&shaped(&[&["a"], &["a"], &["x"], &[]])), (Outcome::BusyFallback, true, 3));
+    // So with one whose capacity is unknown (it reports none, as fal's runners): it may.
+    let mut mixed = shaped(&[&["a"], &["a"], &["x"], &["y"]]);
+    mixed.runners[3].capacity = 0;
+    assert_eq!(run(&mixed), (Outcome::BusyFallback, true, 3));
 }
 
 #[test]
