@@ -64,9 +64,7 @@ impl Router {
                 let paid_for =
                     r.price_us.is_some_and(|p| self.rent.paid(hash).saturating_add(r.wait_us) >= p);
                 if r.sooner && !paid_for {
-                    out.retain(|&x| x != r.holder);
-                    out.insert(0, r.holder);
-                    out.truncate(max);
+                    put_first(out, r.holder, max);
                     return (Outcome::Hit, RentMove::Pay(r.wait_us));
                 }
                 (outcome, RentMove::Clear)
@@ -76,26 +74,24 @@ impl Router {
                 match self.load_starting_now(f, in_flight) {
                     Some(i) if i == f => return (outcome, RentMove::Keep),
                     Some(i) => {
-                        out.retain(|&x| x != i);
-                        out.insert(0, i);
-                        out.truncate(max);
+                        put_first(out, i, max);
                         return (outcome, RentMove::Keep);
                     }
                     None => {}
                 }
                 // Fewest rounds of inference ahead, then the lowest index (deterministic).
-                let rounds = |i: u32, r: &ViewRunner| {
-                    in_flight.get(i as usize).copied().unwrap_or(0) / r.max_concurrency.max(1)
-                };
                 let least = h
                     .holders
                     .iter()
-                    .filter_map(|&i| self.view.runner(i).filter(|r| r.available).map(|r| (rounds(i, r), i)))
+                    .filter_map(|&i| {
+                        self.view
+                            .runner(i)
+                            .filter(|r| r.available)
+                            .map(|r| (rounds_ahead(in_flight, i, r), i))
+                    })
                     .min();
                 let Some((_, holder)) = least else { return (outcome, RentMove::Keep) };
-                out.retain(|&x| x != holder);
-                out.insert(0, holder);
-                out.truncate(max);
+                put_first(out, holder, max);
                 (Outcome::Saturated, RentMove::Keep)
             }
             (Outcome::Hit, WhenHoldersBusy::Fastest, Some(_)) => (outcome, RentMove::Clear),
@@ -144,9 +140,8 @@ impl Router {
         let fr = self.view.runner(f)?;
         let (load_f, infer_f) = self.learned_times(f);
         let (load_f, infer_f) = (load_f?, infer_f?);
-        let rounds = |i: u32, r: &ViewRunner| {
-            u64::from(in_flight.get(i as usize).copied().unwrap_or(0) / r.max_concurrency.max(1)) + 1
-        };
+        // Its own round included.
+        let rounds = |i: u32, r: &ViewRunner| u64::from(rounds_ahead(in_flight, i, r)) + 1;
         // The eviction a load causes: the victim's popularity relative to the requested
         // model's, in loads (a victim as popular as the request costs one load later).
         let penalty = match (slot_cost(fr), self.victims.get(f as usize)) {
@@ -189,4 +184,17 @@ impl Router {
             price_us: (slot_cost(fr) == 0 && !waits_for_slot).then_some(load_f),
         })
     }
+}
+
+/// Rounds of inference ahead of a new request on runner `i` (`r`): those in flight there over
+/// its `max_concurrency`.
+fn rounds_ahead(in_flight: &[u32], i: u32, r: &ViewRunner) -> u32 {
+    in_flight.get(i as usize).copied().unwrap_or(0) / r.max_concurrency.max(1)
+}
+
+/// Moves runner `i` to the front of the candidates `out`, keeping at most `max`.
+fn put_first(out: &mut Vec<u32>, i: u32, max: usize) {
+    out.retain(|&x| x != i);
+    out.insert(0, i);
+    out.truncate(max);
 }

@@ -21,6 +21,15 @@ fn burst(r: &mut Router, hint: &str, inf: &mut [u32], n: u32) {
     }
 }
 
+/// A table of runners listing `hints`, each with this capacity and max_concurrency.
+fn table_shaped(hints: &[&[&str]], capacity: u32, max_concurrency: u32) -> crate::table::Table {
+    let mut t = table(hints);
+    for r in &mut t.runners {
+        (r.capacity, r.max_concurrency) = (capacity, max_concurrency);
+    }
+    t
+}
+
 #[test]
 fn requests_waiting_for_a_load_count_as_busy() {
     // 40 concurrent requests for a cold model over 4 idle runners (max_concurrency 2):
@@ -254,13 +263,7 @@ fn fastest_waits_at_a_busy_holder_rather_than_load_where_every_slot_is_in_use() 
     // a load there waits for one of them to be released, and evicts it. On the bistable 8 x 2
     // shape (docs/bench-routing.md, "Loads that wait for a slot") every busy model's request
     // went to such a runner and the fleet thrashed.
-    let shaped = |hints: &[&[&str]]| {
-        let mut t = table(hints);
-        for r in &mut t.runners {
-            (r.capacity, r.max_concurrency) = (2, 4);
-        }
-        t
-    };
+    let shaped = |hints: &[&[&str]]| table_shaped(hints, 2, 4);
     let run = |t: &crate::table::Table, mode| {
         let mut r = Router::with_mode(View::from_table(t), mode);
         teach(&mut r, 0, 200_000, 10_000);
@@ -292,13 +295,7 @@ fn any_available_waits_at_the_least_loaded_holder_where_no_runner_could_start_a_
     // no learned times. On the 90 % points this kept fleets out of a collapse where every
     // busy holder's request queued a load behind models in use ("Loads that wait for a
     // slot", docs/bench-routing.md).
-    let shaped = |hints: &[&[&str]]| {
-        let mut t = table(hints);
-        for r in &mut t.runners {
-            (r.capacity, r.max_concurrency) = (1, 1);
-        }
-        t
-    };
+    let shaped = |hints: &[&[&str]]| table_shaped(hints, 1, 1);
     let run = |t: &crate::table::Table| {
         let mut r = Router::with_mode(View::from_table(t), WhenHoldersBusy::AnyAvailable);
         let mut inf = vec![0u32; t.runners.len()];
